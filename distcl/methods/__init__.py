@@ -1,0 +1,40 @@
+"""Training methods: one small file each, composing loss terms from ``distcl.losses``.
+
+Registry: ``METHODS[name]``. Alignment terms (``method.align`` in a job) add to any method.
+"""
+
+from __future__ import annotations
+
+from distcl.methods import align as _align  # noqa: F401  (registers alignment terms)
+from distcl.methods.base import (
+    METHODS,
+    Batch,
+    Method,
+    Needs,
+    TaskContext,
+    method_params,
+    register_method,
+)
+
+for _mod in ("finetune", "joint", "lwf", "bct", "cvs", "cl2r", "mmd"):
+    try:
+        __import__(f"distcl.methods.{_mod}")
+    except ModuleNotFoundError as _e:  # a method file not written yet
+        if _e.name != f"distcl.methods.{_mod}":
+            raise
+
+
+def validate_method_config(cfg) -> None:
+    """Raise ValueError naming the field if the method or its params are wrong."""
+    method_params(cfg.name, dict(cfg.params))
+    from distcl.config import ConfigError
+
+    for i, term in enumerate(cfg.align):
+        if term.weight < 0:
+            raise ConfigError(f"method.align[{i}].weight: must be >= 0")
+
+
+__all__ = [
+    "METHODS", "Batch", "Method", "Needs", "TaskContext", "method_params",
+    "register_method", "validate_method_config",
+]  # fmt: skip

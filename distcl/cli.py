@@ -1,0 +1,204 @@
+"""The ``distcl`` command line: one entry point for data, training, evaluation and tuning.
+
+    distcl data build jobs/quickstart.yaml      # WebDataset shards + manifest
+    distcl data verify jobs/quickstart.yaml     # check shards against the manifest
+    distcl run jobs/quickstart.yaml [--smoke] [--set train.epochs=3]
+    distcl eval runs/quickstart                 # recompute metrics + report from a run dir
+    distcl compare jobs/fashion_mnist/*.yaml    # methods side by side
+    distcl tune jobs/fashion_mnist/tune_cl2r.yaml
+    distcl submit JOB --address http://HOST:8265 [--wait]
+    distcl bench {train,search,eval,memory}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from distcl.config import ConfigError, JobConfig, load_job
+
+
+def _job(args) -> JobConfig:
+    return load_job(args.job, overrides=args.set or (), smoke=True if args.smoke else None)
+
+
+def _add_job_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("job", help="YAML job file (see jobs/)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a field, e.g. --set train.epochs=3 (repeatable)")
+    p.add_argument("--smoke", action="store_true", help="shrink the job to seconds")
+
+
+def cmd_data_build(args) -> int:
+    from rich.progress import Progress
+
+    from distcl.data.shards import build_shards, verify_shards
+
+    job = _job(args)
+    t0 = time.perf_counter()
+    with Progress(transient=True) as bar:
+        tid = bar.add_task("writing shards", total=None)
+        out, scenario, rebuilt = build_shards(
+            job, progress=lambda done, total: bar.update(tid, completed=done, total=total)
+        )
+    info = verify_shards(out)
+    size = sum(p.stat().st_size for p in out.glob("*.tar"))
+    verb = "built" if rebuilt else "up to date (nothing rewritten)"
+    print(f"{out}: {verb}; {info['shards']} shards, {info['samples']} samples, "
+          f"{size / 2**20:.1f} MiB, {scenario.num_tasks} tasks, "
+          f"{time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+def cmd_data_verify(args) -> int:
+    from distcl.data.shards import verify_shards
+
+    job = _job(args)
+    info = verify_shards(job.shards_dir, deep=args.deep)
+    print(f"{job.shards_dir}: OK ({info['shards']} shards, {info['samples']} samples)")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from distcl.train.driver import init_ray, run_job
+
+    job = _job(args)
+    if args.address:
+        init_ray(args.address)
+    t0 = time.perf_counter()
+    out = run_job(job, progress=not args.no_progress, evaluate=not args.no_eval)
+    print(f"run finished in {time.perf_counter() - t0:.0f}s -> {out['run_dir']}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from distcl.eval.evaluate import evaluate_run
+
+    evaluate_run(Path(args.run_dir))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from distcl.eval.report import write_report
+
+    metrics = json.loads((Path(args.run_dir) / "metrics.json").read_text())
+    print(write_report(Path(args.run_dir), metrics))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from distcl.eval.compare import compare_jobs
+
+    jobs = [load_job(j, overrides=args.set or (), smoke=True if args.smoke else None)
+            for j in args.jobs]
+    compare_jobs(jobs, Path(args.out))
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from distcl.tune.search import tune_job
+
+    tune_job(_job(args))
+    return 0
+
+
+def cmd_submit(args) -> int:
+    from distcl.submit import submit_job
+
+    return submit_job(args)
+
+
+def cmd_jobs(args) -> int:
+    from distcl.submit import jobs_command
+
+    return jobs_command(args)
+
+
+def cmd_bench(args) -> int:
+    from distcl.bench import run_bench
+
+    return run_bench(args.name, args.rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distcl", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="build or verify a job's WebDataset shards")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+    p = dsub.add_parser("build", help="write shards per task/split + manifest.json "
+                                      "(atomic, idempotent)")
+    _add_job_args(p)
+    p.set_defaults(func=cmd_data_build)
+    p = dsub.add_parser("verify", help="check every shard's sha256 against the manifest")
+    _add_job_args(p)
+    p.add_argument("--deep", action="store_true", help="also decode and count every sample")
+    p.set_defaults(func=cmd_data_verify)
+
+    p = sub.add_parser("run", help="train every task (resuming), evaluate, write the report")
+    _add_job_args(p)
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or an "
+                                     "embedded local Ray on 127.0.0.1)")
+    p.add_argument("--no-progress", action="store_true", help="no live progress bar")
+    p.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("eval", help="recompute the compatibility matrix and stale-gallery "
+                                    "metrics of a run dir, rewrite its report")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("report", help="re-render report.md and plots from metrics.json")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("compare", help="run several jobs and compare them side by side")
+    p.add_argument("jobs", nargs="+")
+    p.add_argument("--out", default="runs/compare", help="folder for the table and figure")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.add_argument("--smoke", action="store_true")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("tune", help="Ray Tune search over the job's tune: block")
+    _add_job_args(p)
+    p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("submit", help="submit a job to a Ray cluster (Ray Jobs API)")
+    _add_job_args(p)
+    p.add_argument("--address", required=True, help="http://HOST:8265")
+    p.add_argument("--tune", action="store_true", help="run `distcl tune` instead of run")
+    p.add_argument("--wait", action="store_true", help="stream logs, exit with job status")
+    p.add_argument("--working-dir", default=".", help="project folder shipped to the cluster")
+    p.add_argument("--token", help="auth token (default: $RAY_JOB_TOKEN)")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("jobs", help="list submitted jobs, show logs, stop one")
+    p.add_argument("action", choices=["list", "logs", "stop", "status"])
+    p.add_argument("job_id", nargs="?")
+    p.add_argument("--address", required=True)
+    p.add_argument("--token")
+    p.set_defaults(func=cmd_jobs)
+
+    p = sub.add_parser("bench", help="benchmarks, reported as ratios against a baseline "
+                                     "measured in the same run")
+    p.add_argument("name", choices=["train", "search", "eval", "memory"])
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"distcl: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""Continual-learning scenarios: which classes and items arrive at each task (pure, seeded).
+
+    scen = build_scenario(train_labels, test_labels, job.scenario, seed=job.seed,
+                          train_per_class=..., test_per_class=...)
+
+Setups (CVS paper's names):
+- ``disjoint``: class-incremental; each task introduces its own classes, no class recurs.
+- ``blurry``: as disjoint, but a ``blurry_fraction`` of each task's training items is drawn
+  from other tasks' classes (those items are moved, so every item is trained on once).
+- ``general``: classes are introduced as in disjoint and a class already introduced
+  recurs in a later task with probability ``recur_prob``; its training items are split
+  between its introduction and its recurrences.
+
+Retrieval convention (documented in the README): the test split of every class of the
+scenario is the evaluation set. A class's test items *arrive in the gallery* with the tasks
+that train on that class (split evenly over them, in task order); after task t the stored
+gallery holds every test item that arrived at tasks <= t, embedded by the model of its
+arrival task. Queries are test items of the classes seen so far.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+from distcl.config import ScenarioConfig
+
+
+@dataclass(frozen=True)
+class Task:
+    """One incremental step."""
+
+    index: int  # 0-based
+    new_classes: tuple[int, ...]  # classes introduced by this task
+    train_classes: tuple[int, ...]  # classes with training items in this task
+    seen_classes: tuple[int, ...]  # every class trained on at tasks <= index
+    train_items: np.ndarray  # (n,) indices into the source's train split
+    gallery_items: np.ndarray  # (m,) indices into the test split arriving with this task
+
+
+@dataclass(frozen=True)
+class Scenario:
+    setup: str
+    seed: int
+    class_order: tuple[int, ...]
+    tasks: tuple[Task, ...]
+    eval_items: np.ndarray  # (N_eval,) test indices: every class of the scenario
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.tasks)
+
+    @property
+    def classes(self) -> tuple[int, ...]:
+        return self.tasks[-1].seen_classes
+
+    def to_json(self) -> dict:
+        return {
+            "setup": self.setup,
+            "seed": self.seed,
+            "class_order": list(self.class_order),
+            "eval_items": self.eval_items.tolist(),
+            "tasks": [
+                {
+                    "index": t.index,
+                    "new_classes": list(t.new_classes),
+                    "train_classes": list(t.train_classes),
+                    "seen_classes": list(t.seen_classes),
+                    "train_items": t.train_items.tolist(),
+                    "gallery_items": t.gallery_items.tolist(),
+                }
+                for t in self.tasks
+            ],
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> Scenario:
+        tasks = tuple(
+            Task(
+                index=t["index"],
+                new_classes=tuple(t["new_classes"]),
+                train_classes=tuple(t["train_classes"]),
+                seen_classes=tuple(t["seen_classes"]),
+                train_items=np.asarray(t["train_items"], np.int64),
+                gallery_items=np.asarray(t["gallery_items"], np.int64),
+            )
+            for t in d["tasks"]
+        )
+        return cls(
+            d["setup"], d["seed"], tuple(d["class_order"]), tasks,
+            np.asarray(d["eval_items"], np.int64),
+        )  # fmt: skip
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()
+
+
+def subsample_per_class(labels: np.ndarray, limit: int | None, rng: np.random.Generator):
+    """Indices keeping at most ``limit`` items of each class (sorted, seeded)."""
+    if limit is None:
+        return np.arange(len(labels))
+    keep = [rng.permutation(np.flatnonzero(labels == c))[:limit] for c in np.unique(labels)]
+    return np.sort(np.concatenate(keep))
+
+
+def _split_classes(order: list[int], tasks: int, per_task: int | None) -> list[list[int]]:
+    n = len(order)
+    if per_task is None:
+        if n < tasks:
+            raise ValueError(f"scenario.tasks: {tasks} tasks but only {n} classes")
+        sizes = [n // tasks + (1 if i < n % tasks else 0) for i in range(tasks)]
+    else:
+        if per_task * tasks > n:
+            raise ValueError(
+                f"scenario.classes_per_task: {tasks} x {per_task} classes but only {n} exist"
+            )
+        sizes = [per_task] * tasks
+    out, start = [], 0
+    for s in sizes:
+        out.append(order[start : start + s])
+        start += s
+    return out
+
+
+def build_scenario(
+    train_labels: np.ndarray,
+    test_labels: np.ndarray,
+    cfg: ScenarioConfig,
+    seed: int,
+    train_per_class: int | None = None,
+    test_per_class: int | None = None,
+) -> Scenario:
+    """The scenario for ``cfg`` and ``seed``; identical for every method of a seed."""
+    rng = np.random.default_rng([seed, 7])
+    train_labels = np.asarray(train_labels)
+    test_labels = np.asarray(test_labels)
+    classes = sorted(np.unique(train_labels).tolist())
+    order = [classes[i] for i in rng.permutation(len(classes))] if cfg.shuffle_classes else classes
+    groups = _split_classes(order, cfg.tasks, cfg.classes_per_task)
+    train_pool = subsample_per_class(train_labels, train_per_class, rng)
+    test_pool = subsample_per_class(test_labels, test_per_class, rng)
+    T = len(groups)
+
+    # Which tasks train on each class, and the per-task training items.
+    class_tasks: dict[int, list[int]] = {c: [t] for t, g in enumerate(groups) for c in g}
+    if cfg.setup == "general":
+        for c, ts in class_tasks.items():
+            later = [t for t in range(ts[0] + 1, T) if rng.random() < cfg.recur_prob]
+            ts.extend(later)
+    items: list[list[np.ndarray]] = [[] for _ in range(T)]
+    for c, ts in class_tasks.items():
+        idx = rng.permutation(train_pool[train_labels[train_pool] == c])
+        if len(ts) == 1:
+            items[ts[0]].append(idx)
+        else:  # general: half at introduction, the rest split over recurrences
+            half = len(idx) // 2
+            items[ts[0]].append(idx[:half])
+            for t, part in zip(ts[1:], np.array_split(idx[half:], len(ts) - 1), strict=True):
+                items[t].append(part)
+    task_items = [np.concatenate(parts) if parts else np.zeros(0, np.int64) for parts in items]
+
+    if cfg.setup == "blurry" and T > 1 and cfg.blurry_fraction > 0:
+        # Move a fraction of each task's own items to a random other task.
+        moved: list[list[np.ndarray]] = [[] for _ in range(T)]
+        kept = []
+        for t, idx in enumerate(task_items):
+            idx = rng.permutation(idx)
+            n_move = int(round(len(idx) * cfg.blurry_fraction))
+            dest = rng.choice([u for u in range(T) if u != t], size=n_move)
+            for u in range(T):
+                moved[u].append(idx[:n_move][dest == u])
+            kept.append(idx[n_move:])
+        task_items = [np.concatenate([kept[t], *moved[t]]) for t in range(T)]
+
+    # Gallery arrivals: a class's test items split over the tasks that train on it.
+    train_classes = [sorted(set(train_labels[idx].tolist())) for idx in task_items]
+    arrive: list[list[np.ndarray]] = [[] for _ in range(T)]
+    for c in order:
+        trained_at = [t for t in range(T) if c in train_classes[t]]
+        if not trained_at:
+            continue
+        idx = rng.permutation(test_pool[test_labels[test_pool] == c])
+        if cfg.setup == "blurry":  # minor appearances do not bring gallery items
+            trained_at = [class_tasks[c][0]]
+        for t, part in zip(trained_at, np.array_split(idx, len(trained_at)), strict=True):
+            arrive[t].append(part)
+
+    n_run = T if cfg.max_tasks is None else min(cfg.max_tasks, T)
+    tasks, seen = [], set()
+    for t in range(n_run):
+        seen |= set(train_classes[t])
+        tasks.append(
+            Task(
+                index=t,
+                new_classes=tuple(groups[t]),
+                train_classes=tuple(train_classes[t]),
+                seen_classes=tuple(c for c in order if c in seen),
+                train_items=np.sort(task_items[t]).astype(np.int64),
+                gallery_items=np.sort(np.concatenate(arrive[t] or [np.zeros(0, np.int64)]))
+                .astype(np.int64),
+            )
+        )
+    eval_items = np.sort(np.concatenate([t.gallery_items for t in tasks])).astype(np.int64)
+    return Scenario(cfg.setup, seed, tuple(order), tuple(tasks), eval_items)

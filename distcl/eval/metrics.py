@@ -1,0 +1,376 @@
+"""Retrieval and verification metrics: CMC top-k, Recall@K, mAP, TAR@FAR (design.md section 4).
+
+Pure numpy (torch tensors are accepted and converted); no faiss, Ray or file I/O, so these are
+the brute-force reference that the faiss-backed gallery code is tested against.
+
+Conventions shared by every function here:
+- Embeddings are compared by inner product (they are L2-normalised upstream, so this is
+  cosine similarity); a higher score is a better match.
+- Similarities are computed block by block over the queries (`similarity_blocks`), so a
+  50k x 50k evaluation never holds more than one (block, G) float32 matrix at a time.
+- Only queries with at least one positive (same label) in the gallery count; the others are
+  left out of every mean. If no query has a positive, a ValueError is raised.
+- `exclude_self=True` means query set and gallery set are the same items in the same order
+  (possibly embedded by different models): query r never sees gallery row r.
+- Ties are ranked pessimistically: a negative whose score equals the best positive's score
+  ranks ahead of it. A collapsed model (all embeddings equal) therefore scores low instead of
+  winning by luck of the sort order. mAP groups ties exactly like sklearn.
+- Results are Python floats, fractions in [0, 1].
+
+Test: `.venv/bin/python -m pytest tests/test_metrics.py -q`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+# Elements per similarity block: bounds the memory of the sort buffers (a handful of
+# (block, G) arrays of 4-8 bytes each, so about 200 MB at this budget).
+_BLOCK_ELEMENTS = 1 << 22
+
+
+def _as_numpy(x: Any) -> np.ndarray:
+    """Return `x` as a numpy array; torch tensors are detached and moved to CPU.
+
+    Duck-typed so this module never imports torch. Low-precision float tensors (half,
+    bfloat16) are widened to float32 because numpy cannot hold bfloat16.
+    """
+    if hasattr(x, "detach") and hasattr(x, "cpu"):
+        x = x.detach().cpu()
+        if x.is_floating_point():
+            x = x.float()
+        return x.numpy()
+    return np.asarray(x)
+
+
+def _check_embeddings(x: Any, name: str) -> np.ndarray:
+    arr = _as_numpy(x)
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (N, D), got shape {arr.shape}")
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ValueError(f"{name} must be non-empty, got shape {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
+        raise ValueError(f"{name} must be real numbers, got dtype {arr.dtype}")
+    # float32 like the similarity blocks; no copy when the input already is float32.
+    arr = np.asarray(arr, dtype=np.float32)
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name} contains NaN or inf")
+    return arr
+
+
+def _check_labels(x: Any, name: str, n: int, emb_name: str) -> np.ndarray:
+    arr = _as_numpy(x)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-D (N,), got shape {arr.shape}")
+    if arr.shape[0] != n:
+        raise ValueError(f"{name} has {arr.shape[0]} labels but {emb_name} has {n} rows")
+    if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+        raise ValueError(f"{name} contains NaN or inf")
+    return arr
+
+
+def _check_ks(ks: Sequence[int], name: str) -> tuple[int, ...]:
+    out = tuple(ks)
+    if not out:
+        raise ValueError(f"{name} must name at least one k")
+    for k in out:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"{name} must hold positive integers, got {k!r}")
+    return tuple(int(k) for k in out)
+
+
+def _check_pair(
+    q_emb: Any, q_lab: Any, g_emb: Any, g_lab: Any, exclude_self: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    q = _check_embeddings(q_emb, "q_emb")
+    g = _check_embeddings(g_emb, "g_emb")
+    if q.shape[1] != g.shape[1]:
+        raise ValueError(f"q_emb has dim {q.shape[1]} but g_emb has dim {g.shape[1]}")
+    ql = _check_labels(q_lab, "q_lab", q.shape[0], "q_emb")
+    gl = _check_labels(g_lab, "g_lab", g.shape[0], "g_emb")
+    if exclude_self and q.shape[0] != g.shape[0]:
+        raise ValueError(
+            f"exclude_self=True needs the same items on both sides, but q_emb has "
+            f"{q.shape[0]} rows and g_emb has {g.shape[0]}"
+        )
+    return q, ql, g, gl
+
+
+def _blocks(q: np.ndarray, g: np.ndarray, block: int) -> Iterator[tuple[int, np.ndarray]]:
+    for start in range(0, q.shape[0], block):
+        sims = q[start : start + block] @ g.T  # (b, G) float32
+        if not np.isfinite(sims).all():
+            raise ValueError("similarities overflow float32: are q_emb and g_emb normalised?")
+        yield start, sims
+
+
+def similarity_blocks(
+    q_emb: Any, g_emb: Any, block: int = 4096
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield `(start, sims)` over blocks of queries, `sims = q_emb[start:start+b] @ g_emb.T`.
+
+    `sims` is a fresh (b, G) float32 array (b <= block), so callers may modify it. Inputs are
+    validated before the first block is produced (this function is not itself a generator).
+    """
+    q = _check_embeddings(q_emb, "q_emb")
+    g = _check_embeddings(g_emb, "g_emb")
+    if q.shape[1] != g.shape[1]:
+        raise ValueError(f"q_emb has dim {q.shape[1]} but g_emb has dim {g.shape[1]}")
+    if isinstance(block, bool) or not isinstance(block, (int, np.integer)) or block < 1:
+        raise ValueError(f"block must be a positive integer, got {block!r}")
+    return _blocks(q, g, int(block))
+
+
+def _average_precision_rows(scores: np.ndarray, same: np.ndarray) -> np.ndarray:
+    """Per-row AP like sklearn's `average_precision_score`, vectorised over rows.
+
+    scores: (b, G) float; same: (b, G) bool, every row with >= 1 True. Returns (b,) float64.
+    sklearn's AP = sum_n (R_n - R_{n-1}) P_n over distinct thresholds, with all items tied at
+    a threshold entering together. Equivalently: each positive contributes P at the end of its
+    tie group, divided by the number of positives. That form needs one sort and no loops.
+    """
+    b, n = scores.shape
+    order = np.argsort(scores, axis=1)[:, ::-1]  # (b, G) indices, descending score
+    s_sorted = np.take_along_axis(scores, order, axis=1)  # (b, G)
+    y_sorted = np.take_along_axis(same, order, axis=1)  # (b, G) bool
+    tp = np.cumsum(y_sorted, axis=1)  # (b, G) true positives among the top n+1
+    is_end = np.ones((b, n), dtype=bool)  # last position of each tie group
+    is_end[:, :-1] = s_sorted[:, :-1] != s_sorted[:, 1:]
+    # Index of the end of each position's tie group: the nearest end at or after it.
+    end = np.where(is_end, np.arange(n), n - 1)
+    end = np.minimum.accumulate(end[:, ::-1], axis=1)[:, ::-1]  # (b, G)
+    precision_at_end = np.take_along_axis(tp, end, axis=1) / (end + 1.0)  # (b, G) float64
+    n_pos = tp[:, -1]
+    return np.where(y_sorted, precision_at_end, 0.0).sum(axis=1) / n_pos
+
+
+def average_precision(scores: Any, same: Any) -> float:
+    """Average precision of one query, equal to sklearn's `average_precision_score(same, scores)`.
+
+    scores: (G,) similarity of each gallery item (higher is better); same: (G,) bool, True
+    where the item is a correct match. Tied scores share one threshold (sklearn's rule).
+    Raises ValueError if `same` has no True entry (AP is undefined then).
+    """
+    s = _as_numpy(scores)
+    y = _as_numpy(same)
+    if s.ndim != 1 or s.shape[0] == 0:
+        raise ValueError(f"scores must be 1-D and non-empty, got shape {s.shape}")
+    if y.shape != s.shape:
+        raise ValueError(f"same has shape {y.shape} but scores has shape {s.shape}")
+    s = np.asarray(s, dtype=np.float64)
+    if not np.isfinite(s).all():
+        raise ValueError("scores contains NaN or inf")
+    y = _as_bool(y, "same")
+    if not y.any():
+        raise ValueError("same has no positive: average precision is undefined")
+    return float(_average_precision_rows(s[None, :], y[None, :])[0])
+
+
+def _as_bool(y: np.ndarray, name: str) -> np.ndarray:
+    if y.dtype == bool:
+        return y
+    if not np.isin(y, (0, 1)).all():
+        raise ValueError(f"{name} must be boolean (or 0/1), got values outside {{0, 1}}")
+    return y.astype(bool)
+
+
+def _auto_block(n_gallery: int) -> int:
+    return max(1, min(4096, _BLOCK_ELEMENTS // n_gallery))
+
+
+def _scan(
+    q_emb: Any,
+    q_lab: Any,
+    g_emb: Any,
+    g_lab: Any,
+    *,
+    exclude_self: bool,
+    ks: tuple[int, ...],
+    with_map: bool,
+    block: int | None,
+) -> tuple[dict[int, float], float, int]:
+    """One pass over the similarity blocks. Returns ({k: hit fraction}, mAP or nan, n_valid)."""
+    q, ql, g, gl = _check_pair(q_emb, q_lab, g_emb, g_lab, exclude_self)
+    if block is None:
+        block = _auto_block(g.shape[0])
+    elif isinstance(block, bool) or not isinstance(block, (int, np.integer)) or block < 1:
+        raise ValueError(f"block must be a positive integer, got {block!r}")
+    k_arr = np.asarray(ks)  # (K,)
+    hits = np.zeros(len(ks), dtype=np.int64)
+    ap_sum = 0.0
+    n_valid = 0
+    for start, sims in _blocks(q, g, int(block)):
+        b = sims.shape[0]
+        same = ql[start : start + b, None] == gl[None, :]  # (b, G) bool
+        if exclude_self:
+            rows = np.arange(b)
+            # The own row becomes a negative at -inf: it ranks last and never counts ahead of
+            # a (finite) positive, nor changes the precision at any positive.
+            same[rows, start + rows] = False
+            sims[rows, start + rows] = -np.inf
+        valid = same.any(axis=1)  # (b,) queries with >= 1 positive
+        if not valid.all():
+            sims, same = sims[valid], same[valid]
+        if sims.shape[0] == 0:
+            continue
+        n_valid += sims.shape[0]
+        best_pos = np.where(same, sims, -np.inf).max(axis=1)  # (b,)
+        # Pessimistic rank of the first correct match: negatives tied with it go first.
+        rank = 1 + ((sims >= best_pos[:, None]) & ~same).sum(axis=1)  # (b,)
+        hits += (rank[:, None] <= k_arr[None, :]).sum(axis=0)
+        if with_map:
+            ap_sum += float(_average_precision_rows(sims, same).sum())
+    if n_valid == 0:
+        raise ValueError("no query has a positive (same label) in the gallery")
+    fractions = {k: float(h) / n_valid for k, h in zip(ks, hits, strict=True)}
+    return fractions, (ap_sum / n_valid if with_map else float("nan")), n_valid
+
+
+def cmc(
+    q_emb: Any,
+    q_lab: Any,
+    g_emb: Any,
+    g_lab: Any,
+    topk: Sequence[int] = (1, 5),
+    exclude_self: bool = False,
+    *,
+    block: int | None = None,
+) -> dict[int, float]:
+    """CMC top-k: fraction of queries whose first correct match is at rank <= k.
+
+    q_emb: (Q, D), q_lab: (Q,), g_emb: (G, D), g_lab: (G,). Queries without a positive in
+    the gallery (after exclusion) are left out. `exclude_self=True`: query and gallery are the
+    same items in the same order (embeddings may come from different models); query r's own
+    gallery row r is excluded; Q must equal G.
+
+    Tie rule (pessimistic): rank of the first match = 1 + #(negatives with score >= the best
+    positive's score). `block`: queries per similarity block (default: memory-bounded).
+    Returns {k: fraction}.
+    """
+    ks = _check_ks(topk, "topk")
+    fractions, _, _ = _scan(
+        q_emb, q_lab, g_emb, g_lab, exclude_self=exclude_self, ks=ks, with_map=False, block=block
+    )
+    return fractions
+
+
+def recall_at_k(
+    q_emb: Any,
+    q_lab: Any,
+    g_emb: Any,
+    g_lab: Any,
+    ks: Sequence[int] = (1, 5, 10),
+    exclude_self: bool = False,
+    *,
+    block: int | None = None,
+) -> dict[int, float]:
+    """Recall@K (CVS's AR@K): fraction of queries with a correct label among the K nearest.
+
+    Same inputs, exclusion and pessimistic tie rule as `cmc`; "a correct label among the K
+    nearest" is "first correct match at rank <= K", so the two coincide value for value.
+    Returns {k: fraction}.
+    """
+    ks = _check_ks(ks, "ks")
+    fractions, _, _ = _scan(
+        q_emb, q_lab, g_emb, g_lab, exclude_self=exclude_self, ks=ks, with_map=False, block=block
+    )
+    return fractions
+
+
+def mean_average_precision(
+    q_emb: Any,
+    q_lab: Any,
+    g_emb: Any,
+    g_lab: Any,
+    exclude_self: bool = False,
+    *,
+    block: int | None = None,
+) -> float:
+    """mAP: mean over queries (with >= 1 positive) of the AP of the ranked gallery.
+
+    Each query's AP equals sklearn's `average_precision_score(same_label, scores)` (ties share
+    a threshold). Exclusion as in `cmc`.
+    """
+    _, m_ap, _ = _scan(
+        q_emb, q_lab, g_emb, g_lab, exclude_self=exclude_self, ks=(1,), with_map=True, block=block
+    )
+    return m_ap
+
+
+def retrieval_summary(
+    q_emb: Any,
+    q_lab: Any,
+    g_emb: Any,
+    g_lab: Any,
+    exclude_self: bool = False,
+    topk: Sequence[int] = (1, 5),
+    recall_ks: Sequence[int] = (1, 5, 10),
+    *,
+    block: int | None = None,
+) -> dict[str, float]:
+    """CMC, mAP and Recall@K in one pass over the similarity blocks (one sort per block).
+
+    Returns {"cmc@k": ..., "map": ..., "recall@k": ..., "n_queries": number of queries that
+    had a positive and were counted (int)}. Definitions, exclusion and tie rule as in `cmc`
+    and `mean_average_precision`.
+    """
+    topk = _check_ks(topk, "topk")
+    recall_ks = _check_ks(recall_ks, "recall_ks")
+    ks = tuple(sorted(set(topk) | set(recall_ks)))
+    fractions, m_ap, n_valid = _scan(
+        q_emb, q_lab, g_emb, g_lab, exclude_self=exclude_self, ks=ks, with_map=True, block=block
+    )
+    out: dict[str, float] = {f"cmc@{k}": fractions[k] for k in topk}
+    out["map"] = m_ap
+    out.update({f"recall@{k}": fractions[k] for k in recall_ks})
+    out["n_queries"] = n_valid
+    return out
+
+
+def tar_at_far(
+    scores: Any, same: Any, fars: Sequence[float] = (1e-4, 1e-3, 1e-2)
+) -> dict[float, float]:
+    """TAR at target FARs from the ROC of 1:1 pair scores (a pair is accepted if score >= t).
+
+    scores: (P,) pair similarity; same: (P,) bool, True for genuine pairs. For each target
+    FAR f, returns the TAR at the threshold whose FAR is the largest not above f (the best TAR
+    among thresholds with FAR <= f). If only accepting nothing has FAR <= f (the top-scoring
+    pair is an impostor and f is below 1/#impostors), the TAR is 0.0. Needs >= 1 genuine and
+    >= 1 impostor pair. Returns {f: TAR}.
+    """
+    s = _as_numpy(scores)
+    y = _as_numpy(same)
+    if s.ndim != 1 or s.shape[0] == 0:
+        raise ValueError(f"scores must be 1-D and non-empty, got shape {s.shape}")
+    if y.shape != s.shape:
+        raise ValueError(f"same has shape {y.shape} but scores has shape {s.shape}")
+    s = np.asarray(s, dtype=np.float64)
+    if not np.isfinite(s).all():
+        raise ValueError("scores contains NaN or inf")
+    y = _as_bool(y, "same")
+    n_pos = int(y.sum())
+    n_neg = y.shape[0] - n_pos
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError(f"same needs genuine and impostor pairs, got {n_pos} and {n_neg}")
+    targets = tuple(fars)
+    for f in targets:
+        if not 0.0 < float(f) <= 1.0:
+            raise ValueError(f"fars must lie in (0, 1], got {f!r}")
+
+    order = np.argsort(s)[::-1]  # (P,) descending score
+    s_sorted = s[order]
+    y_sorted = y[order]
+    is_end = np.ones(s.shape[0], dtype=bool)  # one ROC point per distinct threshold
+    is_end[:-1] = s_sorted[:-1] != s_sorted[1:]
+    tpr = np.cumsum(y_sorted)[is_end] / n_pos  # (n_thresholds,) non-decreasing
+    fpr = np.cumsum(~y_sorted)[is_end] / n_neg  # (n_thresholds,) non-decreasing
+    out: dict[float, float] = {}
+    for f in targets:
+        # Accepting nothing (FAR 0, TAR 0) is always allowed; fpr is sorted, so the last
+        # point with fpr <= f has the largest such FAR and the best TAR at it.
+        n_ok = int(np.searchsorted(fpr, float(f), side="right"))
+        out[f] = float(tpr[n_ok - 1]) if n_ok > 0 else 0.0
+    return out

@@ -1,0 +1,163 @@
+"""The run report: tables in ``report.md``, a compatibility heatmap per protocol, curves.
+
+Heatmap cells carry their values; a pair that fails the empirical compatibility criterion
+(M[i][j] <= M[j][j]) is marked with a red x. ``print_summary`` renders the matrix and the
+summary line on the terminal.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def _fmt(v) -> str:
+    return "" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.3f}"
+
+
+def matrix_markdown(M, ecc=None) -> str:
+    M = np.asarray(M, dtype=float)
+    T = len(M)
+    head = "| query \\ gallery | " + " | ".join(f"φ{j + 1}" for j in range(T)) + " |"
+    lines = [head, "|" + "---|" * (T + 1)]
+    for i in range(T):
+        cells = []
+        for j in range(T):
+            if j > i:
+                cells.append("")
+                continue
+            mark = ""
+            if ecc is not None and j < i:
+                mark = " ✓" if ecc[i][j] else " ✗"
+            cells.append(_fmt(M[i][j]) + mark)
+        lines.append(f"| φ{i + 1} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_matrix(M, ecc, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    M = np.asarray(M, dtype=float)
+    T = len(M)
+    fig, ax = plt.subplots(figsize=(1.1 * T + 2, 1.0 * T + 1.5))
+    masked = np.ma.masked_invalid(np.where(np.tril(np.ones_like(M)) > 0, M, np.nan))
+    im = ax.imshow(masked, cmap="viridis", vmin=0, vmax=1)
+    for i in range(T):
+        for j in range(i + 1):
+            ax.text(j, i, f"{M[i, j]:.2f}", ha="center", va="center",
+                    color="white" if M[i, j] < 0.6 else "black", fontsize=9)
+            if j < i and not ecc[i][j]:
+                ax.text(j + 0.32, i - 0.3, "x", color="red", fontsize=10, weight="bold")
+    ax.set_xticks(range(T), [f"φ{j + 1}" for j in range(T)])
+    ax.set_yticks(range(T), [f"φ{i + 1}" for i in range(T)])
+    ax.set_xlabel("gallery model")
+    ax.set_ylabel("query model")
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_curves(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stale = result["stale_gallery"]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    xs = [r["task"] + 1 for r in stale]
+    for key in ("cmc@1", "map", "recall@5"):
+        if key in stale[0]:
+            axes[0].plot(xs, [r[key] for r in stale], marker="o", label=key)
+    axes[0].set_title("stale gallery (queries by model s)")
+    axes[0].set_xlabel("task s")
+    axes[0].set_ylim(0, 1)
+    axes[0].legend()
+    hist = result.get("history", [])
+    if hist:
+        axes[1].plot(range(len(hist)), [h["train_acc"] for h in hist], marker=".",
+                     label="train acc")
+        axes[1].set_title("train accuracy per epoch (all tasks)")
+        axes[1].set_xlabel("epoch")
+        axes[1].set_ylim(0, 1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(run_dir: Path, result: dict) -> str:
+    """Write report.md and the PNGs; return the markdown."""
+    metric = result["metric"]
+    parts = [f"# {result['job']} ({result['method']})", "",
+             f"{result['tasks']} tasks, {result['eval_items']} evaluation items, metric "
+             f"`{metric}`, {result['embedding_passes']} embedding passes.", ""]
+    for proto, block in result["protocols"].items():
+        s = block["summary"]
+        M = block["matrices"][metric]
+        png = f"compat_{proto}.png"
+        plot_matrix(M, s["ecc"], run_dir / png, f"{result['job']}: {metric} ({proto})")
+        parts += [
+            f"## Compatibility matrix ({proto})", "",
+            "M[i][j]: queries embedded by model i, gallery by model j. ✓/✗: ECC "
+            "(M[i][j] > M[j][j]).", "",
+            matrix_markdown(M, s["ecc"]), "",
+            f"AC={_fmt(s['ac'])} AM={_fmt(s['am'])} BC={_fmt(s['bc'])} FC={_fmt(s['fc'])} "
+            f"compatible pairs {s['n_compatible']}/{s['n_pairs']}", "",
+            f"![{proto}]({png})", "",
+        ]  # fmt: skip
+    stale = result["stale_gallery"]
+    keys = [k for k in stale[0] if k.startswith(("cmc@", "map", "recall@"))]
+    parts += ["## Stale gallery (deployment case)", "",
+              "| task | gallery | " + " | ".join(keys) + " |",
+              "|" + "---|" * (len(keys) + 2)]
+    for r in stale:
+        parts.append(f"| {r['task'] + 1} | {r['gallery']} | "
+                     + " | ".join(_fmt(r[k]) for k in keys) + " |")
+    parts.append("| mean | | " + " | ".join(_fmt(np.mean([r[k] for r in stale]))
+                                          for k in keys) + " |")
+    plot_curves(result, run_dir / "curves.png")
+    parts += ["", "![curves](curves.png)", ""]
+    text = "\n".join(parts)
+    (run_dir / "report.md").write_text(text)
+    return text
+
+
+def print_summary(result: dict, log=print) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    metric = result["metric"]
+    console = Console()
+    for proto in ("all", "seen"):
+        block = result["protocols"][proto]
+        M = np.asarray(block["matrices"][metric], dtype=float)
+        s = block["summary"]
+        T = len(M)
+        table = Table(title=f"{result['job']}: {metric}, protocol '{proto}' "
+                            f"(rows: query model, cols: gallery model)")
+        table.add_column("")
+        for j in range(T):
+            table.add_column(f"φ{j + 1}", justify="right")
+        for i in range(T):
+            row = []
+            for j in range(T):
+                if j > i:
+                    row.append("")
+                else:
+                    cell = f"{M[i, j]:.3f}"
+                    if j < i:
+                        cell += " ✓" if s["ecc"][i][j] else " ✗"
+                    row.append(cell)
+            table.add_row(f"φ{i + 1}", *row)
+        console.print(table)
+        console.print(f"[{proto}] AC={_fmt(s['ac'])} AM={_fmt(s['am'])} BC={_fmt(s['bc'])} "
+                      f"FC={_fmt(s['fc'])}")
+    stale = result["stale_gallery"]
+    mean = {k: np.mean([r[k] for r in stale]) for k in ("cmc@1", "map") if k in stale[0]}
+    console.print("stale gallery mean: " + " ".join(f"{k}={v:.3f}" for k, v in mean.items()))

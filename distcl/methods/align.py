@@ -1,0 +1,120 @@
+"""The alignment family: terms that pull the new model's features towards the old model's.
+
+Each term can be used alone (``method: {name: finetune, align: [{name: l2}]}``) or added
+to any other method by configuration; that is composition, not a copied method file:
+
+    kd          KD(T=2) of old-class logits (LwF-style)
+    l2          L2 feature replay: ||phi_new(x) - phi_old(x)||^2
+    projection  a learned map P: new -> old space, 1 - cos(P phi_new(x), phi_old(x))
+    layerwise   MSE between intermediate backbone stages of new and old
+    adversarial a discriminator tells old from new embeddings; the new model is trained
+                through a gradient-reversal layer to make them indistinguishable
+
+Terms with learned parts (projection, adversarial) are ``nn.Module`` s, so the engine's
+optimiser trains them with the model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from distcl import losses
+from distcl.config import AlignConfig
+from distcl.methods.base import Batch, TaskContext
+
+
+class AlignTerm(nn.Module):
+    name = ""
+    needs_stages = False
+
+    def __init__(self, cfg: AlignConfig, ctx: TaskContext):
+        super().__init__()
+        self.cfg = cfg
+        self.ctx = ctx
+
+    def rows(self, batch: Batch) -> torch.Tensor:
+        """Which rows of the batch the term applies to."""
+        if self.cfg.on == "memory":
+            return batch.from_memory
+        return torch.ones_like(batch.from_memory)
+
+    def forward(self, batch: Batch, new: dict, old: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class KDAlign(AlignTerm):
+    name = "kd"
+
+    def forward(self, batch, new, old):
+        rows, cols = self.rows(batch), list(self.ctx.old_classes)
+        if not cols or not rows.any():
+            return new["emb"].sum() * 0.0
+        return losses.kd_loss(new["logits"][rows][:, cols], old["logits"][rows][:, cols], 2.0)
+
+
+class L2Align(AlignTerm):
+    name = "l2"
+
+    def forward(self, batch, new, old):
+        rows = self.rows(batch)
+        if not rows.any():
+            return new["emb"].sum() * 0.0
+        return losses.l2_feature_loss(new["emb"][rows], old["emb"][rows])
+
+
+class ProjectionAlign(AlignTerm):
+    name = "projection"
+
+    def __init__(self, cfg, ctx):
+        super().__init__(cfg, ctx)
+        d = ctx.embedding_dim
+        self.proj = nn.Linear(d, d, bias=False)
+        nn.init.eye_(self.proj.weight)  # start as the identity map
+
+    def forward(self, batch, new, old):
+        rows = self.rows(batch)
+        if not rows.any():
+            return new["emb"].sum() * 0.0
+        return losses.projection_loss(self.proj(new["emb"][rows]), old["emb"][rows])
+
+
+class LayerwiseAlign(AlignTerm):
+    name = "layerwise"
+    needs_stages = True
+
+    def forward(self, batch, new, old):
+        rows = self.rows(batch)
+        if not rows.any():
+            return new["emb"].sum() * 0.0
+        return losses.layerwise_alignment_loss(
+            [s[rows] for s in new["stages"]], [s[rows] for s in old["stages"]]
+        )
+
+
+class AdversarialAlign(AlignTerm):
+    name = "adversarial"
+
+    def __init__(self, cfg, ctx):
+        super().__init__(cfg, ctx)
+        d = ctx.embedding_dim
+        self.disc = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, 1))
+
+    def forward(self, batch, new, old):
+        rows = self.rows(batch)
+        if not rows.any():
+            return new["emb"].sum() * 0.0
+        # Gradient reversal: the discriminator minimises its BCE, the new model maximises it.
+        new_logit = self.disc(losses.grad_reverse(new["emb"][rows], 1.0)).squeeze(1)
+        old_logit = self.disc(old["emb"][rows].detach()).squeeze(1)
+        _, disc_loss = losses.adversarial_losses(new_logit, old_logit)
+        return disc_loss
+
+
+ALIGN_TERMS: dict[str, type[AlignTerm]] = {
+    t.name: t for t in (KDAlign, L2Align, ProjectionAlign, LayerwiseAlign, AdversarialAlign)
+}
+
+
+def build_align_terms(cfgs: tuple[AlignConfig, ...], ctx: TaskContext) -> nn.ModuleList:
+    return nn.ModuleList(ALIGN_TERMS[c.name](c, ctx) for c in cfgs)

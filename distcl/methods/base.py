@@ -1,0 +1,136 @@
+"""The method interface: a method declares what it needs and returns named loss terms.
+
+The engine (``distcl.train.loop``) owns the optimiser: it runs the new model (and the
+frozen old one when asked), calls ``method.loss(batch, new, old)``, sums the returned
+terms, backpropagates, steps and logs every term. A method never calls ``backward()``.
+
+    @register_method
+    class MyMethod(Method):
+        name = "mine"
+        Params = MyParams                    # frozen dataclass of weights (validated)
+        def needs(self) -> Needs: ...        # old model? memory? class means?
+        def loss(self, batch, new, old) -> dict[str, Tensor]: ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a method needs from the engine for one task."""
+
+    old_model: bool = False
+    #: Fraction of each batch drawn from the episodic memory (0: no replay).
+    replay_fraction: float = 0.0
+    #: Running per-class means of stored embeddings (CVS's E_c), as ctx.class_means.
+    class_means: bool = False
+    #: The old model's class means over the current task's data (BCT's new-class rows).
+    old_class_means: bool = False
+    #: Train on every task's data so far (joint upper bound).
+    all_data: bool = False
+    #: Intermediate backbone stages in model outputs (layer-wise alignment).
+    stages: bool = False
+    #: Classifier head kind this method defaults to.
+    head: str = "linear"
+
+
+@dataclass
+class TaskContext:
+    """What the engine knows about the current task, handed to methods."""
+
+    task: int
+    num_tasks: int
+    num_classes: int  # size of the label space (heads are pre-allocated for it)
+    new_classes: tuple[int, ...]
+    seen_classes: tuple[int, ...]  # including this task's
+    old_classes: tuple[int, ...]  # seen before this task
+    embedding_dim: int
+    #: (C, D) means and (C,) labels: CVS's E_c or BCT's old-model means of new classes.
+    class_means: torch.Tensor | None = None
+    class_mean_labels: torch.Tensor | None = None
+    old_class_means: torch.Tensor | None = None
+    old_class_mean_labels: torch.Tensor | None = None
+    #: Frozen classifier rows of the old model (C, D) (BCT).
+    old_head_weight: torch.Tensor | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Batch:
+    """One training batch on the worker's device."""
+
+    images: torch.Tensor  # (B, C, H, W) float in [0, 1]
+    labels: torch.Tensor  # (B,) int64
+    from_memory: torch.Tensor  # (B,) bool: replayed exemplars
+
+
+class Method(nn.Module):
+    """Base class. Subclasses set ``name``, ``Params`` and implement ``loss``.
+
+    It is an ``nn.Module`` so that learned parts a method owns (a projection, a
+    discriminator) are trained by the engine's optimiser and saved with the checkpoint.
+    """
+
+    name: ClassVar[str] = ""
+    Params: ClassVar[type] = type(None)
+
+    def __init__(self, params: Any, ctx: TaskContext):
+        super().__init__()
+        self.params = params
+        self.ctx = ctx
+
+    @classmethod
+    def needs_for(cls, params: Any) -> Needs:
+        return Needs()
+
+    def needs(self) -> Needs:
+        return self.needs_for(self.params)
+
+    def loss(
+        self, batch: Batch, new: dict[str, torch.Tensor], old: dict[str, torch.Tensor] | None
+    ) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    # -- helpers shared by methods ----------------------------------------------------
+    def seen_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits with classes not seen yet masked out (heads are pre-allocated)."""
+        mask = torch.full((logits.shape[1],), float("-inf"), device=logits.device)
+        mask[list(self.ctx.seen_classes)] = 0.0
+        return logits + mask
+
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator adding a method to the registry under ``cls.name``."""
+    if not cls.name or cls.name in METHODS:
+        raise ValueError(f"method name {cls.name!r} empty or registered twice")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def method_params(name: str, raw: dict[str, Any]) -> Any:
+    """Validate ``raw`` weights against the method's Params dataclass."""
+    from distcl.config import ConfigError, from_dict
+
+    if name not in METHODS:
+        raise ConfigError(f"method.name: unknown method {name!r} (known: {sorted(METHODS)})")
+    # ``lambda`` is a Python keyword: job files say ``lambda``, Params fields ``lambda_``.
+    raw = {("lambda_" if k == "lambda" else k): v for k, v in raw.items()}
+    return from_dict(METHODS[name].Params, raw, "method.params")
+
+
+def params_dict(params: Any) -> dict[str, Any]:
+    return dataclasses.asdict(params) if dataclasses.is_dataclass(params) else {}
+
+
+GatherFn = Callable[[torch.Tensor], torch.Tensor]

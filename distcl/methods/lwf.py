@@ -1,0 +1,34 @@
+"""LwF (learning without forgetting): CE + alpha * KD(T) of the old model's logits on the
+old classes, computed on the current task's images (no exemplars)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from distcl import losses
+from distcl.methods.base import Method, Needs, register_method
+
+
+@dataclass(frozen=True)
+class LwFParams:
+    alpha: float = 1.0  #: weight of the distillation term
+    temperature: float = 2.0  #: KD temperature (Hinton)
+
+
+@register_method
+class LwF(Method):
+    name = "lwf"
+    Params = LwFParams
+
+    @classmethod
+    def needs_for(cls, params) -> Needs:
+        return Needs(old_model=True, head="linear")
+
+    def loss(self, batch, new, old):
+        terms = {"ce": losses.cross_entropy(self.seen_logits(new["logits"]), batch.labels)}
+        if old is not None and self.ctx.old_classes:
+            cols = list(self.ctx.old_classes)
+            kd = losses.kd_loss(new["logits"][:, cols], old["logits"][:, cols],
+                                self.params.temperature)
+            terms["kd"] = self.params.alpha * kd
+        return terms

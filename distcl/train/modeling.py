@@ -1,0 +1,118 @@
+"""Building models and methods from a job, and the per-task model folder on disk.
+
+``run_dir/models/<t>/`` holds ``model.pt`` (state dict, loaded with weights_only=True),
+``meta.json`` (architecture signature, job name, task, scenario digest) and
+``history.json`` (per-epoch loss terms). ``meta.json`` is written last and the folder is
+renamed into place, so a half-written model folder never counts as a finished task.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from distcl.config import JobConfig
+from distcl.methods import METHODS, TaskContext, method_params
+from distcl.models.embedding import EmbeddingModel, load_state_checked, model_signature
+
+
+class CheckpointError(ValueError):
+    """A checkpoint does not belong to this job or does not fit this architecture."""
+
+
+def head_kind(job: JobConfig) -> str:
+    cls = METHODS[job.method.name]
+    return job.model.head or cls.needs_for(method_params(job.method.name,
+                                                         dict(job.method.params))).head
+
+
+def build_model(job: JobConfig, num_classes: int, in_channels: int) -> EmbeddingModel:
+    """The embedding model of a job; the head is pre-allocated for every class."""
+    kind = head_kind(job)
+    n_head = num_classes
+    if kind == "simplex":  # K = d + 1 vertices, pre-allocated for every future class
+        n_head = job.model.embedding_dim + 1
+        if n_head < num_classes:
+            raise ValueError(
+                f"model.embedding_dim: the d-simplex head needs embedding_dim >= "
+                f"num_classes - 1 = {num_classes - 1}, got {job.model.embedding_dim}"
+            )
+    head_kwargs = {}
+    if kind == "cosine":
+        head_kwargs["temperature"] = float(job.method.params.get("temperature", 0.05))
+    return EmbeddingModel(
+        backbone=job.model.backbone,
+        in_channels=in_channels,
+        embedding_dim=job.model.embedding_dim,
+        head=kind,
+        num_classes=n_head,
+        small_input=job.model.small_input,
+        head_kwargs=head_kwargs,
+    )
+
+
+def build_method(job: JobConfig, ctx: TaskContext):
+    params = method_params(job.method.name, dict(job.method.params))
+    return METHODS[job.method.name](params, ctx)
+
+
+def is_model_done(run_dir: Path, task: int) -> bool:
+    return (Path(run_dir) / "models" / str(task) / "meta.json").is_file()
+
+
+def save_model_dir(run_dir: Path, task: int, model_pt: Path, history: list, meta: dict) -> Path:
+    """Move a finished task's model into ``models/<task>`` atomically."""
+    models = Path(run_dir) / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    final = models / str(task)
+    tmp = models / f".{task}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    shutil.copyfile(model_pt, tmp / "model.pt")
+    (tmp / "history.json").write_text(json.dumps(history, indent=1))
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    if final.exists():  # a stale half-finished folder from a crash: replace it
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def read_meta(model_dir: str | Path) -> dict:
+    path = Path(model_dir) / "meta.json"
+    if not path.is_file():
+        raise CheckpointError(f"{model_dir}: not a finished model folder (no meta.json)")
+    return json.loads(path.read_text())
+
+
+def load_model_dir(model: nn.Module, model_dir: str | Path, job_name: str | None = None,
+                   scenario_digest: str | None = None) -> dict:
+    """Load ``model_dir/model.pt`` into ``model`` after checking it belongs to this job
+    and this architecture; errors name the mismatching field."""
+    meta = read_meta(model_dir)
+    if job_name is not None and meta.get("job") != job_name:
+        raise CheckpointError(
+            f"{model_dir}: checkpoint of job {meta.get('job')!r}, not {job_name!r}"
+        )
+    if scenario_digest is not None and meta.get("scenario") != scenario_digest:
+        raise CheckpointError(f"{model_dir}: checkpoint trained on another scenario")
+    state = torch.load(Path(model_dir) / "model.pt", map_location="cpu", weights_only=True)
+    try:
+        load_state_checked(model, state, meta["signature"])
+    except ValueError as e:
+        raise CheckpointError(f"{model_dir}: {e}") from None
+    return meta
+
+
+def model_meta(job: JobConfig, model: nn.Module, task: int, scenario_digest: str) -> dict:
+    return {
+        "job": job.name,
+        "task": task,
+        "scenario": scenario_digest,
+        "method": job.method.name,
+        "signature": model_signature(model),
+    }
