@@ -183,6 +183,15 @@ class TuneConfig:
     asha: bool = True
     grace_tasks: int = 1
     reduction_factor: int = 2
+    #: Evaluation set of the objective's compatibility matrix (see ``distcl.eval``): ``seen``
+    #: compares like with like in ECC/AC; ``all`` is every class of the scenario.
+    protocol: Literal["all", "seen"] = "seen"
+    #: Train workers per trial; None: ``train.workers``.
+    workers_per_trial: int | None = None
+    #: CPUs reserved for each trial's driver (Ray refuses 0); it only waits on Train runs.
+    driver_cpus: float = 0.1
+    #: Retries of a failed trial; a retried trial resumes from its finished tasks.
+    max_trial_failures: int = 0
 
 
 @dataclass(frozen=True)
@@ -378,6 +387,8 @@ def parse_job(
             data["smoke"] = smoke
         if data.get("smoke"):
             data = _deep_merge(data, SMOKE)
+            for item in overrides:  # an explicit --set wins over the smoke defaults
+                _apply_override(data, item)
         job = from_dict(JobConfig, data)
         _check_semantics(job)
     except ConfigError as e:

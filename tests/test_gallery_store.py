@@ -36,8 +36,9 @@ def files_in(folder) -> list[str]:
 
 def test_round_trip_keeps_type_metadata_and_values(tmp_path):
     emb = unit(5, 8)
-    path = write_embeddings(tmp_path, 2, "rank0", list("abcde"), [4, 3, 2, 1, 0],
-                            [1, 1, 2, 2, 2], emb)
+    path = write_embeddings(
+        tmp_path, 2, "rank0", list("abcde"), [4, 3, 2, 1, 0], [1, 1, 2, 2, 2], emb
+    )
     assert path == tmp_path / "model=2" / "rank0.parquet"
     schema = pq.read_schema(path)
     assert schema.field("embedding").type == pa.list_(pa.float32(), 8)
@@ -67,8 +68,10 @@ def test_store_reads_as_hive_dataset_in_plain_pyarrow(tmp_path):
     write_embeddings(tmp_path, 0, "p", ["a", "b"], [0, 1], [0, 0], unit(2, 4))
     write_embeddings(tmp_path, 1, "p", ["a"], [0], [0], unit(1, 4, seed=1))
     t = ds.dataset(tmp_path, format="parquet", partitioning="hive").to_table()
-    assert sorted(zip(t["model"].to_pylist(), t["item_id"].to_pylist())) == [
-        (0, "a"), (0, "b"), (1, "a")
+    assert sorted(zip(t["model"].to_pylist(), t["item_id"].to_pylist(), strict=True)) == [
+        (0, "a"),
+        (0, "b"),
+        (1, "a"),
     ]
 
 
@@ -142,8 +145,9 @@ def test_multiple_row_groups_read_back_in_order(tmp_path, monkeypatch):
     ],
 )
 def test_bad_write_inputs_raise(tmp_path, kwargs, match):
-    args = dict(model=0, part="p", item_ids=["a", "b"], labels=[0, 1], tasks=[0, 0],
-                embeddings=unit(2, 2))
+    args = dict(
+        model=0, part="p", item_ids=["a", "b"], labels=[0, 1], tasks=[0, 0], embeddings=unit(2, 2)
+    )
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         write_embeddings(tmp_path, **args)
@@ -171,13 +175,21 @@ def test_mixed_dimension_read_raises_naming_files(tmp_path):
 def test_stale_gallery_picks_arrival_model_rows(tmp_path):
     # items a, b arrive at task 0; c at task 1; d at task 2. Model m re-embeds every item
     # that has arrived by task m (a second part of model 2 holds d).
-    e = {(item, m): unit(1, 4, seed=10 * m + i)[0] for i, item in enumerate("abcd")
-         for m in range(3)}
+    e = {
+        (item, m): unit(1, 4, seed=10 * m + i)[0] for i, item in enumerate("abcd") for m in range(3)
+    }
     arrival = {"a": 0, "b": 0, "c": 1, "d": 2}
     for m in range(3):
         items = [x for x in "abc" if arrival[x] <= m]
-        write_embeddings(tmp_path, m, "rank0", items, [ord(x) for x in items],
-                         [arrival[x] for x in items], np.stack([e[x, m] for x in items]))
+        write_embeddings(
+            tmp_path,
+            m,
+            "rank0",
+            items,
+            [ord(x) for x in items],
+            [arrival[x] for x in items],
+            np.stack([e[x, m] for x in items]),
+        )
     write_embeddings(tmp_path, 2, "rank1", ["d"], [ord("d")], [2], e["d", 2][None])
 
     g = stale_gallery(tmp_path, 1)
@@ -186,8 +198,11 @@ def test_stale_gallery_picks_arrival_model_rows(tmp_path):
     np.testing.assert_array_equal(g.embeddings, np.stack([e["a", 0], e["b", 0], e["c", 1]]))
 
     g2 = stale_gallery(tmp_path, 2)
-    assert sorted(zip(g2.item_ids.tolist(), g2.models.tolist())) == [
-        ("a", 0), ("b", 0), ("c", 1), ("d", 2)
+    assert sorted(zip(g2.item_ids.tolist(), g2.models.tolist(), strict=True)) == [
+        ("a", 0),
+        ("b", 0),
+        ("c", 1),
+        ("d", 2),
     ]
     assert len(stale_gallery(tmp_path, 0)) == 2
     assert stale_gallery(tmp_path, -1).embeddings.shape == (0, 4)
@@ -197,21 +212,30 @@ def test_stale_gallery_picks_arrival_model_rows(tmp_path):
     assert g3.item_ids.tolist() == ["a", "b", "d"] and g3.models.tolist() == [2, 2, 2]
     assert len(read_embeddings(tmp_path)) == 2 + 3 + 4
     assert list_parts(tmp_path) == [
-        PartInfo(0, "rank0", 2, 4), PartInfo(1, "rank0", 3, 4),
-        PartInfo(2, "rank0", 3, 4), PartInfo(2, "rank1", 1, 4),
+        PartInfo(0, "rank0", 2, 4),
+        PartInfo(1, "rank0", 3, 4),
+        PartInfo(2, "rank0", 3, 4),
+        PartInfo(2, "rank1", 1, 4),
     ]
 
 
 def test_iter_batches_match_in_memory_read(tmp_path):
-    write_embeddings(tmp_path, 0, "p0", [f"a{i}" for i in range(7)], np.arange(7),
-                     np.zeros(7, int), unit(7, 4))
-    write_embeddings(tmp_path, 1, "p0", [f"b{i}" for i in range(5)], np.arange(5),
-                     np.ones(5, int), unit(5, 4, seed=1))
+    write_embeddings(
+        tmp_path, 0, "p0", [f"a{i}" for i in range(7)], np.arange(7), np.zeros(7, int), unit(7, 4)
+    )
+    write_embeddings(
+        tmp_path,
+        1,
+        "p0",
+        [f"b{i}" for i in range(5)],
+        np.arange(5),
+        np.ones(5, int),
+        unit(5, 4, seed=1),
+    )
     batches = list(iter_embedding_batches(tmp_path, batch_rows=3))
     assert [len(b.item_ids) for b in batches] == [3, 3, 1, 3, 2]
     whole = read_embeddings(tmp_path)
-    np.testing.assert_array_equal(np.concatenate([b.embeddings for b in batches]),
-                                  whole.embeddings)
+    np.testing.assert_array_equal(np.concatenate([b.embeddings for b in batches]), whole.embeddings)
     assert np.concatenate([b.item_ids for b in batches]).tolist() == whole.item_ids.tolist()
     only1 = list(iter_embedding_batches(tmp_path, batch_rows=100, models=1))
     assert len(only1) == 1 and only1[0].labels.tolist() == [0, 1, 2, 3, 4]
@@ -244,7 +268,11 @@ def test_corrupt_part_raises_naming_file(tmp_path, damage):
     path = write_embeddings(tmp_path, 0, "rank0", ["a", "b"], [0, 1], [0, 0], unit(2, 4))
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"not parquet" * 10)
-    for fn in (list_parts, read_embeddings, lambda r: stale_gallery(r, 0),
-               lambda r: list(iter_embedding_batches(r))):
+    for fn in (
+        list_parts,
+        read_embeddings,
+        lambda r: stale_gallery(r, 0),
+        lambda r: list(iter_embedding_batches(r)),
+    ):
         with pytest.raises(ValueError, match=f"corrupt or unreadable gallery part {path}"):
             fn(tmp_path)

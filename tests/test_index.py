@@ -124,11 +124,12 @@ def test_blocked_equals_flat_and_faiss_ground_truth(data):
     gallery, queries = data
     s_flat, i_flat = build_index(gallery, use_gpu=False).search(queries, 20)
     bounds = [0, 7, 7, 1000, 1013, 2500, 3000]  # uneven blocks, one empty, some < k
-    blocks = [(a, gallery[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+    blocks = [(a, gallery[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     s_blk, i_blk = search_blocked(queries, iter(blocks), 20)
     assert_same_topk(s_blk, i_blk, s_flat, i_flat)
-    s_gt, i_gt = knn_ground_truth(queries, (b for _, b in blocks), 20,
-                                  metric_type=faiss.METRIC_INNER_PRODUCT)
+    s_gt, i_gt = knn_ground_truth(
+        queries, (b for _, b in blocks), 20, metric_type=faiss.METRIC_INNER_PRODUCT
+    )
     assert_same_topk(s_blk, i_blk, s_gt, i_gt)
     s_few, i_few = search_blocked(queries, [(0, gallery[:4])], 20)
     assert s_few.shape == (200, 4) and set(i_few[0]) == {0, 1, 2, 3}

@@ -10,6 +10,7 @@ import os
 
 import numpy as np
 import pytest
+import ray
 
 from distcl.memory import service
 from distcl.memory.service import (
@@ -206,8 +207,6 @@ def test_interrupted_write_keeps_the_previous_commit(tmp_path, monkeypatch) -> N
 
 
 # --------------------------------------------------------------------------- on Ray
-
-ray = pytest.importorskip("ray")
 
 
 @pytest.fixture(scope="module")

@@ -60,7 +60,7 @@ def _reader(actor: Any, batch_size: int, seed: int, calls: int) -> tuple[float, 
     t0 = time.time()
     n = sum(len(prefetch.next()["labels"]) for _ in range(calls))
     t1 = time.time()
-    prefetch.close()
+    prefetch.close(wait=True)
     return t0, t1, n
 
 
@@ -143,7 +143,7 @@ def run_memory_bench(
                 fn()
                 times[name].append(time.perf_counter() - t0)
         prefetch_wait_ms = 1e3 * prefetch.wait_s / steps
-        prefetch.close()
+        prefetch.close(wait=True)
 
         # (b) two concurrent readers; a first round starts their worker processes.
         ray.get([_reader.remote(actor, n_replay, seed + r, 2) for r in range(2)])

@@ -6,14 +6,20 @@ same distribution, it times:
 
 - distcl's exact path: ``build_index(..., kind="flat").search``;
 - raw faiss: ``faiss.IndexFlatIP`` add + search (what distcl wraps; the ratio is its overhead);
-- numpy brute force (``brute_force_search``: matmul + argpartition per query block), on the
-  first ``numpy_queries`` queries only because it is slow (the result says how many);
+- numpy brute force (``brute_force_search``: matmul + argpartition per query block), on
+  ``numpy_queries`` of the queries only because it is slow (the result says how many);
 - the IVF option (``IndexIVFFlat``, ``nlist`` lists, ``nprobe`` probed): queries/s and its
   k-recall@k against the exact result.
 
-All on CPU with the same thread count. Ratios are of queries/s (search only; build times are
-reported separately). Defaults (1M x 128, 2000 queries, k=10, nlist=1024) finish in about a
-minute on 2 cores; the gallery takes 512 MB, and numpy's (64, 1M) similarity blocks 256 MB.
+All on CPU with the same thread count. The three exact engines run interleaved over chunks of
+``chunk_queries`` queries (alternating which goes first), so load from other processes on a
+shared machine hits them alike; the 1-minute load average before and after is recorded. Chunks
+stay >= 500 queries: faiss's BLAS path loses much of its speed on smaller query batches.
+Ratios are of queries/s (search only; build times are reported separately).
+
+Defaults (1M x 128 gallery, 1000 queries, numpy on 500, k=10, IVF nlist=1024 / nprobe=16)
+take about 1.5 minutes on 2 idle cores (faiss flat ~50-80 queries/s there) and ~2.5 GB RAM
+(gallery 512 MB, two flat indexes 512 MB each, numpy's (64, 1M) similarity blocks 256 MB).
 
 Run: ``python -m distcl.bench.search [--n-gallery N] [--queries Q] [--json]``
 """
@@ -35,8 +41,14 @@ __all__ = ["synthetic_embeddings", "run_search_bench", "format_search_bench"]
 
 
 def synthetic_embeddings(
-    n: int, dim: int, *, n_clusters: int = 1000, spread: float = 1.5, seed: int = 0,
-    centers_seed: int = 12345, block_rows: int = 131072,
+    n: int,
+    dim: int,
+    *,
+    n_clusters: int = 1000,
+    spread: float = 1.5,
+    seed: int = 0,
+    centers_seed: int = 12345,
+    block_rows: int = 131072,
 ) -> np.ndarray:
     """(n, dim) float32 unit rows: a random centre (of ``n_clusters``, fixed by
     ``centers_seed``) plus Gaussian noise of norm ~``spread``, normalised. Built in blocks so
@@ -64,7 +76,7 @@ def _timed(fn: Callable[[], object]) -> tuple[object, float]:
 def run_search_bench(
     n_gallery: int = 1_000_000,
     dim: int = 128,
-    n_queries: int = 2000,
+    n_queries: int = 1000,
     k: int = 10,
     seed: int = 0,
     ivf: bool = True,
@@ -74,7 +86,7 @@ def run_search_bench(
     nlist: int = 1024,
     nprobe: int = 16,
     threads: int | None = None,
-    chunk_queries: int = 250,
+    chunk_queries: int = 500,
 ) -> dict:
     """Measure distcl flat search vs raw faiss vs numpy (and IVF) on one synthetic gallery.
 
@@ -84,9 +96,14 @@ def run_search_bench(
     checks (distcl's top-k agrees with raw faiss and numpy). ``nlist`` defaults to 1024
     rather than build_index's 4 sqrt(N) so k-means training fits a 2-core budget.
     """
-    for name, v in (("n_gallery", n_gallery), ("dim", dim), ("n_queries", n_queries),
-                    ("k", k), ("numpy_queries", numpy_queries),
-                    ("chunk_queries", chunk_queries)):
+    for name, v in (
+        ("n_gallery", n_gallery),
+        ("dim", dim),
+        ("n_queries", n_queries),
+        ("k", k),
+        ("numpy_queries", numpy_queries),
+        ("chunk_queries", chunk_queries),
+    ):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
     if k > n_gallery:
@@ -95,6 +112,7 @@ def run_search_bench(
     n_threads = threads or os.cpu_count() or 1
     faiss.omp_set_num_threads(n_threads)
     t_start = time.perf_counter()
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
     say(f"generating {n_gallery} x {dim} gallery and {n_queries} queries (seed {seed})")
     gallery = synthetic_embeddings(n_gallery, dim, seed=seed)  # (G, dim)
@@ -121,8 +139,10 @@ def run_search_bench(
     for c in range(n_chunks):
         qc = queries[c * chunk_queries : (c + 1) * chunk_queries]  # (C, dim)
         say(f"flat search chunk {c + 1}/{n_chunks}: distcl, raw faiss, numpy")
-        runs = [("distcl", lambda qc=qc: index.search(qc, k)),
-                ("raw", lambda qc=qc: raw.search(qc, k))]
+        runs = [
+            ("distcl", lambda qc=qc: index.search(qc, k)),
+            ("raw", lambda qc=qc: raw.search(qc, k)),
+        ]
         for name, fn in runs if c % 2 == 0 else runs[::-1]:
             (_, ids), dt = _timed(fn)
             if name == "distcl":
@@ -142,7 +162,7 @@ def run_search_bench(
     r_ids = np.concatenate(r_ids)
     n_ids = np.concatenate(n_ids)  # (nq_np, k), rows of the chunks' first queries
     np_rows = np.concatenate(np_rows)  # which queries numpy answered
-    del index, raw
+    index = raw = None  # free ~1 GB before the IVF build
     distcl = {"build_s": build_s, "search_s": t_distcl, "qps": n_queries / t_distcl}
     raw_faiss = {"build_s": raw_build_s, "search_s": t_raw, "qps": n_queries / t_raw}
     numpy_res = {"queries": nq_np_done, "search_s": t_np, "qps": nq_np_done / t_np}
@@ -151,8 +171,15 @@ def run_search_bench(
     if ivf:
         say(f"IVF: train (nlist={nlist}) + add + search (nprobe={nprobe})")
         ivf_index, ivf_build_s = _timed(
-            lambda: build_index(gallery, "ivf", nlist=min(nlist, n_gallery), nprobe=nprobe,
-                                use_gpu=False, threads=threads, seed=seed)
+            lambda: build_index(
+                gallery,
+                "ivf",
+                nlist=min(nlist, n_gallery),
+                nprobe=nprobe,
+                use_gpu=False,
+                threads=threads,
+                seed=seed,
+            )
         )
         (_, v_ids), ivf_search_s = _timed(lambda: ivf_index.search(queries, k))
         ivf_res = {
@@ -163,12 +190,22 @@ def run_search_bench(
             "qps": n_queries / ivf_search_s,
             "recall_at_k": recall_at_k_vs_exact(v_ids, d_ids, k),
         }
-        del ivf_index
 
     return {
-        "config": {"n_gallery": n_gallery, "dim": dim, "n_queries": n_queries, "k": k,
-                   "seed": seed, "threads": n_threads, "device": "cpu",
-                   "faiss_version": faiss.__version__},
+        "config": {
+            "n_gallery": n_gallery,
+            "dim": dim,
+            "n_queries": n_queries,
+            "k": k,
+            "seed": seed,
+            "threads": n_threads,
+            "device": "cpu",
+            "faiss_version": faiss.__version__,
+            "chunk_queries": chunk_queries,
+            # other processes competing for the cores make every timing noisier
+            "load_avg_1m_before": load_before,
+            "load_avg_1m_after": os.getloadavg()[0] if load_before is not None else None,
+        },
         "distcl_flat": distcl,
         "raw_faiss_flat": raw_faiss,
         "numpy": numpy_res,
@@ -206,8 +243,12 @@ def format_search_bench(result: dict) -> str:
     lines.append(
         f"ratios: distcl/raw faiss {result['distcl_vs_raw_faiss']:.2f}x, "
         f"distcl/numpy {result['distcl_vs_numpy']:.1f}x"
-        + (f", ivf/flat {result['ivf_speedup_vs_flat']:.1f}x at recall@{c['k']} "
-           f"{result['ivf_recall']:.3f}" if result["ivf"] else "")
+        + (
+            f", ivf/flat {result['ivf_speedup_vs_flat']:.1f}x at recall@{c['k']} "
+            f"{result['ivf_recall']:.3f}"
+            if result["ivf"]
+            else ""
+        )
     )
     lines.append(
         f"checks: distcl vs raw faiss recall {result['check_distcl_vs_raw_recall']:.4f}, "
@@ -222,14 +263,21 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n-gallery", type=int, default=1_000_000)
     p.add_argument("--dim", type=int, default=128)
-    p.add_argument("--queries", type=int, default=2000)
+    p.add_argument("--queries", type=int, default=1000)
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ivf", action="store_true")
     p.add_argument("--json", action="store_true", help="print the result dict as JSON")
     a = p.parse_args(argv)
-    res = run_search_bench(a.n_gallery, a.dim, a.queries, a.k, a.seed, ivf=not a.no_ivf,
-                           progress=lambda m: print(f"[bench] {m}", flush=True))
+    res = run_search_bench(
+        a.n_gallery,
+        a.dim,
+        a.queries,
+        a.k,
+        a.seed,
+        ivf=not a.no_ivf,
+        progress=lambda m: print(f"[bench] {m}", flush=True),
+    )
     print(json.dumps(res, indent=2) if a.json else format_search_bench(res))
 
 

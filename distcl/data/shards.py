@@ -91,7 +91,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 def _write_shard(path: Path, samples: list[dict]) -> str:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
-        with wds.TarWriter(f, mtime=0.0) as writer:  # mtime 0: identical bytes on rebuild
+        with wds.TarWriter(f, mtime=0) as writer:  # 0: same bytes on rebuild; int: no pax headers
             for s in samples:
                 writer.write(s)
         f.flush()
@@ -138,6 +138,8 @@ def build_shards(job: JobConfig, progress=None) -> tuple[Path, Scenario, bool]:
         except ShardError:
             pass  # damaged: rebuild below
     src = open_source(job.data, job.seed)
+    # A folder being rewritten must not look complete: the old manifest goes first.
+    (out / MANIFEST).unlink(missing_ok=True)
     scenario = build_scenario(
         src.train_labels, src.test_labels, job.scenario, job.seed,
         job.data.train_per_class, job.data.test_per_class,
@@ -167,6 +169,11 @@ def build_shards(job: JobConfig, progress=None) -> tuple[Path, Scenario, bool]:
         "scenario": scenario.to_json(),
     }
     atomic_write_bytes(out / MANIFEST, json.dumps(manifest).encode())
+    # Shards of a previous config (more tasks, smaller shard_size) would linger otherwise.
+    current = {s.name for s in shards}
+    for stale in out.glob("task*-*.tar"):
+        if stale.name not in current:
+            stale.unlink()
     return out, scenario, True
 
 
@@ -221,6 +228,12 @@ def iter_shard(path: Path) -> Iterator[tuple[str, np.ndarray, int, dict]]:
             yield sample["__key__"], decode_png(sample["png"]), int(sample["cls"]), meta
     except Exception as e:  # tarfile.ReadError, KeyError on a half sample, PIL errors
         raise ShardError(f"{path}: cannot read shard ({type(e).__name__}: {e})") from None
+    # A cut between two samples reads as a shorter, well-formed archive; only the missing
+    # end-of-archive marker (two zero blocks, written by every complete tar) tells.
+    with open(path, "rb") as f:
+        f.seek(max(0, os.path.getsize(path) - 1024))
+        if f.read() != bytes(1024):
+            raise ShardError(f"{path}: cannot read shard (truncated: no end-of-archive marker)")
 
 
 def exact_split(paths: Sequence[Path], rank: int, world: int, worker: int = 0,
@@ -241,16 +254,23 @@ def _rank_stream(paths: Sequence[Path], rank: int, world: int, seed: int, epoch:
     while True:
         rng = np.random.default_rng([seed, epoch, cycle])
         order = [paths[i] for i in rng.permutation(len(paths))]
+        n = 0
         if len(order) >= world:
             for p in order[rank::world]:
-                yield from iter_shard(p)
+                for s in iter_shard(p):
+                    n += 1
+                    yield s
         else:  # fewer shards than ranks: every rank reads all, keeps every world-th sample
             k = 0
             for p in order:
                 for s in iter_shard(p):
                     if k % world == rank:
+                        n += 1
                         yield s
                     k += 1
+        if n == 0:  # cycling would spin forever
+            names = ", ".join(p.name for p in order)
+            raise ShardError(f"rank {rank} of {world}: no samples in the shards ({names})")
         cycle += 1
 
 
@@ -272,11 +292,15 @@ def train_batches(
     rng = np.random.default_rng([seed, epoch, rank, 99])
     stream = _rank_stream(list(paths), rank, world, seed, epoch)
     buf: list = []
+    # Pull exactly the samples this epoch uses: a buffer filled past them would wrap the
+    # stream into its next cycle and mix repeats into the epoch while dropping others.
+    to_pull = n_batches * batch_size
     for _ in range(n_batches):
         batch = []
         while len(batch) < batch_size:
-            while len(buf) < shuffle_buffer:
+            while len(buf) < shuffle_buffer and to_pull > 0:
                 buf.append(next(stream))
+                to_pull -= 1
             j = int(rng.integers(len(buf)))
             buf[j], buf[-1] = buf[-1], buf[j]
             batch.append(buf.pop())

@@ -73,8 +73,9 @@ def _check_k(k: object) -> int:
 
 
 def _set_threads(threads: int | None) -> int:
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
-                                or threads < 1):
+    if threads is not None and (
+        isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
+    ):
         raise ValueError(f"threads must be a positive int or None, got {threads!r}")
     n = threads or os.cpu_count() or 1
     faiss.omp_set_num_threads(n)

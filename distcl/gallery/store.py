@@ -136,7 +136,9 @@ def gallery_schema(dim: int, model: int, *, normalized: bool = True) -> pa.Schem
 def _as_int_array(values: object, name: str, dtype: type, n: int) -> np.ndarray:
     arr = np.asarray(values)
     if arr.ndim != 1 or arr.shape[0] != n:
-        raise ValueError(f"{name} must be 1-D with {n} entries (one per embedding), got {arr.shape}")
+        raise ValueError(
+            f"{name} must be 1-D with {n} entries (one per embedding), got {arr.shape}"
+        )
     if n and not np.issubdtype(arr.dtype, np.integer):
         raise ValueError(f"{name} must hold integers, got dtype {arr.dtype}")
     info = np.iinfo(dtype)
@@ -174,9 +176,7 @@ def _check_item_ids(item_ids: object, n: int) -> pa.Array:
         ids = list(item_ids)
         for i, x in enumerate(ids):
             if not isinstance(x, str):
-                raise ValueError(
-                    f"item_ids must be strings, item_ids[{i}] is {type(x).__name__}"
-                )
+                raise ValueError(f"item_ids must be strings, item_ids[{i}] is {type(x).__name__}")
     if np.ndim(ids) != 1 or len(ids) != n:
         raise ValueError(f"item_ids must be 1-D with {n} entries (one per embedding row)")
     arr = pa.array(ids, type=pa.string())
@@ -312,8 +312,8 @@ def _scan(root: Path, *, missing_ok: bool = False) -> list[tuple[Path, PartInfo]
                 schema = meta.schema.to_arrow_schema()
             except (pa.ArrowException, OSError) as e:
                 raise ValueError(f"corrupt or unreadable gallery part {f}: {e}") from e
-            out.append((f, PartInfo(model, f.name[: -len(".parquet")], meta.num_rows,
-                                    _part_dim(f, schema, model))))
+            dim = _part_dim(f, schema, model)
+            out.append((f, PartInfo(model, f.name[: -len(".parquet")], meta.num_rows, dim)))
     out.sort(key=lambda x: (x[1].model, x[1].part))
     return out
 
@@ -357,9 +357,9 @@ def _int_set(values: int | Iterable[int] | None, name: str) -> list[int] | None:
     return [int(v) for v in vals]
 
 
-def _read_part(path: Path, filt: ds.Expression | None, columns: list[str] | None = None):
+def _read_part(path: Path, filt: ds.Expression | None) -> pa.Table:
     try:
-        return pq.read_table(path, columns=columns, filters=filt)
+        return pq.read_table(path, filters=filt)
     except (pa.ArrowException, OSError) as e:
         raise ValueError(f"corrupt or unreadable gallery part {path}: {e}") from e
 

@@ -547,8 +547,10 @@ class ReplayPrefetcher:
     def __iter__(self) -> ReplayPrefetcher:
         return self
 
-    def close(self) -> None:
-        """Drop the requests in flight (their results are discarded)."""
+    def close(self, wait: bool = False) -> None:
+        """Drop the requests in flight; ``wait``: first let them finish (e.g. before a kill)."""
+        if wait and self._inflight:
+            ray.wait(list(self._inflight), num_returns=len(self._inflight), timeout=60)
         self._inflight.clear()
 
     def __enter__(self) -> ReplayPrefetcher:

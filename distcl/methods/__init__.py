@@ -6,6 +6,7 @@ Registry: ``METHODS[name]``. Alignment terms (``method.align`` in a job) add to 
 from __future__ import annotations
 
 from distcl.methods import align as _align  # noqa: F401  (registers alignment terms)
+from distcl.methods import bct, cl2r, cvs, finetune, joint, lwf, mmd  # noqa: F401, E402
 from distcl.methods.base import (
     METHODS,
     Batch,
@@ -15,13 +16,6 @@ from distcl.methods.base import (
     method_params,
     register_method,
 )
-
-for _mod in ("finetune", "joint", "lwf", "bct", "cvs", "cl2r", "mmd"):
-    try:
-        __import__(f"distcl.methods.{_mod}")
-    except ModuleNotFoundError as _e:  # a method file not written yet
-        if _e.name != f"distcl.methods.{_mod}":
-            raise
 
 
 def validate_method_config(cfg) -> None:

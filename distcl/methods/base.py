@@ -94,6 +94,11 @@ class Method(nn.Module):
     def needs(self) -> Needs:
         return self.needs_for(self.params)
 
+    def begin_task(self, old_model: nn.Module) -> dict[str, Any]:
+        """Per-task preparation on each worker, given the frozen old model; returns what it
+        computes (stored in ``ctx.extras``), never mutates hidden state."""
+        return {}
+
     def loss(
         self, batch: Batch, new: dict[str, torch.Tensor], old: dict[str, torch.Tensor] | None
     ) -> dict[str, torch.Tensor]:

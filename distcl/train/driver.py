@@ -33,7 +33,7 @@ from distcl.methods import METHODS, TaskContext, method_params
 from distcl.train.modeling import (
     build_model,
     is_model_done,
-    load_model_dir,
+    load_frozen_model,
     model_meta,
     save_model_dir,
 )
@@ -64,9 +64,7 @@ def _embed_shards(job: JobConfig, model_dir: str, paths: list[str], num_classes:
     from distcl.data.shards import iter_shard
 
     torch.set_num_threads(1)
-    model = build_model(job, num_classes, in_channels)
-    load_model_dir(model, model_dir)
-    model.eval()
+    model = load_frozen_model(model_dir, job)
     keys, labels, tasks, embs = [], [], [], []
     for p in paths:
         batch = []
@@ -181,11 +179,16 @@ class Run:
         return f"{self.job.name}-{hashlib.sha1(str(self.dir.resolve()).encode()).hexdigest()[:8]}"
 
     def memory_actor(self):
+        """The run's memory service; the handle is kept here because a named actor that
+        no handle references is garbage-collected."""
         from distcl.memory.service import create_memory_service
 
-        m = self.job.memory
-        return create_memory_service(self.run_id, str(self.dir / "memory"), m.per_class,
-                                     m.total, self.job.seed, namespace=NAMESPACE)
+        if getattr(self, "_memory", None) is None:
+            m = self.job.memory
+            self._memory = create_memory_service(self.run_id, str(self.dir / "memory"),
+                                                 m.per_class, m.total, self.job.seed,
+                                                 namespace=NAMESPACE)
+        return self._memory
 
     # -- one task --------------------------------------------------------------------
     def context(self, t: int) -> TaskContext:
@@ -203,14 +206,22 @@ class Run:
                 labels = sorted(means)
                 ctx.class_means = torch.from_numpy(np.stack([means[c] for c in labels]))
                 ctx.class_mean_labels = torch.tensor(labels, dtype=torch.int64)
-        if t > 0 and self.needs.old_class_means:
-            out = embed_paths(self.job, self.model_dir(t - 1), self.train_shards(t),
+        if self.old_model_dir(t) and self.needs.old_class_means:
+            out = embed_paths(self.job, Path(self.old_model_dir(t)), self.train_shards(t),
                               self.num_classes, self.in_channels)
             labels = sorted(set(out["labels"].tolist()))
             ctx.old_class_means = torch.from_numpy(
                 np.stack([out["emb"][out["labels"] == c].mean(0) for c in labels]))
             ctx.old_class_mean_labels = torch.tensor(labels, dtype=torch.int64)
         return ctx
+
+    def old_model_dir(self, t: int) -> str | None:
+        """The frozen old model of task t: model t-1, or for t=0 an external model to be
+        compatible with (BCT's ``old_model_dir``)."""
+        if t > 0:
+            return str(self.model_dir(t - 1))
+        external = getattr(self.params, "old_model_dir", None)
+        return str(external) if external else None
 
     def model_dir(self, t: int) -> Path:
         return self.dir / "models" / str(t)
@@ -240,6 +251,7 @@ class Run:
             "job": job, "ctx": self.context(t), "num_classes": self.num_classes,
             "in_channels": self.in_channels, "epochs": epochs,
             "prev_model_dir": str(self.model_dir(t - 1)) if t > 0 else None,
+            "old_model_dir": self.old_model_dir(t),
             "train_shards": paths, "train_count": sum(self.counts[p.name] for p in paths),
             "memory_actor": self.run_id if self.uses_memory else None,
             "progress_actor": f"progress-{self.run_id}", "namespace": NAMESPACE,
@@ -327,6 +339,8 @@ class Run:
     # -- the whole sequence ----------------------------------------------------------
     def run(self) -> dict:
         scenario = self.prepare()
+        if self.uses_memory:
+            self.memory_actor()  # workers look it up by name from the first task on
         timings = {}
         for t in range(scenario.num_tasks):
             if is_model_done(self.dir, t):
@@ -335,7 +349,10 @@ class Run:
                 t0 = time.perf_counter()
                 self.train_task(t)
                 timings[t] = time.perf_counter() - t0
+            t0 = time.perf_counter()
             self.end_task(t)
+            self.log(f"task {t + 1}: wall {timings.get(t, 0):.1f}s training, "
+                     f"{time.perf_counter() - t0:.1f}s end-of-task embedding")
         return {"run_dir": str(self.dir), "train_s": timings}
 
 

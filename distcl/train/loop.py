@@ -26,7 +26,7 @@ import torch
 from distcl.config import JobConfig
 from distcl.data.shards import batches_per_epoch, train_batches
 from distcl.methods.base import Batch, TaskContext
-from distcl.train.modeling import build_method, build_model, load_model_dir
+from distcl.train.modeling import build_method, build_model, load_frozen_model, load_model_dir
 
 
 def _augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -72,10 +72,16 @@ def train_task_loop(config: dict) -> dict:
         load_model_dir(model, config["prev_model_dir"])  # continue from model t-1
     method = build_method(job, ctx)
     needs = method.needs()
-    if config["prev_model_dir"] and (needs.old_model or job.method.align):
-        old_model = build_model(job, config["num_classes"], config["in_channels"])
-        load_model_dir(old_model, config["prev_model_dir"])
-        old_model.to(device).eval().requires_grad_(False)
+    old_dir = config["old_model_dir"]
+    if old_dir and (needs.old_model or job.method.align):
+        old_model = load_frozen_model(old_dir, job).to(device)
+        if old_model.embedding_dim != model.embedding_dim:
+            raise ValueError(
+                f"{old_dir}: old model embedding_dim={old_model.embedding_dim} but "
+                f"model.embedding_dim={model.embedding_dim}: compatible training needs equal "
+                "embedding dimensions"
+            )
+        ctx.extras.update(method.begin_task(old_model))
 
     from distcl.train.step import TrainStep
 

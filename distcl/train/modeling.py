@@ -108,6 +108,23 @@ def load_model_dir(model: nn.Module, model_dir: str | Path, job_name: str | None
     return meta
 
 
+def load_frozen_model(model_dir: str | Path, job: JobConfig) -> EmbeddingModel:
+    """The model of ``model_dir`` built from its own saved signature (it may differ from
+    the job's architecture: BCT's old model), frozen and in eval mode."""
+    sig = read_meta(model_dir)["signature"]
+    head_kwargs = {}
+    if sig["head"] == "cosine":
+        head_kwargs["temperature"] = float(job.method.params.get("temperature", 0.05))
+    model = EmbeddingModel(
+        backbone=sig["backbone"], in_channels=sig["in_channels"],
+        embedding_dim=sig["embedding_dim"], head=sig["head"],
+        num_classes=sig["num_classes"], small_input=sig["small_input"],
+        head_kwargs=head_kwargs,
+    )  # fmt: skip
+    load_model_dir(model, model_dir)
+    return model.eval().requires_grad_(False)
+
+
 def model_meta(job: JobConfig, model: nn.Module, task: int, scenario_digest: str) -> dict:
     return {
         "job": job.name,

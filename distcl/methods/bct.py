@@ -1,0 +1,75 @@
+"""BCT (backward-compatible training): L(new) + lambda * CE(old classifier(phi_new(x)), y).
+
+The influence loss passes the new embeddings through the frozen old classifier. Classes
+the old model never saw get synthesised rows: the old model's mean embedding of that
+class over the current task's data, rescaled to the mean norm of the old rows.
+
+The old model may have another backbone or width (``old_model_dir``: a finished model
+folder of another run, used as the old model of the first task), as long as the
+embedding dimensions match.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from distcl import losses
+from distcl.methods.base import Method, Needs, register_method
+
+
+@dataclass(frozen=True)
+class BCTParams:
+    lambda_: float = 1.0  #: influence-loss weight (``lambda`` in jobs)
+    #: A finished ``models/<t>`` folder to be compatible with from the first task on.
+    old_model_dir: str | None = None
+
+
+def influence_classifier(old_weight: torch.Tensor, old_bias: torch.Tensor | None,
+                         old_classes, new_means: torch.Tensor, new_labels) -> tuple:
+    """(W, b) of the old classifier with rows of unseen classes replaced by the rescaled
+    old-model class means. old_weight: (C, D); new_means: (K, D)."""
+    weight = old_weight.clone()
+    bias = old_bias.clone() if old_bias is not None else torch.zeros(len(weight))
+    if len(old_classes):
+        scale = old_weight[list(old_classes)].norm(dim=1).mean()
+    else:
+        scale = old_weight.norm(dim=1).mean()
+    for row, c in zip(F.normalize(new_means, dim=1), new_labels, strict=True):
+        if int(c) not in old_classes:
+            weight[int(c)] = row * scale
+            bias[int(c)] = 0.0
+    return weight, bias
+
+
+@register_method
+class BCT(Method):
+    name = "bct"
+    Params = BCTParams
+
+    @classmethod
+    def needs_for(cls, params) -> Needs:
+        return Needs(old_model=True, old_class_means=True, head="linear")
+
+    def begin_task(self, old_model) -> dict:
+        ctx = self.ctx
+        if ctx.old_class_means is None:
+            return {}
+        head = old_model.head
+        bias = getattr(head, "bias", None)
+        return {"old_head": influence_classifier(
+            head.weight.detach().cpu(), None if bias is None else bias.detach().cpu(),
+            set(ctx.old_classes), ctx.old_class_means, ctx.old_class_mean_labels.tolist())}
+
+    def loss(self, batch, new, old):
+        terms = {"ce": losses.cross_entropy(self.seen_logits(new["logits"]), batch.labels)}
+        head = self.ctx.extras.get("old_head")
+        if old is not None and head is not None:
+            weight, bias = head
+            logits = F.linear(new["feat"], weight.to(new["feat"].device),
+                              bias.to(new["feat"].device))
+            terms["influence"] = self.params.lambda_ * losses.cross_entropy(
+                self.seen_logits(logits), batch.labels)
+        return terms

@@ -1,0 +1,53 @@
+"""CVS (backward-consistent feature embedding for visual search):
+
+    NormSoftmax CE (T=0.05)
+    + alpha * triplet(anchor phi_t(x), positive phi_{t-1}(x), hardest negative
+                      phi_{t-1}(x_n) of another class; margin 0.1)         alpha = 10
+    + beta * ||phi_t(x) - E_c||^2  on current and replayed samples of classes with a
+                                   stored mean E_c (mean embedding over sessions)  beta = 1
+
+with iCaRL herding replay (set ``memory.selection: herding`` in the job). E_c is the
+running mean of every training item's embedding, each embedded by the model current when
+it arrived (the memory service keeps it): the stored-gallery means of the paper, computed
+on training items so evaluation items never steer training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from distcl import losses
+from distcl.methods.base import Method, Needs, register_method
+
+
+@dataclass(frozen=True)
+class CVSParams:
+    alpha: float = 10.0  #: neighbour-session triplet distillation weight
+    beta: float = 1.0  #: inter-session data coherence weight
+    temperature: float = 0.05  #: NormSoftmax temperature
+    margin: float = 0.1  #: triplet margin
+    replay_fraction: float = 0.25  #: fraction of each batch drawn from memory
+
+
+@register_method
+class CVS(Method):
+    name = "cvs"
+    Params = CVSParams
+
+    @classmethod
+    def needs_for(cls, params) -> Needs:
+        return Needs(old_model=True, replay_fraction=params.replay_fraction,
+                     class_means=True, head="cosine")
+
+    def loss(self, batch, new, old):
+        # The cosine head already gives cos / T logits (NormSoftmax).
+        terms = {"ce": losses.cross_entropy(self.seen_logits(new["logits"]), batch.labels)}
+        if old is not None:
+            terms["triplet"] = self.params.alpha * losses.triplet_distillation_loss(
+                new["emb"], old["emb"], batch.labels, margin=self.params.margin)
+        if self.ctx.class_means is not None:
+            means = (self.ctx.class_means.to(new["emb"].device),
+                     self.ctx.class_mean_labels.to(new["emb"].device))
+            terms["coherence"] = self.params.beta * losses.coherence_loss(
+                new["emb"], batch.labels, means)
+        return terms

@@ -1,0 +1,47 @@
+"""MMD incremental fine-grained retrieval (exemplar-free):
+
+    CE + batch-hard triplet + alpha * KD(T=2) on old classes
+    + beta * MMD^2(new embeddings, old embeddings) of the current batch
+      (Gaussian kernels summed over several bandwidths)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from distcl import losses
+from distcl.methods.base import Method, Needs, register_method
+
+
+@dataclass(frozen=True)
+class MMDParams:
+    alpha: float = 1.0  #: KD weight
+    beta: float = 1.0  #: MMD weight
+    temperature: float = 2.0  #: KD temperature
+    margin: float = 0.3  #: batch-hard triplet margin
+    sigmas: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)  #: Gaussian kernel bandwidths
+
+
+@register_method
+class MMDRetrieval(Method):
+    name = "mmd"
+    Params = MMDParams
+
+    @classmethod
+    def needs_for(cls, params) -> Needs:
+        return Needs(old_model=True, head="linear")
+
+    def loss(self, batch, new, old):
+        terms = {
+            "ce": losses.cross_entropy(self.seen_logits(new["logits"]), batch.labels),
+            "triplet": losses.batch_hard_triplet_loss(new["emb"], batch.labels,
+                                                      margin=self.params.margin),
+        }
+        if old is not None:
+            cols = list(self.ctx.old_classes)
+            if cols:
+                terms["kd"] = self.params.alpha * losses.kd_loss(
+                    new["logits"][:, cols], old["logits"][:, cols], self.params.temperature)
+            terms["mmd"] = self.params.beta * losses.mmd(new["emb"], old["emb"],
+                                                        sigmas=self.params.sigmas)
+        return terms

@@ -1,0 +1,369 @@
+"""Tests of distcl.data.shards and ``distcl data``: round trip of real shard files against
+the source, manifest counts and sha256, idempotent atomic rebuilds, truncated shards,
+the exact (embedding) split over ranks x loader workers, and the training split's equal
+batch counts per DDP rank.
+
+Run: ``.venv/bin/python -m pytest tests/test_shards.py -q``
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+import yaml
+
+from distcl.cli import main
+from distcl.data.scenario import build_scenario
+from distcl.data.shards import (
+    MANIFEST,
+    ShardError,
+    batches_per_epoch,
+    build_shards,
+    exact_split,
+    iter_shard,
+    load_arrays,
+    load_manifest,
+    shard_counts,
+    shard_paths,
+    train_batches,
+    verify_shards,
+)
+from distcl.data.sources import open_source
+
+
+# Fewer items where a test only needs a few shards (writing a sample costs ~2 ms).
+TINY = {"synthetic_train_per_class": 8, "synthetic_test_per_class": 2}
+SMALL = {"synthetic_train_per_class": 16, "synthetic_test_per_class": 4}
+
+
+def file_state(folder: Path) -> dict[str, tuple[int, int]]:
+    """(inode, mtime_ns) of every file: unchanged means not rewritten."""
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.iterdir()}
+
+
+@pytest.fixture(scope="module")
+def built(make_job, tmp_path_factory):
+    """Shards of a 2-task synthetic job: 8 classes x 32 train items -> 128 train items per
+    task in 8 shards of 16; 8 x 8 test items -> 32 gallery items per task in 2 shards."""
+    job = make_job(tmp_path_factory.mktemp("built"), scenario={"tasks": 2})
+    out, scen, rebuilt = build_shards(job)
+    return job, out, scen, rebuilt
+
+
+def test_round_trip_equals_source(built):
+    job, out, scen, rebuilt = built
+    assert rebuilt is True and out == job.shards_dir
+    src = open_source(job.data, job.seed)
+    assert scen.digest() == build_scenario(src.train_labels, src.test_labels, job.scenario,
+                                           job.seed).digest()  # fmt: skip
+    for task in scen.tasks:
+        for split, items in (("train", task.train_items), ("gallery", task.gallery_items)):
+            keys, images, labels, metas = load_arrays(shard_paths(out, task.index, split))
+            src_split = "train" if split == "train" else "test"
+            order = np.argsort([m["index"] for m in metas])
+            assert [metas[i]["index"] for i in order] == items.tolist()
+            assert [keys[i] for i in order] == [f"{src_split}-{i:07d}" for i in items]
+            expected = np.stack([src.image(src_split, i) for i in items])  # (n, 1, 16, 16)
+            np.testing.assert_array_equal(images[order], expected)
+            np.testing.assert_array_equal(labels[order], src.labels(src_split)[items])
+            assert all(m["task"] == task.index and m["split"] == split for m in metas)
+
+
+def test_manifest_counts_and_sha256(built):
+    job, out, scen, _ = built
+    manifest = load_manifest(out)
+    assert manifest["fingerprint"] == job.data_fingerprint()
+    assert manifest["num_classes"] == 8 and manifest["image_shape"] == [1, 16, 16]
+    assert manifest["source"] == "synthetic"
+    names = [s["name"] for s in manifest["shards"]]
+    assert names[:9] == [f"task00-train-{k:05d}.tar" for k in range(8)] + [
+        "task00-gallery-00000.tar"
+    ]
+    for s in manifest["shards"]:
+        path = out / s["name"]
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == s["sha256"]
+        with tarfile.open(path) as tar:  # an independent reader: 3 members per sample
+            assert len(tar.getnames()) == 3 * s["count"]
+        assert s["count"] <= job.data.shard_size
+    for task in scen.tasks:
+        for split, items in (("train", task.train_items), ("gallery", task.gallery_items)):
+            counts = [s["count"] for s in manifest["shards"]
+                      if s["task"] == task.index and s["split"] == split]  # fmt: skip
+            assert sum(counts) == len(items)
+    assert sum(shard_counts(out).values()) == 2 * (128 + 32)
+    assert verify_shards(out, deep=True) == {"shards": 20, "samples": 320}
+    assert not list(out.glob(".*tmp*"))  # no temp files left behind
+
+
+def test_rebuild_same_inputs_rewrites_nothing(built):
+    job, out, scen, _ = built
+    before = file_state(out)
+    out2, scen2, rebuilt = build_shards(job)
+    assert rebuilt is False and out2 == out and scen2.digest() == scen.digest()
+    assert file_state(out) == before
+
+
+def test_shards_are_byte_identical_across_builds(make_job, tmp_path):
+    one = make_job(tmp_path / "one", data=TINY)
+    two = make_job(tmp_path / "two", data=TINY)
+    assert one.data_fingerprint() == two.data_fingerprint()
+    out1, _, _ = build_shards(one)
+    out2, _, rebuilt = build_shards(two)
+    assert rebuilt is True and out2 != out1
+    assert load_manifest(out2)["shards"] == load_manifest(out1)["shards"]  # names + sha256
+
+
+def test_changed_config_rebuilds(synthetic_job, tmp_path):
+    shared = str(tmp_path / "shards")
+    job = synthetic_job(data={"shards_dir": shared, **TINY}, scenario={"tasks": 4})
+    _, _, rebuilt = build_shards(job)
+    assert rebuilt is True
+    old_names = set(shard_counts(shared))
+    changed = synthetic_job(data={"shards_dir": shared, **TINY}, scenario={"tasks": 2}, seed=1)
+    _, scen, rebuilt = build_shards(changed)
+    assert rebuilt is True and scen.num_tasks == 2
+    assert load_manifest(shared)["fingerprint"] == changed.data_fingerprint()
+    verify_shards(shared, deep=True)
+    # The previous config's task02/03 shards do not linger beside the new manifest.
+    on_disk = {p.name for p in Path(shared).glob("*.tar")}
+    assert on_disk == set(shard_counts(shared)) and on_disk != old_names
+    # Default shards_dir: a changed config lands in its own folder.
+    a, b = synthetic_job(), synthetic_job(seed=1)
+    assert a.shards_dir != b.shards_dir and a.shards_dir.parent == b.shards_dir.parent
+
+
+def test_damaged_shard_is_rebuilt(synthetic_job):
+    job = synthetic_job(data=SMALL, scenario={"tasks": 2, "max_tasks": 1})
+    out, _, _ = build_shards(job)
+    victim = out / "task00-train-00003.tar"
+    victim.write_bytes(victim.read_bytes()[:1000])
+    _, _, rebuilt = build_shards(job)
+    assert rebuilt is True
+    verify_shards(out, deep=True)
+
+
+# ---------------------------------------------------------------- damaged files
+
+
+@pytest.fixture
+def small_shards(synthetic_job):
+    job = synthetic_job(data=SMALL, scenario={"tasks": 2, "max_tasks": 1})
+    out, _, _ = build_shards(job)
+    return out
+
+
+def test_truncated_shard_named_by_verify_and_iter(small_shards):
+    out = small_shards
+    victim = out / "task00-train-00001.tar"
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ShardError, match="task00-train-00001.tar: sha256 differs"):
+        verify_shards(out)
+    with pytest.raises(ShardError, match="task00-train-00001.tar: cannot read shard"):
+        list(iter_shard(victim))
+
+
+def test_shard_truncated_at_sample_boundary(small_shards):
+    # A cut between two samples leaves a well-formed prefix: the reader must still notice.
+    victim = small_shards / "task00-train-00002.tar"
+    data = victim.read_bytes()
+    with tarfile.open(victim) as tar:
+        members = tar.getmembers()
+    third = members[3 * 3 - 1]  # last member of the third sample
+    cut = third.offset_data + (third.size + 511) // 512 * 512
+    victim.write_bytes(data[:cut])
+    with pytest.raises(ShardError, match="task00-train-00002.tar"):
+        list(iter_shard(victim))
+
+
+def test_missing_shard_and_manifest(small_shards, tmp_path):
+    out = small_shards
+    (out / "task00-gallery-00000.tar").unlink()
+    with pytest.raises(ShardError, match="task00-gallery-00000.tar: missing shard"):
+        verify_shards(out)
+    with pytest.raises(ShardError, match="no manifest .*distcl data build"):
+        verify_shards(tmp_path / "empty")
+    (out / MANIFEST).write_text("{not json")
+    with pytest.raises(ShardError, match="corrupt manifest"):
+        load_manifest(out)
+
+
+# ---------------------------------------------------------------- exact split
+
+
+@pytest.mark.parametrize("split", ["train", "gallery"])
+def test_exact_split_covers_every_sample_once(built, split):
+    _, out, scen, _ = built
+    paths = shard_paths(out, [0, 1], split)
+    everything = load_arrays(paths)[0]
+    parts = {
+        (rank, worker): load_arrays(exact_split(paths, rank, 2, worker, 2))[0]
+        for rank in range(2)
+        for worker in range(2)
+    }
+    assert all(parts.values())  # 16 or 4 shards: every (rank, worker) gets some
+    joined = [k for keys in parts.values() for k in keys]
+    assert len(joined) == len(set(joined)) == len(everything)
+    assert set(joined) == set(everything)
+
+
+def test_exact_split_fewer_shards_than_readers():
+    paths = [Path(f"s{i}.tar") for i in range(3)]
+    parts = [exact_split(paths, r, 2, w, 2) for r in range(2) for w in range(2)]
+    assert parts == [[paths[0]], [paths[1]], [paths[2]], []]
+
+
+# ---------------------------------------------------------------- training split
+
+
+def test_batches_per_epoch_golden():
+    assert batches_per_epoch(128, 2, 16) == 4
+    assert batches_per_epoch(100, 2, 16) == 3  # floor: the tail is dropped
+    assert batches_per_epoch(10, 4, 16) == 1  # never zero
+
+
+def rank_keys(paths, total, rank, world, batch, epoch=0, seed=0):
+    out = []
+    for images, labels, keys in train_batches(paths, total, rank, world, batch, seed, epoch):
+        assert images.shape == (len(keys), 1, 16, 16) and images.dtype == np.uint8
+        assert labels.shape == (len(keys),) and labels.dtype == np.int64
+        out.append(keys)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("case", "world", "batch"),
+    [
+        ("equal", 2, 16),  # 8 shards of 16
+        ("equal", 3, 8),  # 8 shards dealt 3/3/2: unequal shares per rank
+        ("one-shard", 3, 4),  # fewer shards than ranks: sample-level split
+        ("unequal", 2, 10),  # shards of 16, 16, 5, 16, 3
+    ],
+)
+def test_train_batches_equal_counts_per_rank(built, case, world, batch):
+    _, out, _, _ = built
+    paths = shard_paths(out, 0, "train")
+    counts = shard_counts(out)
+    if case == "one-shard":
+        paths = paths[:1]
+    elif case == "unequal":
+        # Real shards of unequal sizes: rewrite two shards with only part of their samples.
+        paths = paths[:5]
+        for p, keep in ((paths[2], 5), (paths[4], 3)):
+            cut = p.with_name(f"cut-{keep}-{p.name}")
+            with wds.TarWriter(str(cut)) as writer:
+                for key, img, lab, meta in list(iter_shard(p))[:keep]:
+                    writer.write({"__key__": key, "png": img[0], "cls": lab, "json": meta})
+            counts[cut.name] = keep
+        paths = [paths[0], paths[1], paths[2].with_name(f"cut-5-{paths[2].name}"),
+                 paths[3], paths[4].with_name(f"cut-3-{paths[4].name}")]  # fmt: skip
+    total = sum(counts[p.name] for p in paths)
+    expected = batches_per_epoch(total, world, batch)
+    per_rank = [rank_keys(paths, total, r, world, batch) for r in range(world)]
+    assert [len(b) for b in per_rank] == [expected] * world
+    assert all(len(keys) == batch for batches in per_rank for keys in batches)
+    if case == "one-shard":  # ranks split the shard's samples: no sample on two ranks
+        sets = [{k for keys in b for k in keys} for b in per_rank]
+        assert not (sets[0] & sets[1]) and not (sets[1] & sets[2])
+
+
+def test_train_epoch_has_no_repeats_when_shares_suffice(built):
+    # 8 equal shards over 2 ranks: each rank's 64 samples fill exactly 4 batches of 16,
+    # so an epoch shows every one of them once.
+    _, out, _, _ = built
+    paths = shard_paths(out, 0, "train")
+    seen = []
+    for rank in range(2):
+        keys = [k for b in rank_keys(paths, 128, rank, 2, 16) for k in b]
+        assert len(keys) == len(set(keys)) == 64
+        seen += keys
+    assert len(set(seen)) == 128
+
+
+def test_train_batches_differ_across_epochs(built):
+    _, out, _, _ = built
+    paths = shard_paths(out, 0, "train")
+    for rank in range(2):
+        e0 = rank_keys(paths, 128, rank, 2, 16, epoch=0)
+        e1 = rank_keys(paths, 128, rank, 2, 16, epoch=1)
+        assert e0 != e1
+        assert e0 == rank_keys(paths, 128, rank, 2, 16, epoch=0)  # seeded: reproducible
+
+
+def test_train_batches_labels_match_keys(built):
+    job, out, _, _ = built
+    src = open_source(job.data, job.seed)
+    paths = shard_paths(out, 1, "train")
+    for _images, labels, keys in train_batches(paths, 128, 0, 2, 16, 0, 0):
+        idx = [int(k.split("-")[1]) for k in keys]
+        np.testing.assert_array_equal(labels, src.train_labels[idx])
+
+
+def test_train_batches_errors(tmp_path, built):
+    with pytest.raises(ShardError, match="no shards"):
+        next(train_batches([], 10, 0, 2, 4, 0, 0))
+    empty = tmp_path / "empty.tar"
+    with wds.TarWriter(str(empty)):
+        pass
+    with pytest.raises(ShardError, match="no samples"):
+        next(train_batches([empty], 0, 0, 1, 4, 0, 0))
+    # One sample, two ranks: rank 1 would wait forever for a sample of its own.
+    _, out, _, _ = built
+    one = tmp_path / "one.tar"
+    with wds.TarWriter(str(one)) as writer:
+        key, img, lab, meta = next(iter_shard(shard_paths(out, 0, "train")[0]))
+        writer.write({"__key__": key, "png": img[0], "cls": lab, "json": meta})
+    next(train_batches([one], 1, 0, 2, 4, 0, 0))  # rank 0 repeats its only sample
+    with pytest.raises(ShardError, match="no samples"):
+        next(train_batches([one], 1, 1, 2, 4, 0, 0))
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def test_cli_data_build_and_verify(tmp_path, synthetic_raw_job, capsys):
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(synthetic_raw_job(tmp_path, data=TINY, scenario={"tasks": 2})))
+    assert main(["data", "build", str(path)]) == 0
+    assert "built; 6 shards, 80 samples" in capsys.readouterr().out
+    assert main(["data", "build", str(path)]) == 0
+    assert "up to date (nothing rewritten)" in capsys.readouterr().out
+    assert main(["data", "verify", str(path), "--deep"]) == 0
+    assert "OK (6 shards, 80 samples)" in capsys.readouterr().out
+    assert main(["data", "verify", str(path), "--smoke"]) == 2  # smoke shards not built
+    assert "no manifest" in capsys.readouterr().err
+
+
+def test_cli_bad_job_exit_2(tmp_path, synthetic_raw_job, capsys):
+    raw = synthetic_raw_job(tmp_path)
+    raw["train"]["epoch"] = 3
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["data", "build", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "distcl: error:" in err and str(path) in err and "train.epoch" in err
+    assert main(["data", "build", str(path), "--set", "train.epoch"]) == 2
+    assert "expected key=value" in capsys.readouterr().err
+
+
+def test_cli_missing_fashion_mnist_exit_2(tmp_path, capsys):
+    nowhere = tmp_path / "no-fashion"
+    path = tmp_path / "fm.yaml"
+    path.write_text(json.dumps({"name": "fm", "data": {"source": "fashion-mnist",
+                                "root": str(nowhere)}, "output": {"root": str(tmp_path)}}))  # fmt: skip
+    assert main(["data", "build", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "apt-get install dataset-fashion-mnist" in err and str(nowhere) in err
+
+
+def test_keys_unique_across_tasks(built):
+    _, out, _, _ = built
+    keys = load_arrays(shard_paths(out, [0, 1], "train"))[0]
+    assert max(collections.Counter(keys).values()) == 1
