@@ -27,8 +27,6 @@ import pytest
 
 from distcl.config import JobConfig, parse_job
 
-REPO = Path(__file__).resolve().parents[1]
-
 SYNTHETIC_DEFAULTS: dict[str, Any] = {
     "name": "synthetic",
     "seed": 0,

@@ -25,7 +25,9 @@ from distcl.config import (
 
 REPO = Path(__file__).resolve().parents[1]
 JOB_FILES = sorted(
-    p.relative_to(REPO).as_posix() for p in (REPO / "jobs").rglob("*") if p.suffix in (".yaml", ".yml")
+    p.relative_to(REPO).as_posix()
+    for p in (REPO / "jobs").rglob("*")
+    if p.suffix in (".yaml", ".yml")
 )
 
 QUICK = """\

@@ -37,7 +37,6 @@ from distcl.data.shards import (
 )
 from distcl.data.sources import open_source
 
-
 # Fewer items where a test only needs a few shards (writing a sample costs ~2 ms).
 TINY = {"synthetic_train_per_class": 8, "synthetic_test_per_class": 2}
 SMALL = {"synthetic_train_per_class": 16, "synthetic_test_per_class": 4}
@@ -356,8 +355,12 @@ def test_cli_bad_job_exit_2(tmp_path, synthetic_raw_job, capsys):
 def test_cli_missing_fashion_mnist_exit_2(tmp_path, capsys):
     nowhere = tmp_path / "no-fashion"
     path = tmp_path / "fm.yaml"
-    path.write_text(json.dumps({"name": "fm", "data": {"source": "fashion-mnist",
-                                "root": str(nowhere)}, "output": {"root": str(tmp_path)}}))  # fmt: skip
+    job = {
+        "name": "fm",
+        "data": {"source": "fashion-mnist", "root": str(nowhere)},
+        "output": {"root": str(tmp_path)},
+    }
+    path.write_text(json.dumps(job))
     assert main(["data", "build", str(path)]) == 2
     err = capsys.readouterr().err
     assert "apt-get install dataset-fashion-mnist" in err and str(nowhere) in err

@@ -72,9 +72,9 @@ def test_read_idx_golden(tmp_path, gz):
 
 def corrupt_cases(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     good = idx_bytes(np.ones((4, 5), np.uint8))
-    zipped = gzip.compress(np.random.default_rng(1).integers(0, 256, 4000, np.uint8).tobytes())
-    broken_deflate = bytearray(zipped)
-    broken_deflate[200] ^= 0xFF
+    # Compressible bytes, so the stream is real deflate data whose damage zlib reports.
+    broken_deflate = bytearray(gzip.compress(b"distcl idx " * 400 + bytes(range(256)) * 8))
+    broken_deflate[40] ^= 0xFF  # zlib.error: invalid literal/length code
     cases = {
         "magic": (b"\x08\x03\x00\x00" + good[4:], "not an unsigned-byte IDX"),
         "float-idx": (b"\x00\x00\x0d\x01\x00\x00\x00\x01abcd", "not an unsigned-byte IDX"),

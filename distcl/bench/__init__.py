@@ -1,0 +1,20 @@
+"""``distcl bench NAME [options]``: speed and memory targets as ratios against a baseline
+measured in the same run (never timed assertions in tests).
+
+    distcl bench train    # Ray Train + WebDataset + DDP vs an in-memory single-process loop
+    distcl bench search   # distcl search vs raw faiss IndexFlatIP vs numpy; IVF recall
+    distcl bench eval     # cost of the T x T evaluation: embedding passes and seconds
+    distcl bench memory   # replay overhead per step; memory actor samples/s, 2 readers
+"""
+
+from __future__ import annotations
+
+import importlib
+
+BENCHES = {"train": "train", "search": "search", "eval": "evalcost", "memory": "memory"}
+
+
+def run_bench(name: str, argv: list[str]) -> int:
+    module = importlib.import_module(f"distcl.bench.{BENCHES[name]}")
+    module.main(list(argv))
+    return 0

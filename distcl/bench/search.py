@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from collections.abc import Callable
 
@@ -276,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
         a.k,
         a.seed,
         ivf=not a.no_ivf,
-        progress=lambda m: print(f"[bench] {m}", flush=True),
+        progress=lambda m: print(f"[bench] {m}", file=sys.stderr, flush=True),
     )
     print(json.dumps(res, indent=2) if a.json else format_search_bench(res))
 

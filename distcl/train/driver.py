@@ -52,8 +52,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         ray.init(address=address, namespace=NAMESPACE, runtime_env=env,
                  logging_level="WARNING")
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, namespace=NAMESPACE,
-                 _node_ip_address="127.0.0.1", logging_level="WARNING", runtime_env=env)
+        # The dashboard serves the State API that Train/Tune use to clean up placement
+        # groups of stopped runs (stack-notes); it binds to 127.0.0.1 too.
+        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 namespace=NAMESPACE, _node_ip_address="127.0.0.1", logging_level="WARNING",
+                 runtime_env=env)
 
 
 # ------------------------------------------------------------------------ embedding
@@ -128,7 +131,7 @@ class Run:
 
     def __init__(self, job: JobConfig, progress: bool = True, log=print):
         self.job = job
-        self.dir = job.run_dir
+        self.dir = job.run_dir.resolve()  # absolute: Ray workers run in another cwd
         self.progress = progress
         self.log = log
         self.params = method_params(job.method.name, dict(job.method.params))
@@ -143,7 +146,7 @@ class Run:
         shards_dir, scenario, rebuilt = build_shards(self.job)
         if rebuilt:
             self.log(f"built shards in {time.perf_counter() - t0:.1f}s -> {shards_dir}")
-        self.shards_dir = shards_dir
+        self.shards_dir = shards_dir.resolve()
         manifest = load_manifest(shards_dir)
         self.num_classes = int(manifest["num_classes"])
         self.in_channels = int(manifest["image_shape"][0])
@@ -231,7 +234,13 @@ class Run:
         return shard_paths(self.shards_dir, tasks, "train")
 
     def train_task(self, t: int) -> list[dict]:
-        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+        from ray.train import (
+            CheckpointConfig,
+            FailureConfig,
+            LoggingConfig,
+            RunConfig,
+            ScalingConfig,
+        )
         from ray.train.torch import TorchTrainer
 
         from distcl.train.loop import train_task_loop
@@ -255,6 +264,7 @@ class Run:
             "train_shards": paths, "train_count": sum(self.counts[p.name] for p in paths),
             "memory_actor": self.run_id if self.uses_memory else None,
             "progress_actor": f"progress-{self.run_id}", "namespace": NAMESPACE,
+            "fault": os.environ.get("DISTCL_FAULT"),
         }  # fmt: skip
         trainer = TorchTrainer(
             train_task_loop,
@@ -269,6 +279,7 @@ class Run:
                 storage_path=str((self.dir / "ray").resolve()),
                 failure_config=FailureConfig(max_failures=job.train.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
+                logging_config=LoggingConfig(log_level="WARNING"),  # progress bar, not logs
             ),
         )  # fmt: skip
         title = f"task {t + 1}/{self.scenario.num_tasks} ({job.method.name})"

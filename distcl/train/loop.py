@@ -39,9 +39,9 @@ def _augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return padded[:, :, 2 + dy : 2 + dy + h, 2 + dx : 2 + dx + w]
 
 
-def _maybe_inject_fault(task: int, epoch: int) -> None:
-    """Test hook: DISTCL_FAULT=<marker>:<task>:<epoch> kills this worker process once."""
-    spec = os.environ.get("DISTCL_FAULT")
+def _maybe_inject_fault(spec: str | None, task: int, epoch: int) -> None:
+    """Test hook: DISTCL_FAULT=<marker>:<task>:<epoch> (set in the driver's environment)
+    kills this worker process once, at the start of that epoch."""
     if not spec:
         return
     marker, t, e = spec.rsplit(":", 2)
@@ -131,7 +131,7 @@ def train_task_loop(config: dict) -> dict:
 
     gen = torch.Generator().manual_seed(job.seed + 17 * rank + 1000 * task)
     for epoch in range(start_epoch, epochs):
-        _maybe_inject_fault(task, epoch)
+        _maybe_inject_fault(config.get("fault"), task, epoch)
         step.train()
         sums: dict[str, float] = {}
         correct = seen = 0

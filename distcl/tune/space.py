@@ -53,9 +53,10 @@ def set_path(raw: dict, key: str, value: Any) -> None:
     node[parts[-1]] = _native(value)
 
 
-def base_dict(job: JobConfig, cwd: Path | None = None) -> dict:
+def base_dict(job: JobConfig, resolve_paths: bool = True, cwd: Path | None = None) -> dict:
     """The job as a plain dict without its ``tune`` block, with ``tune.workers_per_trial``
-    applied and relative paths made absolute (trial processes run in other folders)."""
+    applied and (``resolve_paths``) relative paths made absolute against ``cwd`` (trial
+    processes run in other folders)."""
     raw = to_dict(job)
     tune_cfg = raw.pop("tune", None) or {}
     raw["smoke"] = False  # already merged into the fields; merging again would undo a search
@@ -63,7 +64,7 @@ def base_dict(job: JobConfig, cwd: Path | None = None) -> dict:
         raw["train"]["workers"] = tune_cfg["workers_per_trial"]
     cwd = Path(cwd or Path.cwd())
     for section, key in (("data", "root"), ("data", "shards_dir"), ("output", "root")):
-        if raw[section].get(key):
+        if resolve_paths and raw[section].get(key):
             raw[section][key] = str((cwd / raw[section][key]).resolve())
     return raw
 

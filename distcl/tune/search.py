@@ -1,0 +1,230 @@
+"""``distcl tune JOB``: Ray Tune search of a job's loss weights against compatibility.
+
+    distcl tune jobs/fashion_mnist/tune_cl2r.yaml        # embedded local Ray
+    RAY_ADDRESS=auto distcl tune JOB                     # an existing cluster
+    distcl submit JOB --tune --address http://HOST:8265  # the same, as a Ray job
+
+The job's ``tune:`` block (``distcl.config.TuneConfig``) names the space (dotted config
+paths: ``method.params.lambda``, ``train.lr``, ...), the search (optuna TPE, random, grid),
+the objective (``ac``, ``am``, ``am_if_ac``; see ``distcl.tune.space``), trials, concurrency
+and ASHA. Each trial runs the full task sequence of its job with ``train.workers`` Ray Train
+workers (``tune.workers_per_trial`` overrides) and reports after every task, so ASHA stops
+poor trials by task index (``time_attr="task"``, rungs at ``grace_tasks * rf**k`` tasks).
+
+Everything lives in ``<output.root>/<job>-tune/``: ``tune_job.yaml`` (the job the folder
+belongs to), ``experiment/`` (Tune's state), ``trials/<job>-trial-<id>/`` (normal run dirs),
+``trials.csv``, ``trials.md``, ``objective_vs_<param>.png`` and ``best.yaml``.
+
+Resources: a trial holds ``tune.driver_cpus`` (Tune refuses 0) plus, while it trains,
+``workers * cpus_per_worker`` CPUs (and one GPU per worker on GPU clusters) in its Train
+placement group; ``max_concurrent_trials`` is lowered, with a message, so that the trials
+running together fit the cluster (more would leave Train runs waiting for workers forever).
+
+Resume: starting the same command again restores the experiment (``Tuner.restore``):
+finished trials are kept, interrupted ones continue after their last reported task
+(finished models on disk are never retrained), errored ones are retried. Tune does not
+save scheduler state, so :class:`TaskASHA` re-reads the reported objectives of restored
+trials (Tune's ``result.json``) into its rungs.
+
+Test: ``.venv/bin/python -m pytest tests/test_tune.py -q`` (real Ray, a few minutes).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from ray.tune.schedulers import ASHAScheduler
+
+from distcl.config import ConfigError, JobConfig, TuneConfig, dump_job, parse_job, to_dict
+from distcl.tune.space import base_dict, param_space, trial_job, validate_tune
+
+
+# ------------------------------------------------------------------ scheduling helpers
+def _reported(trial: Any, time_attr: str, metric: str) -> Iterator[tuple[float, float]]:
+    """(time, metric) of every result a (restored) trial reported, from Tune's result.json."""
+    if not trial.has_reported_at_least_once:  # a new trial (it has no folder yet)
+        return
+    for attr in ("path", "local_path"):
+        try:
+            path = Path(getattr(trial, attr)) / "result.json"
+        except (RuntimeError, TypeError):
+            continue
+        if not path.is_file():
+            continue
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by a kill
+                continue
+            value = row.get(metric)
+            if row.get(time_attr) is not None and value is not None and not math.isnan(value):
+                yield row[time_attr], value
+        return
+
+
+class TaskASHA(ASHAScheduler):
+    """ASHA whose rungs survive ``Tuner.restore``: Tune re-adds restored trials but does not
+    save the scheduler, so each restored trial's reports are recorded again on add."""
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        super().on_trial_add(tune_controller, trial)
+        bracket = self._trial_info[trial.trial_id]
+        for t, value in _reported(trial, self._time_attr, self._metric):
+            bracket.on_result(trial, t, self._metric_op * value)
+
+
+def max_concurrency(requested: int, driver_cpus: float, workers: int, cpus_per_worker: float,
+                    gpus: bool, cluster: Mapping[str, float]) -> int:
+    """How many trials can run together: ``requested``, lowered so that every running
+    trial's driver and Train workers fit ``cluster`` (``ray.cluster_resources()``).
+
+    ValueError when not even one trial fits (its Train run would wait forever).
+    """
+    per_trial = driver_cpus + workers * cpus_per_worker
+    cpus = float(cluster.get("CPU", 0.0))
+    fit = math.floor(cpus / per_trial + 1e-9)
+    if gpus:
+        fit = min(fit, math.floor(float(cluster.get("GPU", 0.0)) / workers + 1e-9))
+    if fit < 1:
+        raise ValueError(
+            f"one trial needs {per_trial:g} CPUs (tune.driver_cpus {driver_cpus:g} + "
+            f"{workers} workers x train.cpus_per_worker {cpus_per_worker:g})"
+            + (f" and {workers} GPUs" if gpus else "")
+            + f" but the cluster has {cpus:g} CPUs"
+            + (f", {cluster.get('GPU', 0):g} GPUs" if gpus else "")
+            + ": lower tune.workers_per_trial or train.cpus_per_worker"
+        )
+    return min(requested, fit)
+
+
+def _trial_name(trial: Any) -> str:
+    return f"trial-{trial.trial_id}"
+
+
+def _check_same_tuning(job: JobConfig, tune_dir: Path) -> None:
+    """A tuning folder belongs to one job: restoring it under a changed job would mix
+    trials of two searches (Tune restores its old space, the trials would get the new base)."""
+    path = tune_dir / "tune_job.yaml"
+    mine = to_dict(job)
+    if path.is_file() and (tune_dir / "experiment").exists():
+        import yaml
+
+        theirs = to_dict(parse_job(yaml.safe_load(path.read_text()), str(path)))
+        diff = [k for k in mine if mine[k] != theirs.get(k)]
+        if diff:
+            raise ConfigError(
+                f"{tune_dir}: holds a tuning run of a different job (fields differ: "
+                f"{', '.join(diff)}); delete it or rename the job"
+            )
+    path.write_text(dump_job(job))
+
+
+# ------------------------------------------------------------------ the tuning run
+def tune_job(job: JobConfig, num_cpus: int | None = None, log=print) -> dict[str, Any]:
+    """Run (or resume) the search of ``job.tune``; write the table, plots and best job.
+
+    Returns ``{"tune_dir", "rows", "best" (row or None), "best_job" (path or None)}``.
+    Failed trials are rows with status ``error``; ValueError if every trial failed.
+    """
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import FIFOScheduler
+    from ray.tune.search import BasicVariantGenerator
+
+    from distcl.data.shards import build_shards
+    from distcl.train.driver import init_ray
+    from distcl.tune.results import best_row, make_row, plot_objective, write_best, write_table
+    from distcl.tune.trial import run_trial
+
+    tc: TuneConfig = validate_tune(job)
+    tune_dir = Path(job.output.root).resolve() / f"{job.name}-tune"
+    tune_dir.mkdir(parents=True, exist_ok=True)
+    _check_same_tuning(job, tune_dir)
+    init_ray(num_cpus=num_cpus)
+
+    base = base_dict(job)
+    trials_root = tune_dir / "trials"
+    # Shards once, before any trial: concurrent trials would race to build the same folder.
+    probe = trial_job(base, {}, f"{job.name}-trial", str(trials_root))
+    _, scenario, _ = build_shards(probe)
+    num_tasks = scenario.num_tasks
+
+    use_gpu = {"yes": True, "no": False}.get(probe.train.use_gpu)
+    if use_gpu is None:
+        use_gpu = ray.cluster_resources().get("GPU", 0) >= probe.train.workers
+    concurrency = max_concurrency(tc.max_concurrent_trials, tc.driver_cpus, probe.train.workers,
+                                  probe.train.cpus_per_worker, use_gpu, ray.cluster_resources())
+    if concurrency < tc.max_concurrent_trials:
+        log(f"tune.max_concurrent_trials lowered from {tc.max_concurrent_trials} to "
+            f"{concurrency}: each trial needs {tc.driver_cpus:g} + {probe.train.workers} x "
+            f"{probe.train.cpus_per_worker:g} CPUs, the cluster has "
+            f"{ray.cluster_resources().get('CPU', 0):g}")
+
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base=base, trials_root=str(trials_root),
+                             job_name=job.name, tc=tc),
+        tune.PlacementGroupFactory([{"CPU": tc.driver_cpus}]),
+    )  # fmt: skip
+    exp_dir = tune_dir / "experiment"
+    if tune.Tuner.can_restore(str(exp_dir)):
+        log(f"resuming the tuning run in {exp_dir}")
+        tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=True)
+    else:
+        if tc.search == "optuna":
+            from ray.tune.search.optuna import OptunaSearch
+
+            search_alg = OptunaSearch(seed=job.seed)
+        else:
+            search_alg = BasicVariantGenerator(random_state=job.seed)
+        if tc.asha:
+            if tc.grace_tasks >= num_tasks:
+                log(f"ASHA: grace_tasks={tc.grace_tasks} >= {num_tasks} tasks, "
+                    f"no trial can stop early")
+            scheduler = TaskASHA(time_attr="task", max_t=num_tasks,
+                                 grace_period=min(tc.grace_tasks, num_tasks),
+                                 reduction_factor=tc.reduction_factor)  # fmt: skip
+        else:
+            scheduler = FIFOScheduler()
+        if tc.search == "grid":
+            log("search: grid runs every combination once (tune.num_samples is not used)")
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space(tc),
+            tune_config=tune.TuneConfig(
+                metric="objective", mode="max", search_alg=search_alg, scheduler=scheduler,
+                num_samples=1 if tc.search == "grid" else tc.num_samples,
+                max_concurrent_trials=concurrency, reuse_actors=False,
+                trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
+            ),
+            run_config=tune.RunConfig(
+                name=exp_dir.name, storage_path=str(tune_dir),
+                failure_config=tune.FailureConfig(max_failures=tc.max_trial_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            ),
+        )  # fmt: skip
+    grid = tuner.fit()
+
+    params = list(tc.space)
+    rows = []
+    for r in grid:
+        metrics = r.metrics or {}
+        trial_id = metrics.get("trial_id") or Path(r.path).name.removeprefix("trial-")
+        rows.append(make_row(trial_id, {p: (r.config or {}).get(p) for p in params}, metrics,
+                             r.error, num_tasks))
+    text = write_table(rows, params, tune_dir)
+    log_params = [p for p, s in tc.space.items() if s.type == "loguniform"]
+    plot_objective(rows, params, log_params, tune_dir)
+    log(f"\n{job.name}: {len(rows)} trials, objective '{tc.objective}' on {job.eval.metric} "
+        f"(protocol '{tc.protocol}'), {num_tasks} tasks\n{text}")
+    best = best_row(rows)
+    out = {"tune_dir": str(tune_dir), "rows": rows, "best": best, "best_job": None}
+    if best is None:
+        raise ValueError(f"all {len(rows)} trials failed before a report; see "
+                         f"{tune_dir / 'trials.md'}")
+    out["best_job"] = str(write_best(job, best, params, tune_dir))
+    log(f"best: trial {best['trial']} objective {best['objective']:.4f} -> {out['best_job']}")
+    return out
