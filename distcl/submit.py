@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import re
 import secrets
@@ -113,8 +114,9 @@ def auth_headers(token: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
-def check_dashboard(address: str, token: str | None = None,
-                    timeout_s: float = CONNECT_TIMEOUT_S) -> str:
+def check_dashboard(
+    address: str, token: str | None = None, timeout_s: float = CONNECT_TIMEOUT_S
+) -> str:
     """Probe ``address``/api/version quickly; return the cluster's Ray version.
 
     Raises :class:`ClusterError` with a message naming the address for an unreachable
@@ -126,7 +128,11 @@ def check_dashboard(address: str, token: str | None = None,
     try:
         r = requests.get(url, headers=auth_headers(token), timeout=(timeout_s, 2 * timeout_s))
     except requests.exceptions.RequestException as e:
-        reason = type(e).__name__
+        if isinstance(e, requests.exceptions.Timeout):
+            reason = f"no answer within {timeout_s:g}s"
+        else:  # "[Errno 111] Connection refused", "[Errno -2] Name or service not known"
+            found = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", str(e))
+            reason = found.group(1).strip() if found else type(e).__name__
         raise ClusterError(
             f"cannot reach the Ray dashboard at {address} ({reason}). Is the head running, "
             "and is this its dashboard port (8265 by default; not the GCS port 6379)? For "
@@ -139,8 +145,10 @@ def check_dashboard(address: str, token: str | None = None,
             "(on the head, `ray get-auth-token` prints it)"
         )
     if r.status_code == 403:
-        raise ClusterError(f"the cluster at {address} rejected the token "
-                           "(from --token, $RAY_JOB_TOKEN or $RAY_AUTH_TOKEN)")
+        raise ClusterError(
+            f"the cluster at {address} rejected the token "
+            "(from --token, $RAY_JOB_TOKEN or $RAY_AUTH_TOKEN)"
+        )
     try:
         r.raise_for_status()
         return str(r.json()["ray_version"])
@@ -160,8 +168,11 @@ def connect(address: str, token: str | None = None, log: TextIO = sys.stderr):
     token = resolve_token(token)
     cluster_version = check_dashboard(address, token)
     if cluster_version.split(".")[:2] != ray.__version__.split(".")[:2]:
-        print(f"distcl: note: the cluster runs Ray {cluster_version}, this client "
-              f"Ray {ray.__version__}", file=log)
+        print(
+            f"distcl: note: the cluster runs Ray {cluster_version}, this client "
+            f"Ray {ray.__version__}",
+            file=log,
+        )
     try:
         return JobSubmissionClient(address, headers=auth_headers(token) or None)
     except Exception as e:  # auth/version errors raised by Ray's own checks
@@ -214,27 +225,46 @@ def submission_id_for(job: JobConfig) -> str:
     return f"distcl-{name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
 
-def submit(job: JobConfig, address: str, *, command: str = "run",
-           working_dir: str | Path = ".", token: str | None = None,
-           log: TextIO = sys.stderr) -> tuple[Any, str]:
+def submit(
+    job: JobConfig,
+    address: str,
+    *,
+    command: str = "run",
+    working_dir: str | Path = ".",
+    token: str | None = None,
+    log: TextIO = sys.stderr,
+) -> tuple[Any, str]:
     """Submit a validated ``job``; return ``(client, submission_id)``."""
     check_cluster_paths(job)
     if command == "tune" and job.tune is None:
         raise ConfigError(f"{job.name}: --tune needs a tune: section in the job")
     runtime_env = build_runtime_env(job, working_dir)
     if not (Path(runtime_env["working_dir"]) / "distcl" / "__init__.py").is_file():
-        print(f"distcl: note: {runtime_env['working_dir']} has no distcl/ package; the "
-              "cluster's Python must have distcl installed", file=log)
+        print(
+            f"distcl: note: {runtime_env['working_dir']} has no distcl/ package; the "
+            "cluster's Python must have distcl installed",
+            file=log,
+        )
     client = connect(address, token, log=log)
-    metadata = {"distcl_job": job.name, "distcl_command": command,
-                "distcl_smoke": str(job.smoke).lower(), "distcl_run_dir": str(job.run_dir)}
+    # Ray logs every ignore file it honours at INFO; keep its "Uploading package" line only.
+    logging.getLogger("ray._private.runtime_env.packaging").setLevel(logging.WARNING)
+    metadata = {
+        "distcl_job": job.name,
+        "distcl_command": command,
+        "distcl_smoke": str(job.smoke).lower(),
+        "distcl_run_dir": str(job.run_dir),
+    }
     try:
-        sid = client.submit_job(entrypoint=build_entrypoint(job, command),
-                                runtime_env=runtime_env, metadata=metadata,
-                                submission_id=submission_id_for(job))
-    except (RuntimeError, ValueError, OSError) as e:
-        raise ClusterError(f"the cluster at {normalize_address(address)} refused the "
-                           f"job: {e}") from None
+        sid = client.submit_job(
+            entrypoint=build_entrypoint(job, command),
+            runtime_env=runtime_env,
+            metadata=metadata,
+            submission_id=submission_id_for(job),
+        )
+    except Exception as e:  # HTTP errors, an oversized package, a refused runtime env
+        raise ClusterError(
+            f"the cluster at {normalize_address(address)} refused the job: {e}"
+        ) from None
     return client, sid
 
 
@@ -248,8 +278,15 @@ def _tail(client: Any, sid: str, out: TextIO) -> None:
     asyncio.run(follow())
 
 
-def wait_for_job(client: Any, sid: str, *, follow: bool = True, out: TextIO = sys.stdout,
-                 poll_s: float = 1.0, timeout_s: float | None = None) -> str:
+def wait_for_job(
+    client: Any,
+    sid: str,
+    *,
+    follow: bool = True,
+    out: TextIO = sys.stdout,
+    poll_s: float = 1.0,
+    timeout_s: float | None = None,
+) -> str:
     """Stream the job's logs (``follow``) until it ends; return its final status name."""
     if follow:
         try:
@@ -273,8 +310,9 @@ def submit_job(args: argparse.Namespace) -> int:
     try:
         job = load_job(args.job, overrides=args.set or (), smoke=True if args.smoke else None)
         command = "tune" if args.tune else "run"
-        client, sid = submit(job, args.address, command=command,
-                             working_dir=args.working_dir, token=args.token)
+        client, sid = submit(
+            job, args.address, command=command, working_dir=args.working_dir, token=args.token
+        )
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"distcl: error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -282,8 +320,11 @@ def submit_job(args: argparse.Namespace) -> int:
         print(f"distcl: error: {e}", file=sys.stderr)
         return EXIT_CLUSTER
     address = normalize_address(args.address)
-    print(f"submitted {sid} ({command} {job.name}) -> {address}; run dir on the cluster: "
-          f"{job.run_dir}", file=sys.stderr)
+    print(
+        f"submitted {sid} ({command} {job.name}) -> {address}; run dir on the cluster: "
+        f"{job.run_dir}",
+        file=sys.stderr,
+    )
     if not args.wait:
         print(f"follow it: distcl jobs logs {sid} --address {address}", file=sys.stderr)
         print(sid)
@@ -291,8 +332,11 @@ def submit_job(args: argparse.Namespace) -> int:
     try:
         status = wait_for_job(client, sid)
     except KeyboardInterrupt:
-        print(f"\ndistcl: stopped following {sid}; it keeps running "
-              f"(distcl jobs stop {sid} --address {address})", file=sys.stderr)
+        print(
+            f"\ndistcl: stopped following {sid}; it keeps running "
+            f"(distcl jobs stop {sid} --address {address})",
+            file=sys.stderr,
+        )
         return EXIT_INTERRUPTED
     info = client.get_job_info(sid)
     tail = f": {info.message}" if status != "SUCCEEDED" and info.message else ""
@@ -303,8 +347,11 @@ def submit_job(args: argparse.Namespace) -> int:
 def jobs_command(args: argparse.Namespace) -> int:
     """``distcl jobs {list,status,logs,stop}``."""
     if args.action != "list" and not args.job_id:
-        print(f"distcl: error: jobs {args.action}: a submission id is required "
-              "(see `distcl jobs list`)", file=sys.stderr)
+        print(
+            f"distcl: error: jobs {args.action}: a submission id is required "
+            "(see `distcl jobs list`)",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     try:
         client = connect(args.address, args.token)
@@ -312,8 +359,9 @@ def jobs_command(args: argparse.Namespace) -> int:
             print(format_job_table(client.list_jobs()))
         elif args.action == "status":
             info = client.get_job_info(args.job_id)
-            print(f"{args.job_id}: {_status(info)}" + (f" ({info.message})" if info.message
-                                                       else ""))
+            print(
+                f"{args.job_id}: {_status(info)}" + (f" ({info.message})" if info.message else "")
+            )
         elif args.action == "logs":
             sys.stdout.write(client.get_job_logs(args.job_id))
         else:
@@ -323,7 +371,8 @@ def jobs_command(args: argparse.Namespace) -> int:
         print(f"distcl: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except (ClusterError, RuntimeError) as e:  # Ray raises RuntimeError for unknown ids
-        print(f"distcl: error: {e}", file=sys.stderr)
+        what = f"jobs {args.action}" + (f" {args.job_id}" if args.job_id else "")
+        print(f"distcl: error: {what}: {e}", file=sys.stderr)
         return EXIT_CLUSTER
     return EXIT_OK
 
@@ -340,14 +389,26 @@ def format_job_table(jobs: list[Any]) -> str:
     """One line per job, oldest first: id, status, distcl job, start time, entrypoint."""
     rows = [("SUBMISSION ID", "STATUS", "JOB", "STARTED", "ENTRYPOINT")]
     for info in sorted(jobs, key=lambda j: j.start_time or 0):
-        started = (time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.start_time / 1000))
-                   if info.start_time else "-")
+        started = (
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.start_time / 1000))
+            if info.start_time
+            else "-"
+        )
         name = (info.metadata or {}).get("distcl_job", "-")
-        rows.append((info.submission_id or info.job_id or "-", _status(info), name, started,
-                     (info.entrypoint or "")[:60]))
+        rows.append(
+            (
+                info.submission_id or info.job_id or "-",
+                _status(info),
+                name,
+                started,
+                (info.entrypoint or "")[:60],
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True))
-                     + "  " + r[4] for r in rows)
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4]
+        for r in rows
+    )
 
 
 # ------------------------------------------------------------------------ cluster side
@@ -359,15 +420,15 @@ def main(argv: list[str] | None = None) -> int:
     """
     from distcl import cli
 
-    parser = argparse.ArgumentParser(prog="python -m distcl.submit",
-                                     description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m distcl.submit", description=main.__doc__)
     parser.add_argument("command", choices=["run", "tune"])
     parser.add_argument("--job-name", required=True, help="must match the shipped job")
     args = parser.parse_args(argv)
     text = os.environ.get(ENV_JOB, "")
     if not text.strip():
-        print(f"distcl: error: ${ENV_JOB} is empty; submit jobs with `distcl submit`",
-              file=sys.stderr)
+        print(
+            f"distcl: error: ${ENV_JOB} is empty; submit jobs with `distcl submit`", file=sys.stderr
+        )
         return EXIT_USAGE
     try:
         job = parse_job(yaml.safe_load(text), source=f"${ENV_JOB}")
@@ -378,11 +439,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"distcl: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as e:
-        print(f"distcl: error: output.root {job.output.root} is not writable on this node "
-              f"({e}); mount shared storage there on every node", file=sys.stderr)
+        print(
+            f"distcl: error: output.root {job.output.root} is not writable on this node "
+            f"({e}); mount shared storage there on every node",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
-    print(f"distcl {args.command} {job.name}: cwd {os.getcwd()}, run dir {job.run_dir}, "
-          f"RAY_ADDRESS={os.environ.get('RAY_ADDRESS', '-')}", flush=True)
+    print(
+        f"distcl {args.command} {job.name}: cwd {os.getcwd()}, run dir {job.run_dir}, "
+        f"RAY_ADDRESS={os.environ.get('RAY_ADDRESS', '-')}",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory(prefix="distcl-job-") as d:
         path = Path(d) / f"{job.name}.yaml"
         path.write_text(text)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import re
 import shlex
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -26,6 +25,8 @@ from distcl import cli
 from distcl.config import load_job
 from distcl.models.backbones import BACKBONES
 from distcl.submit import check_cluster_paths
+
+tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
@@ -84,10 +85,12 @@ def test_ray_version_is_one_everywhere_and_fits_the_package(
     pyproject, launcher, raycluster, rayjob, dockerfile
 ):
     versions = {
-        "launcher image": re.fullmatch(r"rayproject/ray:([\d.]+)-py\d+-gpu",
-                                       launcher["docker"]["image"]).group(1),
-        "Dockerfile": re.search(r"^FROM rayproject/ray:([\d.]+)-py\d+-gpu$", dockerfile,
-                                re.M).group(1),
+        "launcher image": re.fullmatch(
+            r"rayproject/ray:([\d.]+)-py\d+-gpu", launcher["docker"]["image"]
+        ).group(1),
+        "Dockerfile": re.search(
+            r"^FROM rayproject/ray:([\d.]+)-py\d+-gpu$", dockerfile, re.M
+        ).group(1),
         "RayCluster": raycluster["spec"]["rayVersion"],
         "RayJob": rayjob["spec"]["rayClusterSpec"]["rayVersion"],
     }
@@ -105,20 +108,23 @@ def test_ray_version_is_one_everywhere_and_fits_the_package(
 
 def test_python_of_the_images_fits_requires_python(pyproject, launcher, dockerfile):
     spec = pyproject["project"]["requires-python"]
-    for image in (launcher["docker"]["image"],
-                  re.search(r"^FROM (\S+)$", dockerfile, re.M).group(1)):
+    for image in (
+        launcher["docker"]["image"],
+        re.search(r"^FROM (\S+)$", dockerfile, re.M).group(1),
+    ):
         py = re.search(r"-py(\d)(\d+)-", image)
         assert Version(f"{py.group(1)}.{py.group(2)}") in Requirement(f"x{spec}").specifier
 
 
-def test_install_commands_use_existing_extras_and_keep_one_faiss(
-    pyproject, launcher, dockerfile
-):
+def test_install_commands_use_existing_extras_and_keep_one_faiss(pyproject, launcher, dockerfile):
     extras = set(pyproject["project"]["optional-dependencies"])
     core = {Requirement(r).name for r in pyproject["project"]["dependencies"]}
     for cmd in _install_commands(launcher, dockerfile):
-        used = re.findall(r"pip install [^&]*?distcl[^\[\s\"]*\[([\w,]+)\]|pip install [^&]*?"
-                          r"\"\.\[([\w,]+)\]\"", cmd)
+        used = re.findall(
+            r"pip install [^&]*?distcl[^\[\s\"]*\[([\w,]+)\]|pip install [^&]*?"
+            r"\"\.\[([\w,]+)\]\"",
+            cmd,
+        )
         names = {e for pair in used for group in pair if group for e in group.split(",")}
         assert names == {"gpu"}, cmd
         assert names <= extras
@@ -143,14 +149,16 @@ def test_rayjob_entrypoint_is_a_valid_distcl_command(pyproject, rayjob, dockerfi
     assert args.job.startswith(IMAGE_ROOT + "/")
     assert re.search(rf"^WORKDIR {IMAGE_ROOT}$", dockerfile, re.M)
     assert re.search(r"^COPY .* jobs \./jobs$", dockerfile, re.M)
-    job = load_job(ROOT / args.job[len(IMAGE_ROOT) + 1:])  # the file the image holds
+    job = load_job(ROOT / args.job[len(IMAGE_ROOT) + 1 :])  # the file the image holds
     check_cluster_paths(job)
     assert job.output.root.startswith(SHARED)
 
 
 def test_every_pod_mounts_shared_storage_data_and_shm(raycluster):
-    storage = {d["metadata"]["name"]: d for d in
-               yaml.safe_load_all((CLUSTER / "kuberay" / "storage.yaml").read_text())}
+    storage = {
+        d["metadata"]["name"]: d
+        for d in yaml.safe_load_all((CLUSTER / "kuberay" / "storage.yaml").read_text())
+    }
     assert "ReadWriteMany" in storage["distcl-shared"]["spec"]["accessModes"]
     for pod in _pods(raycluster["spec"]):
         volumes = {v["name"]: v for v in pod["volumes"]}
@@ -187,14 +195,12 @@ def test_launcher_installs_the_project_and_secures_the_head(launcher):
     assert "~/.ray/auth_token" in launcher["file_mounts"].values()
     head_start = " ".join(launcher["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head_start  # reached through `ray dashboard`
-    for cmd in (launcher["head_start_ray_commands"][-1],
-                launcher["worker_start_ray_commands"][-1]):
+    for cmd in (launcher["head_start_ray_commands"][-1], launcher["worker_start_ray_commands"][-1]):
         assert "RAY_AUTH_MODE=token ray start" in cmd
     opts = " ".join(launcher["docker"]["run_options"])
     assert f"-v {SHARED}:{SHARED}" in opts and f"-v {DATA}:{DATA}" in opts
     assert "--shm-size" in opts
-    assert launcher["available_node_types"][launcher["head_node_type"]]["resources"] == {
-        "CPU": 0}
+    assert launcher["available_node_types"][launcher["head_node_type"]]["resources"] == {"CPU": 0}
 
 
 # ------------------------------------------------------------------------ templates

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -20,6 +21,8 @@ from distcl.train.driver import Run, init_ray, run_job
 from distcl.train.modeling import CheckpointError, build_model, load_model_dir
 
 pytestmark = pytest.mark.ray
+# Train functions defined here travel to the workers by value (tests/ is not importable there).
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 TINY = {
     "data": {"synthetic_classes": 4, "synthetic_train_per_class": 24,

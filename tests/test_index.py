@@ -237,3 +237,25 @@ def test_gpu_sharded_search_equals_cpu():
         gpu.search(queries, GPU_MAX_K + 1)
     ivf_gpu = build_index(gallery, "ivf", nlist=64, nprobe=64, use_gpu=True)
     assert_same_topk(*ivf_gpu.search(queries, 10), *cpu.search(queries, 10), atol=1e-4)
+
+
+def test_search_bench_smoke():
+    from distcl.bench.search import format_search_bench, run_search_bench
+
+    res = run_search_bench(
+        n_gallery=3000,
+        dim=16,
+        n_queries=40,
+        k=5,
+        numpy_queries=10,
+        nlist=16,
+        chunk_queries=20,
+    )
+    assert res["check_distcl_vs_raw_recall"] == 1.0
+    assert res["check_numpy_vs_distcl_recall"] == 1.0
+    assert res["numpy"]["queries"] == 10
+    assert 0.0 < res["ivf_recall"] <= 1.0 and res["ivf"]["nlist"] == 16
+    for key in ("distcl_vs_raw_faiss", "distcl_vs_numpy", "ivf_speedup_vs_flat"):
+        assert res[key] > 0
+    assert "distcl flat (exact)" in format_search_bench(res)
+    assert run_search_bench(n_gallery=200, dim=8, n_queries=5, ivf=False)["ivf_recall"] is None

@@ -201,9 +201,14 @@ def test_embedding_model_outputs():
     assert len(with_stages["stages"]) == 3
 
 
-def test_embedding_model_projection_only_when_dims_differ():
-    assert isinstance(_model(embedding_dim=64).projection, torch.nn.Identity)
-    assert not isinstance(_model(embedding_dim=16).projection, torch.nn.Identity)
+def test_embedding_model_has_a_signed_linear_embedding_layer():
+    # Pooled post-ReLU features are >= 0; the embedding layer must make signed embeddings
+    # even when the dims match (the d-simplex head needs them).
+    model = _model(embedding_dim=64)
+    assert isinstance(model.projection, torch.nn.Linear)
+    model.eval()
+    emb = model.embed(torch.rand(8, 1, 28, 28))
+    assert (emb < 0).any()
 
 
 def test_embedding_model_input_normalisation_is_a_buffer():

@@ -13,13 +13,16 @@ same distribution, it times:
 
 All on CPU with the same thread count. The three exact engines run interleaved over chunks of
 ``chunk_queries`` queries (alternating which goes first), so load from other processes on a
-shared machine hits them alike; the 1-minute load average before and after is recorded. Chunks
-stay >= 500 queries: faiss's BLAS path loses much of its speed on smaller query batches.
-Ratios are of queries/s (search only; build times are reported separately).
+shared machine hits them alike; the 1-minute load average before and after is recorded
+(faiss's OpenMP threads suffer most from oversubscription: at load ~20 on 2 cores its flat
+search fell from ~50-80 to ~7-20 queries/s while numpy kept ~40). Ratios are of queries/s
+(search only; build times are reported separately).
 
-Defaults (1M x 128 gallery, 1000 queries, numpy on 500, k=10, IVF nlist=1024 / nprobe=16)
-take about 1.5 minutes on 2 idle cores (faiss flat ~50-80 queries/s there) and ~2.5 GB RAM
-(gallery 512 MB, two flat indexes 512 MB each, numpy's (64, 1M) similarity blocks 256 MB).
+Defaults (1M x 128 gallery, 500 queries, numpy on 250 of them, k=10, IVF nlist=1024 /
+nprobe=16) take ~45 s on 2 idle cores and stayed under 3 minutes at load ~20; exact search
+at 1M costs ~1/50 s per query per engine here, hence so few queries (each still scans the
+whole gallery). Memory ~2.4 GB: gallery 512 MB, two flat indexes 512 MB each, numpy's
+(64, 1M) similarity blocks 256 MB.
 
 Run: ``python -m distcl.bench.search [--n-gallery N] [--queries Q] [--json]``
 """
@@ -53,7 +56,8 @@ def synthetic_embeddings(
 ) -> np.ndarray:
     """(n, dim) float32 unit rows: a random centre (of ``n_clusters``, fixed by
     ``centers_seed``) plus Gaussian noise of norm ~``spread``, normalised. Built in blocks so
-    peak memory stays ~ the output."""
+    peak memory stays ~ the output. spread=1.5 keeps IVF's recall below 1 (at 0.5-1.0 the
+    clusters separate so well that IVF 1024/16 is exact and the trade-off is invisible)."""
     centers = np.random.default_rng(centers_seed).standard_normal((n_clusters, dim))
     centers = (centers / np.linalg.norm(centers, axis=1, keepdims=True)).astype(np.float32)
     rng = np.random.default_rng(seed)
@@ -77,17 +81,17 @@ def _timed(fn: Callable[[], object]) -> tuple[object, float]:
 def run_search_bench(
     n_gallery: int = 1_000_000,
     dim: int = 128,
-    n_queries: int = 1000,
+    n_queries: int = 500,
     k: int = 10,
     seed: int = 0,
     ivf: bool = True,
     progress: Callable[[str], None] | None = None,
     *,
-    numpy_queries: int = 500,
+    numpy_queries: int = 250,
     nlist: int = 1024,
     nprobe: int = 16,
     threads: int | None = None,
-    chunk_queries: int = 500,
+    chunk_queries: int = 250,
 ) -> dict:
     """Measure distcl flat search vs raw faiss vs numpy (and IVF) on one synthetic gallery.
 
@@ -264,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n-gallery", type=int, default=1_000_000)
     p.add_argument("--dim", type=int, default=128)
-    p.add_argument("--queries", type=int, default=1000)
+    p.add_argument("--queries", type=int, default=500)
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ivf", action="store_true")

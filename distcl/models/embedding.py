@@ -9,8 +9,7 @@
     model.embed(images)               # == out["emb"], without the head
 
 Per-channel mean/std are buffers, so a checkpoint carries its own input normalisation.
-A projection ``Linear(F, D) + BatchNorm1d(D)`` is inserted only when ``embedding_dim``
-differs from the backbone's feature dimension F.
+A linear embedding layer ``Linear(F, D)`` always follows the backbone (signed embeddings).
 
 ``model_signature`` / ``load_state_checked`` refuse a checkpoint of another architecture
 with an error that names the mismatching field.
@@ -66,11 +65,9 @@ class EmbeddingModel(nn.Module):
         self.small_input = bool(small_input)
 
         self.backbone, feature_dim = build_backbone(backbone, in_channels, small_input)
-        self.projection: nn.Module = nn.Identity()
-        if embedding_dim != feature_dim:
-            self.projection = nn.Sequential(
-                nn.Linear(feature_dim, embedding_dim), nn.BatchNorm1d(embedding_dim)
-            )
+        # Always a linear embedding layer: pooled post-ReLU features are non-negative, and
+        # the d-simplex and cosine heads need embeddings that can point anywhere.
+        self.projection = nn.Linear(feature_dim, embedding_dim)
         self.head = build_head(head, embedding_dim, num_classes, **dict(head_kwargs or {}))
 
         if mean is None:

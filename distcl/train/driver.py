@@ -283,16 +283,19 @@ class Run:
             ),
         )  # fmt: skip
         title = f"task {t + 1}/{self.scenario.num_tasks} ({job.method.name})"
+        t_start = time.perf_counter()
         with show_progress(board, title, epochs, enabled=self.progress):
             result = trainer.fit()
         if result.error:
             raise result.error
+        train_s = time.perf_counter() - t_start
         with result.checkpoint.as_directory() as d:
             history = json.loads((Path(d) / "history.json").read_text())
             model = build_model(job, self.num_classes, self.in_channels)
             meta = model_meta(job, model, t, self.digest)
             meta["workers"] = job.train.workers
             meta["use_gpu"] = bool(use_gpu)
+            meta["train_s"] = train_s  # wall time of the Train run, start-up included
             save_model_dir(self.dir, t, Path(d) / "model.pt", history, meta)
         last = history[-1]
         self.log(f"task {t + 1}: train_acc={last['train_acc']:.3f} "

@@ -178,8 +178,11 @@ def tune_job(job: JobConfig, num_cpus: int | None = None, log=print) -> dict[str
             from ray.tune.search.optuna import OptunaSearch
 
             search_alg = OptunaSearch(seed=job.seed)
+            limit = concurrency  # Tune wraps a Searcher in a ConcurrencyLimiter
         else:
-            search_alg = BasicVariantGenerator(random_state=job.seed)
+            # A SearchGenerator ignores Tune's max_concurrent_trials: it limits itself.
+            search_alg = BasicVariantGenerator(random_state=job.seed, max_concurrent=concurrency)
+            limit = None
         if tc.asha:
             if tc.grace_tasks >= num_tasks:
                 log(f"ASHA: grace_tasks={tc.grace_tasks} >= {num_tasks} tasks, "
@@ -197,7 +200,7 @@ def tune_job(job: JobConfig, num_cpus: int | None = None, log=print) -> dict[str
             tune_config=tune.TuneConfig(
                 metric="objective", mode="max", search_alg=search_alg, scheduler=scheduler,
                 num_samples=1 if tc.search == "grid" else tc.num_samples,
-                max_concurrent_trials=concurrency, reuse_actors=False,
+                max_concurrent_trials=limit, reuse_actors=False,
                 trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
             ),
             run_config=tune.RunConfig(

@@ -1,0 +1,110 @@
+"""``distcl compare JOB [JOB ...]``: run several jobs (resuming) and compare them.
+
+    distcl compare jobs/fashion_mnist/*.yaml --out runs/compare
+
+Writes ``<out>/compare.md`` (one row per job: AC, AM, BC, FC on both protocols, final
+self-test CMC@1 and mAP, stale-gallery Recall@1 averaged over tasks, training time) and
+``<out>/compare.png`` (the compatibility matrices side by side). Jobs must share the
+scenario (same data, scenario and seed), otherwise the table would compare different
+problems: that is checked.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from distcl.config import JobConfig
+
+
+def _row(job: JobConfig, metrics: dict, run_dir: Path) -> dict:
+    metric = metrics["metric"]
+    out = {"job": job.name, "method": job.method.name}
+    for proto in ("all", "seen"):
+        s = metrics["protocols"][proto]["summary"]
+        for k in ("ac", "am", "bc", "fc"):
+            out[f"{k}_{proto}"] = s[k]
+    M = np.asarray(metrics["protocols"]["all"]["matrices"][metric], dtype=float)
+    mAP = np.asarray(metrics["protocols"]["all"]["matrices"]["map"], dtype=float)
+    out["final_" + metric] = float(M[-1, -1])
+    out["final_map"] = float(mAP[-1, -1])
+    stale = metrics["stale_gallery"]
+    out["stale_recall@1"] = float(np.mean([r["recall@1"] for r in stale]))
+    out["train_s"] = sum(
+        json.loads((run_dir / "models" / str(t) / "meta.json").read_text()).get("train_s", 0.0)
+        for t in range(metrics["tasks"])
+    )
+    return out
+
+
+def compare_table(rows: list[dict], metric: str) -> str:
+    cols = ["ac_all", "am_all", "bc_all", "fc_all", "ac_seen", "am_seen",
+            f"final_{metric}", "final_map", "stale_recall@1", "train_s"]  # fmt: skip
+    head = "| job | method | " + " | ".join(cols) + " |"
+    lines = [head, "|" + "---|" * (len(cols) + 2)]
+    for r in rows:
+        cells = [f"{r[c]:.0f}" if c == "train_s" else f"{r[c]:.3f}" for c in cols]
+        lines.append(f"| {r['job']} | {r['method']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_side_by_side(results: list[tuple[str, dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(results)
+    cols = min(n, 5)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    for ax, (name, metrics) in zip(axes.flat, results, strict=False):
+        metric = metrics["metric"]
+        block = metrics["protocols"]["all"]
+        M = np.asarray(block["matrices"][metric], dtype=float)
+        T = len(M)
+        ax.imshow(np.ma.masked_invalid(M), cmap="viridis", vmin=0, vmax=1)
+        for i in range(T):
+            for j in range(i + 1):
+                ax.text(j, i, f"{M[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if M[i, j] < 0.6 else "black")
+                if j < i and not block["summary"]["ecc"][i][j]:
+                    ax.text(j + 0.3, i - 0.28, "x", color="red", fontsize=8, weight="bold")
+        s = block["summary"]
+        ax.set_title(f"{name}\nAC={s['ac']:.2f} AM={s['am']:.2f}", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"compatibility matrices ({results[0][1]['metric']}, protocol 'all'; "
+                 "x: ECC fails)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def compare_jobs(jobs: list[JobConfig], out: Path, log=print) -> list[dict]:
+    """Run (or resume) every job, then write the side-by-side table and figure."""
+    from distcl.train.driver import run_job
+
+    fingerprints = {j.data_fingerprint() for j in jobs}
+    if len(fingerprints) > 1:
+        raise ValueError("compare: the jobs do not share data/scenario/seed "
+                         f"({', '.join(j.name for j in jobs)}): their matrices are not comparable")
+    out.mkdir(parents=True, exist_ok=True)
+    rows, results = [], []
+    for job in jobs:
+        log(f"== {job.name} ({job.method.name})")
+        res = run_job(job, progress=True, log=log)
+        rows.append(_row(job, res["eval"], job.run_dir))
+        results.append((job.name, res["eval"]))
+    metric = results[0][1]["metric"]
+    table = compare_table(rows, metric)
+    plot_side_by_side(results, out / "compare.png")
+    (out / "compare.json").write_text(json.dumps(rows, indent=1))
+    (out / "compare.md").write_text(
+        "# distcl compare\n\n" + table + "\n\n![matrices](compare.png)\n")
+    log(table)
+    return rows

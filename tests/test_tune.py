@@ -1,0 +1,454 @@
+"""Tuning: the tune block, trial jobs, the objective, results, and real Ray Tune runs.
+
+Unit tests (no Ray cluster, ~5 s):   .venv/bin/python -m pytest tests/test_tune.py -q -m "not ray"
+Real Ray (synthetic data, 2 CPUs):   .venv/bin/python -m pytest tests/test_tune.py -q -m ray
+The real-Ray part takes about 4-6 minutes on 2 idle cores (each task starts a Ray Train
+worker group): a 3-trial grid run is killed (SIGKILL) after its first trial and resumed, then
+the best job is retrained, then a run with a failing trial.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import yaml
+
+from distcl.config import ConfigError, load_job, parse_job
+from distcl.eval import compat
+from distcl.tune.results import best_job, best_row, make_row, plot_objective, write_table
+from distcl.tune.search import TaskASHA, max_concurrency
+from distcl.tune.space import base_dict, objective, param_space, trial_job, validate_tune
+from distcl.tune.trial import grow_matrix
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = {
+    "data": {"synthetic_classes": 4, "synthetic_train_per_class": 32,
+             "synthetic_test_per_class": 8, "shard_size": 40},
+    "scenario": {"tasks": 2},
+    "model": {"embedding_dim": 16},
+    "method": {"name": "lwf", "params": {"alpha": 1.0}},
+    "train": {"epochs": 1, "batch_size_per_worker": 16, "workers": 1, "max_failures": 0},
+}  # fmt: skip
+
+
+def _raw(tmp_path: Path, synthetic_raw_job, tune: dict, **kw) -> dict:
+    raw = synthetic_raw_job(tmp_path, name="tiny", **TINY, **kw)
+    raw["tune"] = tune
+    return raw
+
+
+# ---------------------------------------------------------------- the tune block
+def test_validate_accepts_a_good_space(tmp_path, synthetic_raw_job):
+    job = parse_job(_raw(tmp_path, synthetic_raw_job, {"space": {
+        "method.params.alpha": {"type": "loguniform", "low": 0.1, "high": 10},
+        "method.params.temperature": {"type": "uniform", "low": 1.0, "high": 4.0},
+        "train.lr": {"type": "choice", "values": [0.01, 0.05]},
+    }}))  # fmt: skip
+    assert set(validate_tune(job).space) == {"method.params.alpha", "method.params.temperature",
+                                             "train.lr"}
+
+
+@pytest.mark.parametrize(
+    ("tune", "message"),
+    [
+        ({"space": {"train.lrr": {"type": "uniform", "low": 0.1, "high": 1}}},
+         "tune.space.train.lrr"),
+        ({"space": {"method.params.alphaa": {"type": "uniform", "low": 0.1, "high": 1}}},
+         "tune.space.method.params.alphaa"),
+        ({"space": {"nosuch.section": {"type": "choice", "values": [1]}}},
+         "tune.space.nosuch.section"),
+        ({"space": {"train.lr": {"type": "uniform", "low": 0.0, "high": 1}}},
+         "train.lr: must be > 0"),
+        ({"space": {"train.epochs": {"type": "choice", "values": [1, "two"]}}},
+         "tune.space.train.epochs = 'two'"),
+        ({"space": {"train.lr": {"type": "uniform", "low": 0.5, "high": 0.1}}},
+         "low must be < high"),
+        ({"space": {"train.lr": {"type": "loguniform", "low": -1, "high": 0.1}}},
+         "loguniform needs low > 0"),
+        ({"space": {"train.lr": {"type": "choice"}}}, "non-empty list of values"),
+        ({"space": {"train.lr": {"type": "uniform", "low": 0.1}}}, "needs low and high"),
+        ({"space": {"output.root": {"type": "choice", "values": ["x"]}}},
+         "tune.space.output.root: not a searchable"),
+        ({"space": {"train.lr": {"type": "grid", "values": [0.1]}}, "search": "optuna"},
+         "search 'optuna' samples"),
+        ({"space": {"train.lr": {"type": "uniform", "low": 0.1, "high": 1}}, "search": "grid"},
+         "search 'grid' needs grid or choice"),
+        ({"space": {}}, "tune.space: no parameter"),
+        ({"space": {"train.lr": {"type": "choice", "values": [0.1]}}, "reduction_factor": 1},
+         "tune.reduction_factor"),
+        ({"space": {"train.lr": {"type": "choice", "values": [0.1]}}, "driver_cpus": 0},
+         "tune.driver_cpus"),
+    ],
+)  # fmt: skip
+def test_validate_names_the_bad_key(tmp_path, synthetic_raw_job, tune, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate_tune(parse_job(_raw(tmp_path, synthetic_raw_job, tune)))
+
+
+def test_validate_needs_a_tune_block(synthetic_job):
+    with pytest.raises(ConfigError, match="no tune: block"):
+        validate_tune(synthetic_job())
+
+
+def test_trial_job_sets_values_name_and_root(tmp_path, synthetic_raw_job):
+    raw = _raw(tmp_path, synthetic_raw_job, {"space": {
+        "method.params.alpha": {"type": "uniform", "low": 0.1, "high": 1}},
+        "workers_per_trial": 1})  # fmt: skip
+    raw["train"]["workers"] = 2
+    job = parse_job(raw)
+    base = base_dict(job)
+    t = trial_job(base, {"method.params.alpha": np.float64(0.25), "train.lr": 0.003},
+                  "tiny-trial-x", str(tmp_path / "trials"))
+    assert t.name == "tiny-trial-x" and t.tune is None
+    assert t.method.params["alpha"] == 0.25 and type(t.method.params["alpha"]) is float
+    assert t.train.lr == 0.003 and t.train.workers == 1  # workers_per_trial applied
+    assert t.output.root == str(tmp_path / "trials")
+
+
+def test_trial_job_maps_lambda_for_cl2r(tmp_path, synthetic_raw_job):
+    raw = _raw(tmp_path, synthetic_raw_job, {"space": {
+        "method.params.lambda": {"type": "loguniform", "low": 0.1, "high": 10}}})  # fmt: skip
+    raw["method"] = {"name": "cl2r", "params": {"lambda": 1.0}}
+    job = parse_job(raw)
+    validate_tune(job)
+    t = trial_job(base_dict(job), {"method.params.lambda": 3.5}, "x", None)
+    assert t.method.params["lambda"] == 3.5
+
+
+def test_param_space_domains(tmp_path, synthetic_raw_job):
+    from ray.tune.search.sample import Categorical, Float, LogUniform
+
+    job = parse_job(_raw(tmp_path, synthetic_raw_job, {"space": {
+        "method.params.alpha": {"type": "loguniform", "low": 0.1, "high": 10},
+        "method.params.temperature": {"type": "uniform", "low": 1.0, "high": 4.0},
+        "train.lr": {"type": "choice", "values": [0.01, 0.05]},
+        "train.epochs": {"type": "grid", "values": [1, 2]},
+    }}))  # fmt: skip
+    space = param_space(job.tune)
+    a, temp = space["method.params.alpha"], space["method.params.temperature"]
+    assert isinstance(a, Float) and isinstance(a.get_sampler(), LogUniform)
+    assert (a.lower, a.upper, temp.lower, temp.upper) == (0.1, 10, 1.0, 4.0)
+    assert isinstance(space["train.lr"], Categorical)
+    assert space["train.lr"].categories == [0.01, 0.05]
+    assert space["train.epochs"] == {"grid_search": [1, 2]}
+
+
+# ---------------------------------------------------------------- objective and scoring
+@pytest.mark.parametrize(
+    ("ac", "am", "kind", "floor", "expected"),
+    [
+        (0.6, 0.7, "ac", 0.5, 0.6),
+        (0.6, 0.7, "am", 0.5, 0.7),
+        (0.6, 0.7, "am_if_ac", 0.5, 0.7),
+        (0.6, 0.7, "am_if_ac", 0.6, 0.7),  # the floor is inclusive
+        (0.6, 0.7, "am_if_ac", 0.8, 0.7 - 1.0),
+        (float("nan"), 0.9, "ac", 0.5, 1.0),  # one model: vacuously compatible
+        (float("nan"), 0.9, "am_if_ac", 0.99, 0.9),
+    ],
+)
+def test_objective_golden(ac, am, kind, floor, expected):
+    assert objective(ac, am, kind, floor) == pytest.approx(expected, abs=1e-12)
+
+
+def test_objective_rejects_unknown_kind():
+    with pytest.raises(ValueError, match="objective"):
+        objective(0.5, 0.5, "bc")
+
+
+@pytest.mark.parametrize("metric", ["cmc@1", "cmc@3", "map", "recall@2"])
+@pytest.mark.parametrize("seen", [False, True])
+def test_grow_matrix_matches_compat(metric, seen):
+    """Rows added one call at a time equal the full matrix of distcl.eval.compat."""
+    rng = np.random.default_rng(3)
+    labels = np.repeat(np.arange(4), 6)  # (24,)
+    embs = [rng.normal(size=(24, 5)).astype(np.float32) for _ in range(4)]
+    embs = [e / np.linalg.norm(e, axis=1, keepdims=True) for e in embs]
+    seen_sets = [(0,), (0, 1), (0, 1, 2), (0, 1, 2, 3)]
+    masks = [np.isin(labels, s) for s in seen_sets] if seen else None
+    ref = compat.compatibility_matrix(embs, labels, metric, True, masks)
+    M = np.zeros((0, 0))
+    for t in (1, 3, 4):  # grow by 1, then 2, then 1 rows
+        M = grow_matrix(M, embs[:t], labels, None if masks is None else masks[:t], metric)
+    np.testing.assert_allclose(np.tril(M), np.tril(np.nan_to_num(ref)), atol=1e-12)
+
+
+def test_grow_matrix_rejects_bad_metric_and_shape():
+    e = [np.eye(4, dtype=np.float32)]
+    with pytest.raises(ValueError, match="eval.metric"):
+        grow_matrix(np.zeros((0, 0)), e, np.array([0, 0, 1, 1]), None, "top1")
+    with pytest.raises(ValueError, match="M must be"):
+        grow_matrix(np.zeros((2, 2)), e, np.array([0, 0, 1, 1]), None, "cmc@1")
+
+
+# ---------------------------------------------------------------- resources and ASHA
+@pytest.mark.parametrize(
+    ("requested", "driver", "workers", "cpw", "gpus", "cluster", "expected"),
+    [
+        (3, 0.1, 1, 1.0, False, {"CPU": 2.0}, 1),  # 1.1 CPU per trial on 2 CPUs
+        (1, 0.1, 2, 0.9, False, {"CPU": 2.0}, 1),  # 1.9 fits exactly-ish
+        (4, 0.1, 2, 1.0, False, {"CPU": 8.0}, 3),  # floor(8 / 2.1)
+        (2, 0.1, 2, 1.0, False, {"CPU": 8.0}, 2),  # not raised above the request
+        (8, 0.5, 1, 1.0, True, {"CPU": 16.0, "GPU": 2.0}, 2),  # GPUs bind first
+    ],
+)  # fmt: skip
+def test_max_concurrency(requested, driver, workers, cpw, gpus, cluster, expected):
+    assert max_concurrency(requested, driver, workers, cpw, gpus, cluster) == expected
+
+
+def test_max_concurrency_refuses_a_trial_that_cannot_fit():
+    with pytest.raises(ValueError, match="workers_per_trial"):
+        max_concurrency(1, 0.1, 2, 1.0, False, {"CPU": 2.0})
+
+
+def _fake_trial(tmp_path: Path, trial_id: str, results: list[dict] | None):
+    path = tmp_path / trial_id
+    path.mkdir()
+    if results is not None:
+        (path / "result.json").write_text("\n".join(json.dumps(r) for r in results) + "\n")
+    return SimpleNamespace(trial_id=trial_id, path=str(path), local_path=str(path),
+                           has_reported_at_least_once=results is not None)
+
+
+def test_task_asha_restores_rungs_from_results(tmp_path):
+    """After a restart, a restored trial's reports are back in the rungs: a new trial below
+    them is stopped at the first rung, as it would have been without the restart."""
+    asha = TaskASHA(time_attr="task", max_t=3, grace_period=1, reduction_factor=2)
+    asha.set_search_properties("objective", "max")
+    old = _fake_trial(tmp_path, "old", [{"task": 1, "objective": 0.9},
+                                        {"task": 2, "objective": 0.8}])
+    asha.on_trial_add(None, old)
+    new = _fake_trial(tmp_path, "new", None)
+    asha.on_trial_add(None, new)
+    assert asha.on_trial_result(None, new, {"task": 1, "objective": 0.5}) == "STOP"
+    # Without the restored rungs the same report continues (the first at its rung).
+    plain = TaskASHA(time_attr="task", max_t=3, grace_period=1, reduction_factor=2)
+    plain.set_search_properties("objective", "max")
+    fresh = _fake_trial(tmp_path, "fresh", None)
+    plain.on_trial_add(None, fresh)
+    assert plain.on_trial_result(None, fresh, {"task": 1, "objective": 0.5}) == "CONTINUE"
+
+
+# ---------------------------------------------------------------- results
+def _rows():
+    return [
+        make_row("a", {"train.lr": 0.05}, {"task": 3, "objective": 0.6, "ac": 0.5, "am": 0.6},
+                 None, 3),
+        make_row("b", {"train.lr": 0.01}, {"task": 3, "objective": 0.7, "ac": 1.0, "am": 0.7},
+                 None, 3),
+        make_row("c", {"train.lr": 0.2}, {"task": 1, "objective": 0.95, "ac": float("nan"),
+                                          "am": 0.95}, None, 3),
+        make_row("d", {"train.lr": 0.3}, {}, RuntimeError("boom\nValueError: bad path"), 3),
+    ]  # fmt: skip
+
+
+def test_rows_status_and_best():
+    rows = _rows()
+    assert [r["status"] for r in rows] == ["completed", "completed", "stopped early", "error"]
+    assert rows[3]["error"] == "ValueError: bad path" and math.isnan(rows[3]["objective"])
+    # c's objective is higher but over 1 task of 3: not comparable, b wins.
+    assert best_row(rows)["trial"] == "b"
+    assert best_row([rows[2], rows[3]])["trial"] == "c"
+    assert best_row([rows[3]]) is None
+
+
+def test_table_and_plots_written(tmp_path):
+    rows = _rows()
+    text = write_table(rows, ["train.lr"], tmp_path)
+    assert text.splitlines()[0] == "| trial | status | tasks | objective | ac | am | train.lr " \
+                                   "| error |"
+    assert text.splitlines()[2].startswith("| b | completed | 3 | 0.7 |")  # best first
+    assert (tmp_path / "trials.md").read_text() == text
+    csv_lines = (tmp_path / "trials.csv").read_text().splitlines()
+    assert csv_lines[0] == "trial,status,tasks,objective,ac,am,train.lr,error"
+    assert len(csv_lines) == 5
+    paths = plot_objective(rows, ["train.lr"], ["train.lr"], tmp_path)
+    assert paths == [tmp_path / "objective_vs_train.lr.png"] and paths[0].stat().st_size > 1000
+
+
+def test_best_job_is_a_normal_job(tmp_path, synthetic_raw_job):
+    from distcl.tune.results import write_best
+
+    raw = _raw(tmp_path, synthetic_raw_job, {"space": {
+        "train.lr": {"type": "choice", "values": [0.01, 0.05]}}})  # fmt: skip
+    raw["output"]["root"] = "runs"  # relative paths stay relative in best.yaml
+    job = parse_job(raw)
+    row = _rows()[1]
+    path = write_best(job, row, ["train.lr"], tmp_path)
+    best = load_job(path)
+    assert best.name == "tiny-best" and best.tune is None
+    assert best.train.lr == 0.01 and best.output.root == "runs"
+    assert best == best_job(job, {"train.lr": 0.01})
+    assert path.read_text().startswith("# Best trial b of `distcl tune` tiny")
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "jobs").rglob("tune_*.yaml")),
+                         ids=lambda p: p.stem)
+def test_tune_job_files_validate(path):
+    for smoke in (None, True):
+        job = load_job(path, smoke=smoke)
+        tc = validate_tune(job)
+        assert tc.space and job.tune.search in ("optuna", "random", "grid")
+    assert job.scenario.tasks == 10 and job.scenario.classes_per_task == 1
+
+
+# ---------------------------------------------------------------- real Ray Tune runs
+LAUNCH = ("import sys; from distcl.config import load_job; "
+          "from distcl.tune.search import tune_job; "
+          "tune_job(load_job(sys.argv[1]), num_cpus=2)")  # fmt: skip
+
+
+def _launch(job_file: Path, log: Path) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # an embedded Ray
+    # A new session: the kill below takes the driver and the Ray processes it started.
+    return subprocess.Popen([sys.executable, "-c", LAUNCH, str(job_file)], cwd=job_file.parent,
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)  # fmt: skip
+
+
+def _kill_session(proc: subprocess.Popen) -> None:
+    """SIGKILL the process group we started, then any process left in its session."""
+    sid = proc.pid
+    try:
+        os.killpg(sid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+    for _ in range(20):
+        left = [int(p) for p in subprocess.run(["ps", "-o", "pid=", "-s", str(sid)],
+                                               capture_output=True, text=True).stdout.split()]
+        if not left:
+            return
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory, synthetic_raw_job):
+    """A 3-trial grid (lr 0.05 first, then two tiny lrs ASHA should stop after task 1),
+    SIGKILLed once the first trial has finished, then started again to completion."""
+    root = tmp_path_factory.mktemp("tune")
+    raw = synthetic_raw_job(root, name="tiny", **TINY)
+    raw["output"]["root"] = "runs"
+    raw["tune"] = {"space": {"train.lr": {"type": "grid", "values": [0.05, 1e-5, 2e-5]}},
+                   "search": "grid", "objective": "am", "grace_tasks": 1,
+                   "reduction_factor": 2, "max_concurrent_trials": 2}  # fmt: skip
+    job_file = root / "tune_tiny.yaml"
+    job_file.write_text(yaml.safe_dump(raw))
+    tune_dir = root / "runs" / "tiny-tune"
+    t0 = time.monotonic()
+    proc = _launch(job_file, root / "first.log")
+    try:
+        deadline = time.monotonic() + 420
+        # With one trial at a time, a second trial's run dir means the first one finished.
+        while len(list((tune_dir / "trials").glob("tiny-trial-*"))) < 2:
+            assert proc.poll() is None, (root / "first.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the first trial did not finish in time"
+            time.sleep(1)
+    finally:
+        _kill_session(proc)
+    first = next(d for d in sorted((tune_dir / "trials").glob("tiny-trial-*"))
+                 if (d / "models" / "1" / "post.json").is_file())
+    stamps = {p: p.stat().st_mtime_ns for p in first.rglob("*") if p.is_file()
+              and "models" in p.parts}  # fmt: skip
+    proc = _launch(job_file, root / "second.log")
+    try:
+        assert proc.wait(timeout=480) == 0, (root / "second.log").read_text()[-3000:]
+    finally:
+        _kill_session(proc)
+    return SimpleNamespace(root=root, tune_dir=tune_dir, job_file=job_file, first=first,
+                           stamps=stamps, seconds=time.monotonic() - t0,
+                           log=(root / "second.log").read_text())
+
+
+@pytest.mark.ray
+def test_tuning_resumes_instead_of_starting_over(tuned):
+    assert "resuming the tuning run" in tuned.log
+    # The finished trial was not trained again: its model files are the ones from before.
+    now = {p: p.stat().st_mtime_ns for p in tuned.stamps}
+    assert tuned.stamps and now == tuned.stamps
+    # The same 3 trials (ids kept across the restart), none added.
+    assert len(list((tuned.tune_dir / "trials").glob("tiny-trial-*"))) == 3
+    rows = list(__import__("csv").DictReader(open(tuned.tune_dir / "trials.csv")))
+    assert len(rows) == 3 and {r["trial"] for r in rows} == {
+        d.name.removeprefix("tiny-trial-") for d in (tuned.tune_dir / "trials").glob("tiny-*")}
+
+
+@pytest.mark.ray
+def test_asha_stops_a_trial_early_and_no_trial_hangs(tuned):
+    rows = list(__import__("csv").DictReader(open(tuned.tune_dir / "trials.csv")))
+    by_lr = {float(r["train.lr"]): r for r in rows}
+    assert by_lr[0.05]["status"] == "completed" and by_lr[0.05]["tasks"] == "2"
+    stopped = [r for r in rows if r["status"] == "stopped early"]
+    assert stopped and all(r["tasks"] == "1" for r in stopped)
+    # Every trial ended (the run returned within its timeout): none failed, none hung.
+    assert all(r["status"] != "error" for r in rows)
+    assert (tuned.tune_dir / "trials.md").is_file()
+    assert (tuned.tune_dir / "objective_vs_train.lr.png").stat().st_size > 1000
+    print(f"tuning with a kill and a resume: {tuned.seconds:.0f}s")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    from distcl.train.driver import init_ray
+
+    init_ray(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.ray
+def test_best_job_reproduces_its_trial(tuned, local_ray):
+    """``best.yaml`` retrained from scratch scores the trial's objective (same seed: equal
+    up to nondeterminism; tolerance 0.05, about one eval item per matrix cell here)."""
+    from distcl.train.driver import Run
+    from distcl.tune.trial import score_run
+
+    tune_job = load_job(tuned.job_file)
+    best = load_job(tuned.tune_dir / "best.yaml", overrides=[
+        f"output.root={tuned.root / 'repro'}"])  # fmt: skip
+    assert best.name == "tiny-best" and best.tune is None and best.train.lr == 0.05
+    rows = list(__import__("csv").DictReader(open(tuned.tune_dir / "trials.csv")))
+    trial = next(r for r in rows if float(r["train.lr"]) == 0.05)
+    run = Run(best, progress=False)
+    run.run()
+    metrics, M = score_run(run.dir, tune_job.tune, 2)
+    assert metrics["objective"] == pytest.approx(float(trial["objective"]), abs=0.05)
+    assert metrics["am"] == pytest.approx(float(trial["am"]), abs=0.05)
+
+
+@pytest.mark.ray
+def test_failed_trial_is_reported_not_fatal(tmp_path, synthetic_raw_job, local_ray):
+    """A trial that raises is a row with status error; the other trial still runs."""
+    from distcl.tune.search import tune_job
+
+    raw = synthetic_raw_job(tmp_path, name="failing", **TINY)
+    raw["scenario"]["max_tasks"] = 1
+    good = str(tmp_path / "shards")
+    raw["tune"] = {"space": {"data.shards_dir": {
+        "type": "grid", "values": ["/proc/distcl-cannot-write-here", good]}},
+        "search": "grid", "asha": False}  # fmt: skip
+    out = tune_job(parse_job(raw))
+    rows = {r["data.shards_dir"]: r for r in out["rows"]}
+    assert rows["/proc/distcl-cannot-write-here"]["status"] == "error"
+    assert "distcl-cannot-write-here" in rows["/proc/distcl-cannot-write-here"]["error"]
+    assert rows[good]["status"] == "completed"
+    assert out["best"]["data.shards_dir"] == good
+    assert load_job(out["best_job"]).data.shards_dir == good
