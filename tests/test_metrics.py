@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -213,16 +212,6 @@ def test_similarity_blocks_cover_all_queries():
     assert [s.shape for _, s in blocks] == [(4, 5), (4, 5), (2, 5)]
     assert all(s.dtype == np.float32 for _, s in blocks)
     np.testing.assert_allclose(np.concatenate([s for _, s in blocks]), q @ g.T, rtol=1e-5)
-
-
-def test_map_2000_by_2000_is_fast():
-    rng = np.random.default_rng(5)
-    emb = rng.normal(size=(2000, 64)).astype(np.float32)
-    lab = rng.integers(0, 100, size=2000)
-    t0 = time.perf_counter()
-    mean_average_precision(emb, lab, emb, lab, exclude_self=True)
-    # The brief asks for < 1 s; measured ~0.4 s. Slack for a loaded 2-core CI machine.
-    assert time.perf_counter() - t0 < 3.0
 
 
 # ------------------------------------------------------------------------------ TAR@FAR

@@ -206,3 +206,19 @@ def format_memory_bench(result: dict[str, Any]) -> str:
             f"(per reader {', '.join(f'{v:,.0f}' for v in r['reader_samples_per_s'])})",
         ]
     )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``distcl bench memory [--steps N] [--batch-size B] [--json]``."""
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(prog="distcl bench memory", description=__doc__)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--replay-fraction", type=float, default=0.5)
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args(argv)
+    r = run_memory_bench(steps=a.steps, batch_size=a.batch_size,
+                         replay_fraction=a.replay_fraction)
+    print(json.dumps(r, indent=1, default=str) if a.json else format_memory_bench(r))
