@@ -1,0 +1,119 @@
+"""Evaluation of a run directory from stored embeddings (no Ray, no training):
+compatibility matrices, the stale-gallery protocol, the faiss top-k path and the report."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from distcl.config import dump_job
+from distcl.data.scenario import build_scenario
+from distcl.eval import compat
+from distcl.eval.evaluate import evaluate_run, topk_summary
+from distcl.eval.metrics import retrieval_summary
+from distcl.gallery.index import build_index
+from distcl.gallery.store import read_embeddings, write_embeddings
+
+
+def _unit(x):
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture
+def fake_run(synthetic_job):
+    """A 3-task run whose models embed items as class centre + model-specific drift."""
+    job = synthetic_job(name="fake", data={"synthetic_classes": 6}, scenario={"tasks": 3})
+    rng = np.random.default_rng(0)
+    test_labels = np.repeat(np.arange(6), 8)
+    scen = build_scenario(np.repeat(np.arange(6), 32), test_labels, job.scenario, job.seed)
+    run = job.run_dir
+    (run / "models").mkdir(parents=True)
+    (run / "job.yaml").write_text(dump_job(job))
+    (run / "scenario.json").write_text(json.dumps(scen.to_json()))
+    centres = rng.normal(size=(6, 8))
+    ids = np.array([f"test-{i:07d}" for i in scen.eval_items])
+    labels = test_labels[scen.eval_items]
+    arrival = {int(i): t.index for t in scen.tasks for i in t.gallery_items}
+    tasks = np.array([arrival[int(i)] for i in scen.eval_items])
+    noise = rng.normal(size=(len(ids), 8))
+    embs = []
+    for t in range(3):
+        drift = rng.normal(scale=0.6 * t, size=(6, 8))  # later models drift away
+        emb = _unit(centres[labels] + drift[labels] + 0.5 * noise)
+        embs.append(emb)
+        write_embeddings(run / "eval" / "embeddings", t, "eval", ids, labels, tasks, emb)
+        here = tasks == t
+        write_embeddings(run / "gallery", t, f"task{t}", ids[here], labels[here], tasks[here],
+                         emb[here])
+        (run / "models" / str(t)).mkdir()
+        (run / "models" / str(t) / "post.json").write_text("{}")
+    return run, scen, ids, labels, tasks, embs
+
+
+def test_matrices_and_summaries_match_direct_computation(fake_run):
+    run, scen, ids, labels, tasks, embs = fake_run
+    result = evaluate_run(run, log=lambda *a: None)
+    direct = compat.compatibility_matrices(embs, labels, ("cmc@1", "map"))
+    got = np.asarray(result["protocols"]["all"]["matrices"]["cmc@1"], dtype=float)
+    np.testing.assert_allclose(got, direct["cmc@1"], equal_nan=True)
+    s = result["protocols"]["all"]["summary"]
+    assert s["ac"] == pytest.approx(compat.average_compatibility(direct["cmc@1"]))
+    assert s["am"] == pytest.approx(compat.average_multimodel_accuracy(direct["cmc@1"]))
+    assert result["embedding_passes"] == 3
+    # seen protocol: pair (i, j) restricted to the classes model j had seen
+    seen = [np.isin(labels, scen.tasks[t].seen_classes) for t in range(3)]
+    direct_seen = compat.compatibility_matrices(embs, labels, ("cmc@1",), seen_masks=seen)
+    got_seen = np.asarray(result["protocols"]["seen"]["matrices"]["cmc@1"], dtype=float)
+    np.testing.assert_allclose(got_seen, direct_seen["cmc@1"], equal_nan=True)
+    for name in ("report.md", "metrics.json", "compat_all.png", "compat_seen.png",
+                 "curves.png"):
+        assert (run / name).is_file(), name
+    report = (run / "report.md").read_text()
+    assert "AC=" in report and ("✗" in report or "✓" in report)
+
+
+def test_stale_gallery_uses_each_items_arrival_model(fake_run):
+    run, scen, ids, labels, tasks, embs = fake_run
+    result = evaluate_run(run, log=lambda *a: None)
+    for s, row in enumerate(result["stale_gallery"]):
+        here = tasks <= s
+        g_emb = np.concatenate([embs[t][tasks == t] for t in range(s + 1)])
+        g_lab = np.concatenate([labels[tasks == t] for t in range(s + 1)])
+        g_ids = np.concatenate([ids[tasks == t] for t in range(s + 1)])
+        order = np.argsort(g_ids)
+        g_emb, g_lab, g_ids = g_emb[order], g_lab[order], g_ids[order]
+        q_emb = embs[s][np.searchsorted(ids, g_ids)]  # ids are sorted in the fixture
+        exp = retrieval_summary(q_emb, g_lab, g_emb, g_lab, exclude_self=True)
+        assert row["gallery"] == int(here.sum())
+        assert row["cmc@1"] == pytest.approx(exp["cmc@1"])
+        assert row["map"] == pytest.approx(exp["map"])
+        assert row["models_in_gallery"] == list(range(s + 1))
+    # nothing was re-embedded: each stored row is its arrival model's embedding
+    g = read_embeddings(run / "gallery")
+    assert np.array_equal(g.models, g.tasks)
+
+
+def test_faiss_topk_path_equals_exact_metrics_without_ties():
+    rng = np.random.default_rng(3)
+    emb = _unit(rng.normal(size=(300, 16)))
+    lab = rng.integers(0, 10, 300)
+    ids = np.array([f"i{k}" for k in range(300)])
+    index = build_index(emb, kind="flat", use_gpu=False)
+    got = topk_summary(emb, ids, lab, index, ids, lab, ks=(1, 5, 10))
+    exp = retrieval_summary(emb, lab, emb, lab, exclude_self=True, topk=(1, 5),
+                            recall_ks=(1, 5, 10))
+    for k in ("cmc@1", "cmc@5", "recall@10"):
+        assert got[k] == pytest.approx(exp[k]), k
+
+
+def test_evaluating_an_empty_run_is_a_clear_error(synthetic_job):
+    job = synthetic_job(name="empty")
+    job.run_dir.mkdir(parents=True)
+    (job.run_dir / "job.yaml").write_text(dump_job(job))
+    scen = build_scenario(np.repeat(np.arange(8), 4), np.repeat(np.arange(8), 2),
+                          job.scenario, 0)
+    (job.run_dir / "scenario.json").write_text(json.dumps(scen.to_json()))
+    with pytest.raises(ValueError, match="no finished task"):
+        evaluate_run(job.run_dir)
