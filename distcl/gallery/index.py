@@ -28,7 +28,12 @@ import os
 import warnings
 from collections.abc import Iterable
 
-import faiss
+try:
+    import faiss
+except ImportError as e:  # faiss comes from an extra: one of faiss-cpu / faiss-gpu
+    raise ImportError(
+        "faiss is not installed: pip install 'distcl[cpu]' (faiss-cpu) or 'distcl[gpu]'"
+    ) from e
 import numpy as np
 
 GPU_MAX_K = 2048  # faiss GPU limit for k and nprobe
