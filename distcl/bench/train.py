@@ -54,7 +54,7 @@ def baseline_images_per_s(job, num_classes: int, in_channels: int, images: np.nd
 def run_train_bench(job_path: str = "jobs/quickstart.yaml", epochs: int = 2,
                     workers: int = 2, log=print) -> dict:
     from distcl.config import load_job
-    from distcl.data.shards import load_arrays, shard_paths
+    from distcl.data.shards import load_arrays
     from distcl.train.driver import Run, init_ray
 
     with tempfile.TemporaryDirectory() as tmp:

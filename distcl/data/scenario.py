@@ -147,7 +147,7 @@ def build_scenario(
     # Which tasks train on each class, and the per-task training items.
     class_tasks: dict[int, list[int]] = {c: [t] for t, g in enumerate(groups) for c in g}
     if cfg.setup == "general":
-        for c, ts in class_tasks.items():
+        for ts in class_tasks.values():
             later = [t for t in range(ts[0] + 1, T) if rng.random() < cfg.recur_prob]
             ts.extend(later)
     items: list[list[np.ndarray]] = [[] for _ in range(T)]
