@@ -273,11 +273,8 @@ def recall_at_k(
     nearest" is "first correct match at rank <= K", so the two coincide value for value.
     Returns {k: fraction}.
     """
-    ks = _check_ks(ks, "ks")
-    fractions, _, _ = _scan(
-        q_emb, q_lab, g_emb, g_lab, exclude_self=exclude_self, ks=ks, with_map=False, block=block
-    )
-    return fractions
+    _check_ks(ks, "ks")  # name the argument of this function in errors
+    return cmc(q_emb, q_lab, g_emb, g_lab, topk=ks, exclude_self=exclude_self, block=block)
 
 
 def mean_average_precision(
