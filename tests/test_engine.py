@@ -89,7 +89,7 @@ def test_ddp_equals_single_process_on_the_same_global_batch():
     assert not np.allclose(single[0], before[0].weight.detach().numpy())
 
 
-METHOD_JOBS = {name: {"method": {"name": name}} for name in METHODS}
+METHOD_JOBS = {name: {"method": {"name": name}} for name in METHODS if name != "finetune"}
 METHOD_JOBS["finetune+align"] = {"method": {"name": "finetune", "align": [
     {"name": "l2"}, {"name": "projection"}, {"name": "layerwise", "weight": 0.5},
     {"name": "adversarial", "weight": 0.1}, {"name": "kd"}]}}  # fmt: skip
@@ -98,14 +98,28 @@ METHOD_JOBS["cvs-herding-blurry"] = {"method": {"name": "cvs"},
                                      "scenario": {"setup": "blurry"}}
 
 
+@pytest.fixture(scope="module")
+def finetune_run(make_job, tmp_path_factory):
+    """One finished 2-task finetune run shared by the tests that only read or resume it."""
+    job = make_job(tmp_path_factory.mktemp("ft"), name="smoke-finetune", **TINY)
+    out = run_job(job, progress=False, log=lambda *a: None)
+    return job, out
+
+
+def test_finetune_smoke_run(finetune_run):
+    _check_smoke_run("finetune", *finetune_run)
+
+
 @pytest.mark.parametrize("variant", sorted(METHOD_JOBS))
 def test_two_task_smoke_run_of_every_method(variant, synthetic_job):
     overrides = {**TINY, **METHOD_JOBS[variant]}
     overrides["scenario"] = {**TINY["scenario"], **METHOD_JOBS[variant].get("scenario", {})}
-    if variant == "cl2r":
-        overrides["model"] = {"embedding_dim": 8}  # K = 9 simplex vertices >= 4 classes
     job = synthetic_job(name=f"smoke-{variant}".replace("+", "-"), **overrides)
     out = run_job(job, progress=False, log=lambda *a: None)
+    _check_smoke_run(variant, job, out)
+
+
+def _check_smoke_run(variant, job, out):
     run_dir = job.run_dir
     for t in (0, 1):
         meta = json.loads((run_dir / "models" / str(t) / "meta.json").read_text())
@@ -126,9 +140,8 @@ def test_two_task_smoke_run_of_every_method(variant, synthetic_job):
         assert (run_dir / "memory").is_dir()
 
 
-def test_rerun_skips_finished_tasks_and_other_jobs_are_refused(synthetic_job):
-    job = synthetic_job(name="resume", **TINY)
-    run_job(job, progress=False, evaluate=False, log=lambda *a: None)
+def test_rerun_skips_finished_tasks_and_other_jobs_are_refused(finetune_run, make_job):
+    job, _ = finetune_run
     model_pt = job.run_dir / "models" / "1" / "model.pt"
     before = model_pt.stat().st_mtime_ns
     lines = []
@@ -136,7 +149,8 @@ def test_rerun_skips_finished_tasks_and_other_jobs_are_refused(synthetic_job):
     assert model_pt.stat().st_mtime_ns == before
     assert sum("done, skipped" in line for line in lines) == 2
 
-    other = synthetic_job(name="resume", sets=["train.lr=0.01"], **TINY)
+    other = make_job(job.output.root.rsplit("/runs", 1)[0], name=job.name,
+                     sets=["train.lr=0.01"], **TINY)
     with pytest.raises(ConfigError, match="different job.*train"):
         Run(other, progress=False).prepare()
 
@@ -153,13 +167,12 @@ def test_killed_worker_resumes_from_its_checkpoint(synthetic_job, tmp_path, monk
     assert [h["epoch"] for h in hist] == [0, 1, 2]
 
 
-def test_checkpoint_of_another_job_or_architecture_is_refused(synthetic_job):
-    job = synthetic_job(name="ckpt", **TINY)
-    run_job(job, progress=False, evaluate=False, log=lambda *a: None)
+def test_checkpoint_of_another_job_or_architecture_is_refused(finetune_run, synthetic_job):
+    job, _ = finetune_run
     model_dir = job.run_dir / "models" / "0"
     model = build_model(job, 4, 1)
-    load_model_dir(model, model_dir, job_name="ckpt")
-    with pytest.raises(CheckpointError, match="job 'ckpt', not 'other'"):
+    load_model_dir(model, model_dir, job_name="smoke-finetune")
+    with pytest.raises(CheckpointError, match="job 'smoke-finetune', not 'other'"):
         load_model_dir(model, model_dir, job_name="other")
     wider = synthetic_job(name="ckpt", sets=["model.embedding_dim=12"], **TINY)
     with pytest.raises(CheckpointError, match="embedding_dim"):

@@ -56,8 +56,11 @@ def test_validate_accepts_a_good_space(tmp_path, synthetic_raw_job):
         "method.params.temperature": {"type": "uniform", "low": 1.0, "high": 4.0},
         "train.lr": {"type": "choice", "values": [0.01, 0.05]},
     }}))  # fmt: skip
-    assert set(validate_tune(job).space) == {"method.params.alpha", "method.params.temperature",
-                                             "train.lr"}
+    assert set(validate_tune(job).space) == {
+        "method.params.alpha",
+        "method.params.temperature",
+        "train.lr",
+    }
 
 
 @pytest.mark.parametrize(
@@ -109,8 +112,12 @@ def test_trial_job_sets_values_name_and_root(tmp_path, synthetic_raw_job):
     raw["train"]["workers"] = 2
     job = parse_job(raw)
     base = base_dict(job)
-    t = trial_job(base, {"method.params.alpha": np.float64(0.25), "train.lr": 0.003},
-                  "tiny-trial-x", str(tmp_path / "trials"))
+    t = trial_job(
+        base,
+        {"method.params.alpha": np.float64(0.25), "train.lr": 0.003},
+        "tiny-trial-x",
+        str(tmp_path / "trials"),
+    )
     assert t.name == "tiny-trial-x" and t.tune is None
     assert t.method.params["alpha"] == 0.25 and type(t.method.params["alpha"]) is float
     assert t.train.lr == 0.003 and t.train.workers == 1  # workers_per_trial applied
@@ -217,8 +224,12 @@ def _fake_trial(tmp_path: Path, trial_id: str, results: list[dict] | None):
     path.mkdir()
     if results is not None:
         (path / "result.json").write_text("\n".join(json.dumps(r) for r in results) + "\n")
-    return SimpleNamespace(trial_id=trial_id, path=str(path), local_path=str(path),
-                           has_reported_at_least_once=results is not None)
+    return SimpleNamespace(
+        trial_id=trial_id,
+        path=str(path),
+        local_path=str(path),
+        has_reported_at_least_once=results is not None,
+    )
 
 
 def test_task_asha_restores_rungs_from_results(tmp_path):
@@ -226,8 +237,9 @@ def test_task_asha_restores_rungs_from_results(tmp_path):
     them is stopped at the first rung, as it would have been without the restart."""
     asha = TaskASHA(time_attr="task", max_t=3, grace_period=1, reduction_factor=2)
     asha.set_search_properties("objective", "max")
-    old = _fake_trial(tmp_path, "old", [{"task": 1, "objective": 0.9},
-                                        {"task": 2, "objective": 0.8}])
+    old = _fake_trial(
+        tmp_path, "old", [{"task": 1, "objective": 0.9}, {"task": 2, "objective": 0.8}]
+    )
     asha.on_trial_add(None, old)
     new = _fake_trial(tmp_path, "new", None)
     asha.on_trial_add(None, new)
@@ -266,8 +278,10 @@ def test_rows_status_and_best():
 def test_table_and_plots_written(tmp_path):
     rows = _rows()
     text = write_table(rows, ["train.lr"], tmp_path)
-    assert text.splitlines()[0] == "| trial | status | tasks | objective | ac | am | train.lr " \
-                                   "| error |"
+    assert (
+        text.splitlines()[0] == "| trial | status | tasks | objective | ac | am | train.lr "
+        "| error |"
+    )
     assert text.splitlines()[2].startswith("| b | completed | 3 | 0.7 |")  # best first
     assert (tmp_path / "trials.md").read_text() == text
     csv_lines = (tmp_path / "trials.csv").read_text().splitlines()
@@ -293,8 +307,7 @@ def test_best_job_is_a_normal_job(tmp_path, synthetic_raw_job):
     assert path.read_text().startswith("# Best trial b of `distcl tune` tiny")
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "jobs").rglob("tune_*.yaml")),
-                         ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", sorted((REPO / "jobs").rglob("tune_*.yaml")), ids=lambda p: p.stem)
 def test_tune_job_files_validate(path):
     for smoke in (None, True):
         job = load_job(path, smoke=smoke)
@@ -326,8 +339,12 @@ def _kill_session(proc: subprocess.Popen) -> None:
         pass
     proc.wait(timeout=30)
     for _ in range(20):
-        left = [int(p) for p in subprocess.run(["ps", "-o", "pid=", "-s", str(sid)],
-                                               capture_output=True, text=True).stdout.split()]
+        left = [
+            int(p)
+            for p in subprocess.run(
+                ["ps", "-o", "pid=", "-s", str(sid)], capture_output=True, text=True
+            ).stdout.split()
+        ]
         if not left:
             return
         for pid in left:
@@ -362,8 +379,11 @@ def tuned(tmp_path_factory, synthetic_raw_job):
             time.sleep(1)
     finally:
         _kill_session(proc)
-    first = next(d for d in sorted((tune_dir / "trials").glob("tiny-trial-*"))
-                 if (d / "models" / "1" / "post.json").is_file())
+    first = next(
+        d
+        for d in sorted((tune_dir / "trials").glob("tiny-trial-*"))
+        if (d / "models" / "1" / "post.json").is_file()
+    )
     stamps = {p: p.stat().st_mtime_ns for p in first.rglob("*") if p.is_file()
               and "models" in p.parts}  # fmt: skip
     proc = _launch(job_file, root / "second.log")
@@ -371,9 +391,15 @@ def tuned(tmp_path_factory, synthetic_raw_job):
         assert proc.wait(timeout=480) == 0, (root / "second.log").read_text()[-3000:]
     finally:
         _kill_session(proc)
-    return SimpleNamespace(root=root, tune_dir=tune_dir, job_file=job_file, first=first,
-                           stamps=stamps, seconds=time.monotonic() - t0,
-                           log=(root / "second.log").read_text())
+    return SimpleNamespace(
+        root=root,
+        tune_dir=tune_dir,
+        job_file=job_file,
+        first=first,
+        stamps=stamps,
+        seconds=time.monotonic() - t0,
+        log=(root / "second.log").read_text(),
+    )
 
 
 @pytest.mark.ray
@@ -386,7 +412,8 @@ def test_tuning_resumes_instead_of_starting_over(tuned):
     assert len(list((tuned.tune_dir / "trials").glob("tiny-trial-*"))) == 3
     rows = list(__import__("csv").DictReader(open(tuned.tune_dir / "trials.csv")))
     assert len(rows) == 3 and {r["trial"] for r in rows} == {
-        d.name.removeprefix("tiny-trial-") for d in (tuned.tune_dir / "trials").glob("tiny-*")}
+        d.name.removeprefix("tiny-trial-") for d in (tuned.tune_dir / "trials").glob("tiny-*")
+    }
 
 
 @pytest.mark.ray
@@ -452,3 +479,43 @@ def test_failed_trial_is_reported_not_fatal(tmp_path, synthetic_raw_job, local_r
     assert rows[good]["status"] == "completed"
     assert out["best"]["data.shards_dir"] == good
     assert load_job(out["best_job"]).data.shards_dir == good
+
+
+def test_optuna_suggests_inside_the_space(tmp_path, synthetic_raw_job):
+    """OptunaSearch (TPE) takes the dotted-key space as is and samples inside it."""
+    from ray.tune.search.optuna import OptunaSearch
+
+    job = parse_job(
+        _raw(
+            tmp_path,
+            synthetic_raw_job,
+            {
+                "space": {
+                    "method.params.alpha": {"type": "loguniform", "low": 0.1, "high": 10},
+                    "train.lr": {"type": "choice", "values": [0.01, 0.05]},
+                },
+                "search": "optuna",
+            },
+        )
+    )
+    searcher = OptunaSearch(seed=0)
+    assert searcher.set_search_properties("objective", "max", param_space(validate_tune(job)))
+    for i in range(5):
+        config = searcher.suggest(f"t{i}")
+        assert set(config) == {"method.params.alpha", "train.lr"}
+        assert 0.1 <= config["method.params.alpha"] <= 10 and config["train.lr"] in (0.01, 0.05)
+        trial_job(base_dict(job), config, f"t{i}")  # every suggestion is a valid job
+
+
+def test_tuning_folder_refuses_another_job(tmp_path, synthetic_raw_job):
+    from distcl.tune.search import _check_same_tuning
+
+    raw = _raw(
+        tmp_path, synthetic_raw_job, {"space": {"train.lr": {"type": "choice", "values": [0.1]}}}
+    )
+    (tmp_path / "experiment").mkdir()
+    _check_same_tuning(parse_job(raw), tmp_path)
+    _check_same_tuning(parse_job(raw), tmp_path)  # the same job resumes
+    raw["method"]["params"]["alpha"] = 2.0
+    with pytest.raises(ConfigError, match="different job.*method"):
+        _check_same_tuning(parse_job(raw), tmp_path)

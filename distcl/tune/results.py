@@ -31,8 +31,13 @@ from distcl.tune.space import base_dict, set_path
 COLUMNS = ("trial", "status", "tasks", "objective", "ac", "am")
 
 
-def make_row(trial_id: str, params: Mapping[str, Any], metrics: Mapping[str, Any] | None,
-             error: BaseException | str | None, num_tasks: int) -> dict[str, Any]:
+def make_row(
+    trial_id: str,
+    params: Mapping[str, Any],
+    metrics: Mapping[str, Any] | None,
+    error: BaseException | str | None,
+    num_tasks: int,
+) -> dict[str, Any]:
     """One table row from a trial's config, last reported metrics and error."""
     metrics = metrics or {}
     tasks = int(metrics.get("task") or 0)
@@ -92,8 +97,9 @@ def write_table(rows: Sequence[Mapping[str, Any]], params: Sequence[str], out: P
     return text
 
 
-def plot_objective(rows: Sequence[Mapping[str, Any]], params: Sequence[str],
-                   log_params: Sequence[str], out: Path) -> list[Path]:
+def plot_objective(
+    rows: Sequence[Mapping[str, Any]], params: Sequence[str], log_params: Sequence[str], out: Path
+) -> list[Path]:
     """``objective_vs_<param>.png`` per parameter: completed trials as dots, early-stopped
     ones as crosses, coloured by tasks completed. Errored trials are left out."""
     import matplotlib
@@ -144,8 +150,7 @@ def best_job(job: JobConfig, params: Mapping[str, Any]) -> JobConfig:
     return parse_job(raw, "best job")
 
 
-def write_best(job: JobConfig, row: Mapping[str, Any], params: Sequence[str],
-               out: Path) -> Path:
+def write_best(job: JobConfig, row: Mapping[str, Any], params: Sequence[str], out: Path) -> Path:
     """Write ``best.yaml``: a normal job file (loadable by ``load_job``) with provenance."""
     from distcl.config import to_dict
 

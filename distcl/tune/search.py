@@ -77,8 +77,14 @@ class TaskASHA(ASHAScheduler):
             bracket.on_result(trial, t, self._metric_op * value)
 
 
-def max_concurrency(requested: int, driver_cpus: float, workers: int, cpus_per_worker: float,
-                    gpus: bool, cluster: Mapping[str, float]) -> int:
+def max_concurrency(
+    requested: int,
+    driver_cpus: float,
+    workers: int,
+    cpus_per_worker: float,
+    gpus: bool,
+    cluster: Mapping[str, float],
+) -> int:
     """How many trials can run together: ``requested``, lowered so that every running
     trial's driver and Train workers fit ``cluster`` (``ray.cluster_resources()``).
 
@@ -156,13 +162,21 @@ def tune_job(job: JobConfig, num_cpus: int | None = None, log=print) -> dict[str
     use_gpu = {"yes": True, "no": False}.get(probe.train.use_gpu)
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) >= probe.train.workers
-    concurrency = max_concurrency(tc.max_concurrent_trials, tc.driver_cpus, probe.train.workers,
-                                  probe.train.cpus_per_worker, use_gpu, ray.cluster_resources())
+    concurrency = max_concurrency(
+        tc.max_concurrent_trials,
+        tc.driver_cpus,
+        probe.train.workers,
+        probe.train.cpus_per_worker,
+        use_gpu,
+        ray.cluster_resources(),
+    )
     if concurrency < tc.max_concurrent_trials:
-        log(f"tune.max_concurrent_trials lowered from {tc.max_concurrent_trials} to "
+        log(
+            f"tune.max_concurrent_trials lowered from {tc.max_concurrent_trials} to "
             f"{concurrency}: each trial needs {tc.driver_cpus:g} + {probe.train.workers} x "
             f"{probe.train.cpus_per_worker:g} CPUs, the cluster has "
-            f"{ray.cluster_resources().get('CPU', 0):g}")
+            f"{ray.cluster_resources().get('CPU', 0):g}"
+        )
 
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=base, trials_root=str(trials_root),
@@ -185,8 +199,10 @@ def tune_job(job: JobConfig, num_cpus: int | None = None, log=print) -> dict[str
             limit = None
         if tc.asha:
             if tc.grace_tasks >= num_tasks:
-                log(f"ASHA: grace_tasks={tc.grace_tasks} >= {num_tasks} tasks, "
-                    f"no trial can stop early")
+                log(
+                    f"ASHA: grace_tasks={tc.grace_tasks} >= {num_tasks} tasks, "
+                    f"no trial can stop early"
+                )
             scheduler = TaskASHA(time_attr="task", max_t=num_tasks,
                                  grace_period=min(tc.grace_tasks, num_tasks),
                                  reduction_factor=tc.reduction_factor)  # fmt: skip
@@ -216,18 +232,24 @@ def tune_job(job: JobConfig, num_cpus: int | None = None, log=print) -> dict[str
     for r in grid:
         metrics = r.metrics or {}
         trial_id = metrics.get("trial_id") or Path(r.path).name.removeprefix("trial-")
-        rows.append(make_row(trial_id, {p: (r.config or {}).get(p) for p in params}, metrics,
-                             r.error, num_tasks))
+        rows.append(
+            make_row(
+                trial_id, {p: (r.config or {}).get(p) for p in params}, metrics, r.error, num_tasks
+            )
+        )
     text = write_table(rows, params, tune_dir)
     log_params = [p for p, s in tc.space.items() if s.type == "loguniform"]
     plot_objective(rows, params, log_params, tune_dir)
-    log(f"\n{job.name}: {len(rows)} trials, objective '{tc.objective}' on {job.eval.metric} "
-        f"(protocol '{tc.protocol}'), {num_tasks} tasks\n{text}")
+    log(
+        f"\n{job.name}: {len(rows)} trials, objective '{tc.objective}' on {job.eval.metric} "
+        f"(protocol '{tc.protocol}'), {num_tasks} tasks\n{text}"
+    )
     best = best_row(rows)
     out = {"tune_dir": str(tune_dir), "rows": rows, "best": best, "best_job": None}
     if best is None:
-        raise ValueError(f"all {len(rows)} trials failed before a report; see "
-                         f"{tune_dir / 'trials.md'}")
+        raise ValueError(
+            f"all {len(rows)} trials failed before a report; see {tune_dir / 'trials.md'}"
+        )
     out["best_job"] = str(write_best(job, best, params, tune_dir))
     log(f"best: trial {best['trial']} objective {best['objective']:.4f} -> {out['best_job']}")
     return out

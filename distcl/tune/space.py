@@ -69,8 +69,9 @@ def base_dict(job: JobConfig, resolve_paths: bool = True, cwd: Path | None = Non
     return raw
 
 
-def trial_job(base: Mapping[str, Any], params: Mapping[str, Any], name: str,
-              output_root: str | None = None) -> JobConfig:
+def trial_job(
+    base: Mapping[str, Any], params: Mapping[str, Any], name: str, output_root: str | None = None
+) -> JobConfig:
     """The base job with ``params`` (dotted keys) set, renamed ``name``, under ``output_root``."""
     raw = json.loads(json.dumps(base))
     for key, value in params.items():
@@ -134,14 +135,19 @@ def validate_tune(job: JobConfig) -> TuneConfig:
     base = base_dict(job)
     for key, s in tc.space.items():
         if key.split(".")[0] in FORBIDDEN_PREFIXES or not key or "" in key.split("."):
-            raise ConfigError(f"tune.space.{key}: not a searchable config field "
-                              f"(name, output, tune and smoke place a run, not train it)")
+            raise ConfigError(
+                f"tune.space.{key}: not a searchable config field "
+                f"(name, output, tune and smoke place a run, not train it)"
+            )
         if tc.search == "grid" and s.type in ("uniform", "loguniform"):
-            raise ConfigError(f"tune.space.{key}: search 'grid' needs grid or choice values, "
-                              f"not {s.type}")
+            raise ConfigError(
+                f"tune.space.{key}: search 'grid' needs grid or choice values, not {s.type}"
+            )
         if tc.search == "optuna" and s.type == "grid":
-            raise ConfigError(f"tune.space.{key}: search 'optuna' samples; use choice, "
-                              f"not grid (or search: grid / random)")
+            raise ConfigError(
+                f"tune.space.{key}: search 'optuna' samples; use choice, "
+                f"not grid (or search: grid / random)"
+            )
         for value in _probe_values(key, s):
             try:
                 trial_job(base, {key: value}, f"{job.name}-probe")

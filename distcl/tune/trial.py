@@ -47,8 +47,13 @@ def _pair_metric(q_emb: np.ndarray, g_emb: np.ndarray, labels: np.ndarray, metri
     return float(out[metric])
 
 
-def grow_matrix(M: np.ndarray, embs: Sequence[np.ndarray], labels: np.ndarray,
-                masks: Sequence[np.ndarray] | None, metric: str) -> np.ndarray:
+def grow_matrix(
+    M: np.ndarray,
+    embs: Sequence[np.ndarray],
+    labels: np.ndarray,
+    masks: Sequence[np.ndarray] | None,
+    metric: str,
+) -> np.ndarray:
     """The (T, T) compatibility matrix of ``embs`` (T models) given the rows already in
     ``M`` ((R, R), R <= T): only rows R..T-1 are computed. Same values as
     ``distcl.eval.compat.compatibility_matrix(embs, labels, metric, True, masks)``.
@@ -68,8 +73,9 @@ def grow_matrix(M: np.ndarray, embs: Sequence[np.ndarray], labels: np.ndarray,
     return out
 
 
-def score_run(run_dir: str | Path, tc: TuneConfig, tasks: int,
-              M: np.ndarray | None = None) -> tuple[dict[str, float], np.ndarray]:
+def score_run(
+    run_dir: str | Path, tc: TuneConfig, tasks: int, M: np.ndarray | None = None
+) -> tuple[dict[str, float], np.ndarray]:
     """Score the first ``tasks`` models of a run dir for tuning: (metrics, matrix).
 
     ``M``: the matrix of an earlier call (its rows are reused). Metrics: ``task``, the
@@ -122,8 +128,14 @@ class TrialRunner:
         return metrics
 
 
-def run_trial(config: Mapping[str, Any], *, base: Mapping[str, Any], trials_root: str,
-              job_name: str, tc: TuneConfig) -> None:
+def run_trial(
+    config: Mapping[str, Any],
+    *,
+    base: Mapping[str, Any],
+    trials_root: str,
+    job_name: str,
+    tc: TuneConfig,
+) -> None:
     """The Tune function trainable: ``config`` holds the sampled values (dotted keys)."""
     import ray
     from ray import tune
@@ -135,9 +147,14 @@ def run_trial(config: Mapping[str, Any], *, base: Mapping[str, Any], trials_root
     if ckpt is not None:  # a restored trial: continue after its last report
         with ckpt.as_directory() as d:
             start = int(json.loads((Path(d) / "progress.json").read_text())["tasks_done"])
-    runner = ray.remote(TrialRunner).options(
-        num_cpus=0, scheduling_strategy="DEFAULT"  # out of the trial's placement group
-    ).remote(job, tc)
+    runner = (
+        ray.remote(TrialRunner)
+        .options(
+            num_cpus=0,
+            scheduling_strategy="DEFAULT",  # out of the trial's placement group
+        )
+        .remote(job, tc)
+    )
     try:
         for t in range(start, ray.get(runner.num_tasks.remote())):
             metrics = ray.get(runner.task.remote(t))
