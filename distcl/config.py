@@ -337,11 +337,9 @@ def to_dict(obj: Any) -> Any:
 # ------------------------------------------------------------------------------------
 
 
-def _apply_override(raw: dict, item: str) -> None:
-    if "=" not in item:
-        raise ConfigError(f"--set {item!r}: expected key=value")
-    key, _, text = item.partition("=")
-    value = yaml.safe_load(text) if text.strip() else None
+def set_path(raw: dict, key: str, value: Any, where: str) -> None:
+    """Set ``raw[a][b][c] = value`` for ``key = "a.b.c"``; missing sections are created so
+    that validation names an unknown key; ``where`` prefixes the error of a non-section."""
     node = raw
     parts = key.strip().split(".")
     for part in parts[:-1]:
@@ -349,9 +347,17 @@ def _apply_override(raw: dict, item: str) -> None:
         if nxt is None:
             nxt = node[part] = {}
         if not isinstance(nxt, dict):
-            raise ConfigError(f"--set {key}: '{part}' is not a section")
+            raise ConfigError(f"{where}: '{part}' is not a section")
         node = nxt
     node[parts[-1]] = value
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value")
+    key, _, text = item.partition("=")
+    value = yaml.safe_load(text) if text.strip() else None
+    set_path(raw, key, value, f"--set {key}")
 
 
 SMOKE = {

@@ -27,6 +27,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from distcl import config
 from distcl.config import ConfigError, JobConfig, SearchSpace, TuneConfig, parse_job, to_dict
 
 #: Fields a search may not touch: they place the run, not train it.
@@ -41,16 +42,7 @@ def _native(value: Any) -> Any:
 def set_path(raw: dict, key: str, value: Any) -> None:
     """Set ``raw[a][b][c] = value`` for ``key = "a.b.c"`` (missing sections are created,
     so that :func:`parse_job` names an unknown key instead of this function)."""
-    node = raw
-    parts = key.split(".")
-    for part in parts[:-1]:
-        nxt = node.get(part)
-        if nxt is None:
-            nxt = node[part] = {}
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"tune.space.{key}: '{part}' is not a config section")
-        node = nxt
-    node[parts[-1]] = _native(value)
+    config.set_path(raw, key, _native(value), f"tune.space.{key}")
 
 
 def base_dict(job: JobConfig, resolve_paths: bool = True, cwd: Path | None = None) -> dict:
