@@ -14,6 +14,7 @@ writes it), so a worker group restarted by ``FailureConfig`` resumes from the la
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import tempfile
@@ -56,6 +57,8 @@ def train_task_loop(config: dict) -> dict:
     import ray.train.torch
     import torch.distributed as dist
 
+    # Per-epoch reports are drawn by the driver's progress bar, not logged by each worker.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
     job: JobConfig = config["job"]
     ctx: TaskContext = config["ctx"]
     task = ctx.task
@@ -86,8 +89,11 @@ def train_task_loop(config: dict) -> dict:
     from distcl.train.step import TrainStep
 
     step = TrainStep(model, method, job.method.align, ctx, old_model)
+    # Learned parts of a method or alignment term may get no gradient in a step (e.g. no
+    # memory rows in the batch): only then does DDP need to look for unused parameters.
+    extra_params = any(True for _ in step.method.parameters()) or len(step.align) > 0
     step = ray.train.torch.prepare_model(
-        step, parallel_strategy_kwargs={"find_unused_parameters": True}
+        step, parallel_strategy_kwargs={"find_unused_parameters": extra_params}
     )
     inner = step.module if hasattr(step, "module") else step
     params = [p for p in step.parameters() if p.requires_grad]
