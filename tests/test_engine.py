@@ -133,10 +133,13 @@ def _check_smoke_run(variant, job, out):
     assert M.shape == (2, 2) and np.all((M[np.tril_indices(2)] >= 0) &
                                          (M[np.tril_indices(2)] <= 1))
     terms = {k for h in hist for k in h if k.startswith("loss/")}
-    expected = {"bct": "loss/influence", "cvs": "loss/triplet", "cl2r": "loss/feat_distill",
-                "mmd": "loss/mmd", "lwf": "loss/kd", "finetune+align": "loss/align_l2"}
-    if variant in expected:
-        assert expected[variant] in terms, terms
+    expected = {"bct": "loss/influence", "cvs-herding-blurry": "loss/triplet",
+                "cl2r": "loss/feat_distill", "mmd": "loss/mmd", "lwf": "loss/kd",
+                "finetune+align": "loss/align_adversarial", "joint": "loss/ce",
+                "finetune": "loss/ce"}
+    assert expected[variant] in terms, terms
+    if variant == "finetune+align":
+        assert {f"loss/align_{n}" for n in ("l2", "projection", "layerwise", "kd")} <= terms
     if variant.startswith("cvs"):
         assert "loss/coherence" in terms
         assert (run_dir / "memory").is_dir()
