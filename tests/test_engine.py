@@ -183,3 +183,20 @@ def test_checkpoint_of_another_job_or_architecture_is_refused(finetune_run, synt
     with pytest.raises(CheckpointError, match="embedding_dim"):
         load_model_dir(build_model(wider, 4, 1), model_dir)
     assert os.path.exists(model_dir / "model.pt")
+
+
+def test_bct_upgrades_backbone_against_an_external_old_model(finetune_run, synthetic_job):
+    old_job, _ = finetune_run
+    old_dir = str(old_job.run_dir / "models" / "0")  # resnet32, embedding_dim 8
+    bad = synthetic_job(name="bct-bad", sets=["model.embedding_dim=12"], **{
+        **TINY, "method": {"name": "bct", "params": {"old_model_dir": old_dir}}})
+    with pytest.raises(ConfigError, match="old_model_dir.*embedding_dim=12"):
+        Run(bad, progress=False).prepare()
+    job = synthetic_job(name="bct-upgrade", sets=["scenario.max_tasks=1"], **{
+        **TINY, "model": {"backbone": "resnet18", "embedding_dim": 8},
+        "method": {"name": "bct", "params": {"old_model_dir": old_dir}}})
+    run_job(job, progress=False, evaluate=False, log=lambda *a: None)
+    meta = json.loads((job.run_dir / "models" / "0" / "meta.json").read_text())
+    hist = json.loads((job.run_dir / "models" / "0" / "history.json").read_text())
+    assert meta["signature"]["backbone"] == "resnet18"
+    assert "loss/influence" in hist[-1]  # the resnet32 classifier judged resnet18 embeddings

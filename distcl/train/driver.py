@@ -153,6 +153,7 @@ class Run:
         self.counts = {s["name"]: s["count"] for s in manifest["shards"]}
         self.scenario = scenario
         self.digest = scenario.digest()
+        self._check_external_old_model()
         atomic_write_bytes(self.dir / "scenario.json",
                            json.dumps(scenario.to_json()).encode())
         return scenario
@@ -176,6 +177,22 @@ class Run:
                     f"{', '.join(diff)}); use another output.root or name, or delete it"
                 )
         atomic_write_bytes(path, dump_job(self.job).encode())
+
+    def _check_external_old_model(self) -> None:
+        """BCT's ``old_model_dir`` may hold another backbone, never another embedding
+        dimension: fail here, before any worker starts."""
+        external = getattr(self.params, "old_model_dir", None)
+        if not external:
+            return
+        from distcl.train.modeling import read_meta
+
+        sig = read_meta(external)["signature"]
+        if sig["embedding_dim"] != self.job.model.embedding_dim:
+            raise ConfigError(
+                f"method.params.old_model_dir: {external} embeds in {sig['embedding_dim']} "
+                f"dimensions but model.embedding_dim={self.job.model.embedding_dim}; "
+                "compatible training needs equal embedding dimensions"
+            )
 
     @property
     def run_id(self) -> str:
