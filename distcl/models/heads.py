@@ -77,6 +77,13 @@ def _init_rows(rows: torch.Tensor) -> None:
     nn.init.kaiming_uniform_(rows, a=math.sqrt(5))
 
 
+def _grown_weight(weight: torch.Tensor, extra: int) -> nn.Parameter:
+    """``weight`` (C, D) with ``extra`` freshly initialised rows appended."""
+    rows = torch.empty(extra, weight.shape[1], dtype=weight.dtype, device=weight.device)
+    _init_rows(rows)
+    return nn.Parameter(torch.cat([weight.data, rows]))
+
+
 class LinearHead(nn.Module):
     """Affine classifier ``logits = x @ W.T + b`` whose class count can grow."""
 
@@ -108,14 +115,10 @@ class LinearHead(nn.Module):
         extra = new_num_classes - self.num_classes
         if extra == 0:
             return self
-        new_rows = torch.empty(
-            extra, self.in_dim, dtype=self.weight.dtype, device=self.weight.device
-        )
-        _init_rows(new_rows)
         bound = 1.0 / math.sqrt(self.in_dim)
         new_bias = torch.empty(extra, dtype=self.bias.dtype, device=self.bias.device)
         new_bias.uniform_(-bound, bound)
-        self.weight = nn.Parameter(torch.cat([self.weight.data, new_rows]))
+        self.weight = _grown_weight(self.weight, extra)
         self.bias = nn.Parameter(torch.cat([self.bias.data, new_bias]))
         return self
 
@@ -152,11 +155,7 @@ class CosineHead(nn.Module):
         extra = new_num_classes - self.num_classes
         if extra == 0:
             return self
-        new_rows = torch.empty(
-            extra, self.in_dim, dtype=self.weight.dtype, device=self.weight.device
-        )
-        _init_rows(new_rows)
-        self.weight = nn.Parameter(torch.cat([self.weight.data, new_rows]))
+        self.weight = _grown_weight(self.weight, extra)
         return self
 
 
