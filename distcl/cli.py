@@ -1,13 +1,13 @@
 """The ``distcl`` command line: one entry point for data, training, evaluation and tuning.
 
-    distcl data build jobs/quickstart.yaml      # WebDataset shards + manifest
-    distcl data verify jobs/quickstart.yaml     # check shards against the manifest
-    distcl run jobs/quickstart.yaml [--smoke] [--set train.epochs=3]
-    distcl eval runs/quickstart                 # recompute metrics + report from a run dir
-    distcl compare jobs/fashion_mnist/*.yaml    # methods side by side
-    distcl tune jobs/fashion_mnist/tune_cl2r.yaml
-    distcl submit JOB --address http://HOST:8265 [--wait]
-    distcl bench {train,search,eval,memory}
+distcl data build jobs/quickstart.yaml      # WebDataset shards + manifest
+distcl data verify jobs/quickstart.yaml     # check shards against the manifest
+distcl run jobs/quickstart.yaml [--smoke] [--set train.epochs=3]
+distcl eval runs/quickstart                 # recompute metrics + report from a run dir
+distcl compare jobs/fashion_mnist/*.yaml    # methods side by side
+distcl tune jobs/fashion_mnist/tune_cl2r.yaml
+distcl submit JOB --address http://HOST:8265 [--wait]
+distcl bench {train,search,eval,memory}
 """
 
 from __future__ import annotations
@@ -27,8 +27,12 @@ def _job(args) -> JobConfig:
 
 def _add_job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("job", help="YAML job file (see jobs/)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a field, e.g. --set train.epochs=3 (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a field, e.g. --set train.epochs=3 (repeatable)",
+    )
     p.add_argument("--smoke", action="store_true", help="shrink the job to seconds")
 
 
@@ -47,9 +51,11 @@ def cmd_data_build(args) -> int:
     info = verify_shards(out)
     size = sum(p.stat().st_size for p in out.glob("*.tar"))
     verb = "built" if rebuilt else "up to date (nothing rewritten)"
-    print(f"{out}: {verb}; {info['shards']} shards, {info['samples']} samples, "
-          f"{size / 2**20:.1f} MiB, {scenario.num_tasks} tasks, "
-          f"{time.perf_counter() - t0:.1f}s")
+    print(
+        f"{out}: {verb}; {info['shards']} shards, {info['samples']} samples, "
+        f"{size / 2**20:.1f} MiB, {scenario.num_tasks} tasks, "
+        f"{time.perf_counter() - t0:.1f}s"
+    )
     return 0
 
 
@@ -92,8 +98,9 @@ def cmd_report(args) -> int:
 def cmd_compare(args) -> int:
     from distcl.eval.compare import compare_jobs
 
-    jobs = [load_job(j, overrides=args.set or (), smoke=True if args.smoke else None)
-            for j in args.jobs]
+    jobs = [
+        load_job(j, overrides=args.set or (), smoke=True if args.smoke else None) for j in args.jobs
+    ]
     compare_jobs(jobs, Path(args.out))
     return 0
 
@@ -124,14 +131,16 @@ def cmd_bench(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="distcl", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="distcl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="build or verify a job's WebDataset shards")
     dsub = data.add_subparsers(dest="data_command", required=True)
-    p = dsub.add_parser("build", help="write shards per task/split + manifest.json "
-                                      "(atomic, idempotent)")
+    p = dsub.add_parser(
+        "build", help="write shards per task/split + manifest.json (atomic, idempotent)"
+    )
     _add_job_args(p)
     p.set_defaults(func=cmd_data_build)
     p = dsub.add_parser("verify", help="check every shard's sha256 against the manifest")
@@ -141,14 +150,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="train every task (resuming), evaluate, write the report")
     _add_job_args(p)
-    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or an "
-                                     "embedded local Ray on 127.0.0.1)")
+    p.add_argument(
+        "--address",
+        help="Ray cluster address (default: $RAY_ADDRESS or an embedded local Ray on 127.0.0.1)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no live progress bar")
     p.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("eval", help="recompute the compatibility matrix and stale-gallery "
-                                    "metrics of a run dir, rewrite its report")
+    p = sub.add_parser(
+        "eval",
+        help="recompute the compatibility matrix and stale-gallery "
+        "metrics of a run dir, rewrite its report",
+    )
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_eval)
 
@@ -183,8 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token")
     p.set_defaults(func=cmd_jobs)
 
-    p = sub.add_parser("bench", help="benchmarks, reported as ratios against a baseline "
-                                     "measured in the same run")
+    p = sub.add_parser(
+        "bench", help="benchmarks, reported as ratios against a baseline measured in the same run"
+    )
     p.add_argument("name", choices=["train", "search", "eval", "memory"])
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark")
     p.set_defaults(func=cmd_bench)

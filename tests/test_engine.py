@@ -52,7 +52,7 @@ def _ddp_step(config: dict) -> dict:
     rank = ray.train.get_context().get_world_rank()
     x, y = torch.tensor(config["x"]), torch.tensor(config["y"])
     half = len(x) // 2
-    xs, ys = x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half]
+    xs, ys = x[rank * half : (rank + 1) * half], y[rank * half : (rank + 1) * half]
     loss = torch.nn.functional.cross_entropy(model(xs), ys)
     opt.zero_grad()
     loss.backward()
@@ -90,14 +90,17 @@ def test_ddp_equals_single_process_on_the_same_global_batch():
 
 
 # finetune runs in a shared module fixture; cvs runs in its herding + blurry variant below.
-METHOD_JOBS = {name: {"method": {"name": name}} for name in METHODS
-               if name not in ("finetune", "cvs")}
+METHOD_JOBS = {
+    name: {"method": {"name": name}} for name in METHODS if name not in ("finetune", "cvs")
+}
 METHOD_JOBS["finetune+align"] = {"method": {"name": "finetune", "align": [
     {"name": "l2"}, {"name": "projection"}, {"name": "layerwise", "weight": 0.5},
     {"name": "adversarial", "weight": 0.1}, {"name": "kd"}]}}  # fmt: skip
-METHOD_JOBS["cvs-herding-blurry"] = {"method": {"name": "cvs"},
-                                     "memory": {"selection": "herding"},
-                                     "scenario": {"setup": "blurry"}}
+METHOD_JOBS["cvs-herding-blurry"] = {
+    "method": {"name": "cvs"},
+    "memory": {"selection": "herding"},
+    "scenario": {"setup": "blurry"},
+}
 
 
 @pytest.fixture(scope="module")
@@ -130,13 +133,18 @@ def _check_smoke_run(variant, job, out):
         assert all(np.isfinite(v) for h in hist for k, v in h.items() if k.startswith("loss/"))
     assert (run_dir / "report.md").is_file() and (run_dir / "compat_all.png").is_file()
     M = np.asarray(out["eval"]["protocols"]["all"]["matrices"]["cmc@1"])
-    assert M.shape == (2, 2) and np.all((M[np.tril_indices(2)] >= 0) &
-                                         (M[np.tril_indices(2)] <= 1))
+    assert M.shape == (2, 2) and np.all((M[np.tril_indices(2)] >= 0) & (M[np.tril_indices(2)] <= 1))
     terms = {k for h in hist for k in h if k.startswith("loss/")}
-    expected = {"bct": "loss/influence", "cvs-herding-blurry": "loss/triplet",
-                "cl2r": "loss/feat_distill", "mmd": "loss/mmd", "lwf": "loss/kd",
-                "finetune+align": "loss/align_adversarial", "joint": "loss/ce",
-                "finetune": "loss/ce"}
+    expected = {
+        "bct": "loss/influence",
+        "cvs-herding-blurry": "loss/triplet",
+        "cl2r": "loss/feat_distill",
+        "mmd": "loss/mmd",
+        "lwf": "loss/kd",
+        "finetune+align": "loss/align_adversarial",
+        "joint": "loss/ce",
+        "finetune": "loss/ce",
+    }
     assert expected[variant] in terms, terms
     if variant == "finetune+align":
         assert {f"loss/align_{n}" for n in ("l2", "projection", "layerwise", "kd")} <= terms
@@ -154,15 +162,17 @@ def test_rerun_skips_finished_tasks_and_other_jobs_are_refused(finetune_run, mak
     assert model_pt.stat().st_mtime_ns == before
     assert sum("done, skipped" in line for line in lines) == 2
 
-    other = make_job(job.output.root.rsplit("/runs", 1)[0], name=job.name,
-                     sets=["train.lr=0.01"], **TINY)
+    other = make_job(
+        job.output.root.rsplit("/runs", 1)[0], name=job.name, sets=["train.lr=0.01"], **TINY
+    )
     with pytest.raises(ConfigError, match="different job.*train"):
         Run(other, progress=False).prepare()
 
 
 def test_killed_worker_resumes_from_its_checkpoint(synthetic_job, tmp_path, monkeypatch):
-    job = synthetic_job(name="fault", **{**TINY, "train": {**TINY["train"], "epochs": 3,
-                                                           "max_failures": 2}})
+    job = synthetic_job(
+        name="fault", **{**TINY, "train": {**TINY["train"], "epochs": 3, "max_failures": 2}}
+    )
     marker = tmp_path / "fault-fired"
     monkeypatch.setenv("DISTCL_FAULT", f"{marker}:1:1")  # task 1, start of epoch 1
     run_job(job, progress=False, evaluate=False, log=lambda *a: None)
@@ -188,13 +198,22 @@ def test_checkpoint_of_another_job_or_architecture_is_refused(finetune_run, synt
 def test_bct_upgrades_backbone_against_an_external_old_model(finetune_run, synthetic_job):
     old_job, _ = finetune_run
     old_dir = str(old_job.run_dir / "models" / "0")  # resnet32, embedding_dim 8
-    bad = synthetic_job(name="bct-bad", sets=["model.embedding_dim=12"], **{
-        **TINY, "method": {"name": "bct", "params": {"old_model_dir": old_dir}}})
+    bad = synthetic_job(
+        name="bct-bad",
+        sets=["model.embedding_dim=12"],
+        **{**TINY, "method": {"name": "bct", "params": {"old_model_dir": old_dir}}},
+    )
     with pytest.raises(ConfigError, match="old_model_dir.*embedding_dim=12"):
         Run(bad, progress=False).prepare()
-    job = synthetic_job(name="bct-upgrade", sets=["scenario.max_tasks=1"], **{
-        **TINY, "model": {"backbone": "resnet18", "embedding_dim": 8},
-        "method": {"name": "bct", "params": {"old_model_dir": old_dir}}})
+    job = synthetic_job(
+        name="bct-upgrade",
+        sets=["scenario.max_tasks=1"],
+        **{
+            **TINY,
+            "model": {"backbone": "resnet18", "embedding_dim": 8},
+            "method": {"name": "bct", "params": {"old_model_dir": old_dir}},
+        },
+    )
     run_job(job, progress=False, evaluate=False, log=lambda *a: None)
     meta = json.loads((job.run_dir / "models" / "0" / "meta.json").read_text())
     hist = json.loads((job.run_dir / "models" / "0" / "history.json").read_text())

@@ -45,8 +45,9 @@ def fake_run(synthetic_job):
         embs.append(emb)
         write_embeddings(run / "eval" / "embeddings", t, "eval", ids, labels, tasks, emb)
         here = tasks == t
-        write_embeddings(run / "gallery", t, f"task{t}", ids[here], labels[here], tasks[here],
-                         emb[here])
+        write_embeddings(
+            run / "gallery", t, f"task{t}", ids[here], labels[here], tasks[here], emb[here]
+        )
         (run / "models" / str(t)).mkdir()
         (run / "models" / str(t) / "post.json").write_text("{}")
     return run, scen, ids, labels, tasks, embs
@@ -67,8 +68,7 @@ def test_matrices_and_summaries_match_direct_computation(fake_run):
     direct_seen = compat.compatibility_matrices(embs, labels, ("cmc@1",), seen_masks=seen)
     got_seen = np.asarray(result["protocols"]["seen"]["matrices"]["cmc@1"], dtype=float)
     np.testing.assert_allclose(got_seen, direct_seen["cmc@1"], equal_nan=True)
-    for name in ("report.md", "metrics.json", "compat_all.png", "compat_seen.png",
-                 "curves.png"):
+    for name in ("report.md", "metrics.json", "compat_all.png", "compat_seen.png", "curves.png"):
         assert (run / name).is_file(), name
     report = (run / "report.md").read_text()
     assert "AC=" in report and ("✗" in report or "✓" in report)
@@ -102,8 +102,9 @@ def test_faiss_topk_path_equals_exact_metrics_without_ties():
     ids = np.array([f"i{k}" for k in range(300)])
     index = build_index(emb, kind="flat", use_gpu=False)
     got = topk_summary(emb, ids, lab, index, ids, lab, ks=(1, 5, 10))
-    exp = retrieval_summary(emb, lab, emb, lab, exclude_self=True, topk=(1, 5),
-                            recall_ks=(1, 5, 10))
+    exp = retrieval_summary(
+        emb, lab, emb, lab, exclude_self=True, topk=(1, 5), recall_ks=(1, 5, 10)
+    )
     for k in ("cmc@1", "cmc@5", "recall@10"):
         assert got[k] == pytest.approx(exp[k]), k
 
@@ -112,8 +113,7 @@ def test_evaluating_an_empty_run_is_a_clear_error(synthetic_job):
     job = synthetic_job(name="empty")
     job.run_dir.mkdir(parents=True)
     (job.run_dir / "job.yaml").write_text(dump_job(job))
-    scen = build_scenario(np.repeat(np.arange(8), 4), np.repeat(np.arange(8), 2),
-                          job.scenario, 0)
+    scen = build_scenario(np.repeat(np.arange(8), 4), np.repeat(np.arange(8), 2), job.scenario, 0)
     (job.run_dir / "scenario.json").write_text(json.dumps(scen.to_json()))
     with pytest.raises(ValueError, match="no finished task"):
         evaluate_run(job.run_dir)

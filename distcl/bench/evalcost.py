@@ -35,20 +35,26 @@ def run_eval_bench(run_dir: str | Path = "runs/quickstart") -> dict:
         raise ValueError(f"{run_dir}: not a run directory (run `distcl run JOB` first)")
     job = parse_job(yaml.safe_load((run_dir / "job.yaml").read_text()), str(run_dir))
     scenario = Scenario.from_json(json.loads((run_dir / "scenario.json").read_text()))
-    T = sum((run_dir / "models" / str(t) / "post.json").is_file()
-            for t in range(scenario.num_tasks))
+    T = sum(
+        (run_dir / "models" / str(t) / "post.json").is_file() for t in range(scenario.num_tasks)
+    )
     init_ray()
-    manifest_dir = job.shards_dir if job.shards_dir.is_absolute() else \
-        (run_dir.parent / "shards" / job.data_fingerprint())
+    manifest_dir = (
+        job.shards_dir
+        if job.shards_dir.is_absolute()
+        else (run_dir.parent / "shards" / job.data_fingerprint())
+    )
     paths = shard_paths(manifest_dir, range(scenario.num_tasks), "gallery")
     from distcl.data.shards import load_manifest
 
     manifest = load_manifest(manifest_dir)
-    embed_paths(job, run_dir / "models" / "0", paths, manifest["num_classes"],
-                manifest["image_shape"][0])  # warm-up: worker processes import torch
+    embed_paths(
+        job, run_dir / "models" / "0", paths, manifest["num_classes"], manifest["image_shape"][0]
+    )  # warm-up: worker processes import torch
     t0 = time.perf_counter()
-    out = embed_paths(job, run_dir / "models" / "0", paths, manifest["num_classes"],
-                      manifest["image_shape"][0])
+    out = embed_paths(
+        job, run_dir / "models" / "0", paths, manifest["num_classes"], manifest["image_shape"][0]
+    )
     pass_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     ids, labels, embs = _load_eval_embeddings(run_dir, T, job.eval.items_per_class, job.seed)

@@ -219,6 +219,5 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--replay-fraction", type=float, default=0.5)
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
-    r = run_memory_bench(steps=a.steps, batch_size=a.batch_size,
-                         replay_fraction=a.replay_fraction)
+    r = run_memory_bench(steps=a.steps, batch_size=a.batch_size, replay_fraction=a.replay_fraction)
     print(json.dumps(r, indent=1, default=str) if a.json else format_memory_bench(r))

@@ -20,9 +20,16 @@ import numpy as np
 import torch
 
 
-def baseline_images_per_s(job, num_classes: int, in_channels: int, images: np.ndarray,
-                          labels: np.ndarray, global_batch: int, steps: int,
-                          threads: int) -> float:
+def baseline_images_per_s(
+    job,
+    num_classes: int,
+    in_channels: int,
+    images: np.ndarray,
+    labels: np.ndarray,
+    global_batch: int,
+    steps: int,
+    threads: int,
+) -> float:
     """Single process, in-memory tensors, same model and batch: images/s after warm-up."""
     from distcl import losses
     from distcl.train.modeling import build_model
@@ -51,8 +58,9 @@ def baseline_images_per_s(job, num_classes: int, in_channels: int, images: np.nd
     return steps * global_batch / (time.perf_counter() - t0)
 
 
-def run_train_bench(job_path: str = "jobs/quickstart.yaml", epochs: int = 2,
-                    workers: int = 2, log=print) -> dict:
+def run_train_bench(
+    job_path: str = "jobs/quickstart.yaml", epochs: int = 2, workers: int = 2, log=print
+) -> dict:
     from distcl.config import load_job
     from distcl.data.shards import load_arrays
     from distcl.train.driver import Run, init_ray
@@ -75,8 +83,16 @@ def run_train_bench(job_path: str = "jobs/quickstart.yaml", epochs: int = 2,
         keys, images, labels, _ = load_arrays(run.train_shards(0))
         global_batch = job.train.batch_size_per_worker * workers
         steps = max(10, int(sum(h["epoch_s"] for h in history[-1:]) * full / global_batch))
-        base = baseline_images_per_s(job, run.num_classes, run.in_channels, images, labels,
-                                     global_batch, min(steps, 40), threads=workers)
+        base = baseline_images_per_s(
+            job,
+            run.num_classes,
+            run.in_channels,
+            images,
+            labels,
+            global_batch,
+            min(steps, 40),
+            threads=workers,
+        )
     result = {
         "workers": workers, "global_batch": global_batch, "epochs": epochs,
         "full_path_images_per_s": full, "baseline_images_per_s": base,

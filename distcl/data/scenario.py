@@ -199,8 +199,9 @@ def build_scenario(
                 train_classes=tuple(train_classes[t]),
                 seen_classes=tuple(c for c in order if c in seen),
                 train_items=np.sort(task_items[t]).astype(np.int64),
-                gallery_items=np.sort(np.concatenate(arrive[t] or [np.zeros(0, np.int64)]))
-                .astype(np.int64),
+                gallery_items=np.sort(np.concatenate(arrive[t] or [np.zeros(0, np.int64)])).astype(
+                    np.int64
+                ),
             )
         )
     eval_items = np.sort(np.concatenate([t.gallery_items for t in tasks])).astype(np.int64)

@@ -236,8 +236,9 @@ def iter_shard(path: Path) -> Iterator[tuple[str, np.ndarray, int, dict]]:
             raise ShardError(f"{path}: cannot read shard (truncated: no end-of-archive marker)")
 
 
-def exact_split(paths: Sequence[Path], rank: int, world: int, worker: int = 0,
-                num_workers: int = 1) -> list[Path]:
+def exact_split(
+    paths: Sequence[Path], rank: int, world: int, worker: int = 0, num_workers: int = 1
+) -> list[Path]:
     """Shards of (rank, loader worker) so that every shard goes to exactly one of them."""
     flat = rank * num_workers + worker
     return list(paths[flat :: world * num_workers])

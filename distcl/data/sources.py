@@ -104,8 +104,9 @@ def _find_idx(root: Path, split: str, kind: str) -> Path | None:
 
 def fashion_mnist_root(root: str | None) -> Path:
     """The folder holding Fashion-MNIST's IDX files, or a DataError saying where it looked."""
-    candidates = [Path(root).expanduser()] if root else [Path(p).expanduser() for p in
-                                                         FASHION_MNIST_DIRS]
+    candidates = (
+        [Path(root).expanduser()] if root else [Path(p).expanduser() for p in FASHION_MNIST_DIRS]
+    )
     for cand in candidates:
         if _find_idx(cand, "train", "images") is not None:
             return cand
@@ -117,7 +118,7 @@ def load_fashion_mnist(root: str | None = None) -> Source:
     """Fashion-MNIST: 60000 train / 10000 test 28x28 grey images, 10 classes."""
     folder = fashion_mnist_root(root)
     arrays = {}
-    for (split, kind) in _IDX_FILES:
+    for split, kind in _IDX_FILES:
         path = _find_idx(folder, split, kind)
         if path is None:
             raise DataError(f"{folder}: missing {_IDX_FILES[(split, kind)]}[.gz]")
@@ -158,9 +159,7 @@ def _scan_tree(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     return classes, items
 
 
-def load_image_folder(
-    root: str | None, image_size: int, test_fraction: float, seed: int
-) -> Source:
+def load_image_folder(root: str | None, image_size: int, test_fraction: float, seed: int) -> Source:
     """A torchvision-style ImageFolder tree (``root/train`` + ``root/test``, or one tree).
 
     Images are decoded lazily, converted to RGB and resized to ``image_size`` squared.

@@ -70,16 +70,25 @@ def plot_side_by_side(results: list[tuple[str, dict]], path: Path) -> None:
         ax.imshow(np.ma.masked_invalid(M), cmap="viridis", vmin=0, vmax=1)
         for i in range(T):
             for j in range(i + 1):
-                ax.text(j, i, f"{M[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                        color="white" if M[i, j] < 0.6 else "black")
+                ax.text(
+                    j,
+                    i,
+                    f"{M[i, j]:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if M[i, j] < 0.6 else "black",
+                )
                 if j < i and not block["summary"]["ecc"][i][j]:
                     ax.text(j + 0.3, i - 0.28, "x", color="red", fontsize=8, weight="bold")
         s = block["summary"]
         ax.set_title(f"{name}\nAC={s['ac']:.2f} AM={s['am']:.2f}", fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle(f"compatibility matrices ({results[0][1]['metric']}, protocol 'all'; "
-                 "x: ECC fails)", fontsize=10)
+    fig.suptitle(
+        f"compatibility matrices ({results[0][1]['metric']}, protocol 'all'; x: ECC fails)",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -91,8 +100,10 @@ def compare_jobs(jobs: list[JobConfig], out: Path, log=print) -> list[dict]:
 
     fingerprints = {j.data_fingerprint() for j in jobs}
     if len(fingerprints) > 1:
-        raise ValueError("compare: the jobs do not share data/scenario/seed "
-                         f"({', '.join(j.name for j in jobs)}): their matrices are not comparable")
+        raise ValueError(
+            "compare: the jobs do not share data/scenario/seed "
+            f"({', '.join(j.name for j in jobs)}): their matrices are not comparable"
+        )
     out.mkdir(parents=True, exist_ok=True)
     rows, results = [], []
     for job in jobs:
@@ -105,6 +116,7 @@ def compare_jobs(jobs: list[JobConfig], out: Path, log=print) -> list[dict]:
     plot_side_by_side(results, out / "compare.png")
     (out / "compare.json").write_text(json.dumps(rows, indent=1))
     (out / "compare.md").write_text(
-        "# distcl compare\n\n" + table + "\n\n![matrices](compare.png)\n")
+        "# distcl compare\n\n" + table + "\n\n![matrices](compare.png)\n"
+    )
     log(table)
     return rows

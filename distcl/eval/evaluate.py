@@ -54,8 +54,9 @@ def _load_eval_embeddings(run_dir: Path, T: int, items_per_class: int | None, se
     return ids, labels, embs
 
 
-def topk_summary(query_emb, query_ids, query_lab, index, gallery_ids, gallery_lab,
-                 ks=(1, 5, 10)) -> dict:
+def topk_summary(
+    query_emb, query_ids, query_lab, index, gallery_ids, gallery_lab, ks=(1, 5, 10)
+) -> dict:
     """CMC/Recall@K and mAP@k from a faiss top-k search (self matches dropped by id)."""
     kmax = max(ks)
     _, nn = index.search(query_emb, kmax + 1)  # (Q, k+1): one spare for the self match
@@ -87,16 +88,36 @@ def stale_gallery_eval(run_dir: Path, scenario: Scenario, job_eval, embs, ids) -
         q_emb = embs[s][[pos[k] for k in g_ids]]  # same items, embedded by model s
         t0 = time.perf_counter()
         if len(g_ids) <= EXACT_LIMIT:
-            res = retrieval_summary(q_emb, g_lab, g_emb, g_lab, exclude_self=True,
-                                    topk=tuple(job_eval.topk), recall_ks=tuple(job_eval.recall_ks))
+            res = retrieval_summary(
+                q_emb,
+                g_lab,
+                g_emb,
+                g_lab,
+                exclude_self=True,
+                topk=tuple(job_eval.topk),
+                recall_ks=tuple(job_eval.recall_ks),
+            )
             res.pop("n_queries", None)
         else:
             index = build_index(g_emb, kind=job_eval.index)
-            res = topk_summary(q_emb, g_ids, g_lab, index, g_ids, g_lab,
-                               ks=tuple(sorted(set(job_eval.topk) | set(job_eval.recall_ks))))
-        rows.append({"task": s, "gallery": len(g_ids),
-                     "models_in_gallery": sorted(set(g.models.tolist())),
-                     "seconds": time.perf_counter() - t0, **res})
+            res = topk_summary(
+                q_emb,
+                g_ids,
+                g_lab,
+                index,
+                g_ids,
+                g_lab,
+                ks=tuple(sorted(set(job_eval.topk) | set(job_eval.recall_ks))),
+            )
+        rows.append(
+            {
+                "task": s,
+                "gallery": len(g_ids),
+                "models_in_gallery": sorted(set(g.models.tolist())),
+                "seconds": time.perf_counter() - t0,
+                **res,
+            }
+        )
     return rows
 
 
@@ -122,8 +143,9 @@ def evaluate_run(run_dir: str | Path, log=print) -> dict:
     seen_masks = [np.isin(labels, scenario.tasks[t].seen_classes) for t in range(T)]
     protocols = {
         "all": compat.compatibility_matrices(embs, labels, names, exclude_self=True),
-        "seen": compat.compatibility_matrices(embs, labels, names, exclude_self=True,
-                                              seen_masks=seen_masks),
+        "seen": compat.compatibility_matrices(
+            embs, labels, names, exclude_self=True, seen_masks=seen_masks
+        ),
     }
     result = {
         "job": job.name, "method": job.method.name, "tasks": T, "metric": metric,

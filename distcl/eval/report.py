@@ -48,8 +48,15 @@ def plot_matrix(M, ecc, path: Path, title: str) -> None:
     im = ax.imshow(masked, cmap="viridis", vmin=0, vmax=1)
     for i in range(T):
         for j in range(i + 1):
-            ax.text(j, i, f"{M[i, j]:.2f}", ha="center", va="center",
-                    color="white" if M[i, j] < 0.6 else "black", fontsize=9)
+            ax.text(
+                j,
+                i,
+                f"{M[i, j]:.2f}",
+                ha="center",
+                va="center",
+                color="white" if M[i, j] < 0.6 else "black",
+                fontsize=9,
+            )
             if j < i and not ecc[i][j]:
                 ax.text(j + 0.32, i - 0.3, "x", color="red", fontsize=10, weight="bold")
     ax.set_xticks(range(T), [f"φ{j + 1}" for j in range(T)])
@@ -81,8 +88,9 @@ def plot_curves(result: dict, path: Path) -> None:
     axes[0].legend()
     hist = result.get("history", [])
     if hist:
-        axes[1].plot(range(len(hist)), [h["train_acc"] for h in hist], marker=".",
-                     label="train acc")
+        axes[1].plot(
+            range(len(hist)), [h["train_acc"] for h in hist], marker=".", label="train acc"
+        )
         axes[1].set_title("train accuracy per epoch (all tasks)")
         axes[1].set_xlabel("epoch")
         axes[1].set_ylim(0, 1)
@@ -94,9 +102,13 @@ def plot_curves(result: dict, path: Path) -> None:
 def write_report(run_dir: Path, result: dict) -> str:
     """Write report.md and the PNGs; return the markdown."""
     metric = result["metric"]
-    parts = [f"# {result['job']} ({result['method']})", "",
-             f"{result['tasks']} tasks, {result['eval_items']} evaluation items, metric "
-             f"`{metric}`, {result['embedding_passes']} embedding passes.", ""]
+    parts = [
+        f"# {result['job']} ({result['method']})",
+        "",
+        f"{result['tasks']} tasks, {result['eval_items']} evaluation items, metric "
+        f"`{metric}`, {result['embedding_passes']} embedding passes.",
+        "",
+    ]
     for proto, block in result["protocols"].items():
         s = block["summary"]
         M = block["matrices"][metric]
@@ -113,14 +125,19 @@ def write_report(run_dir: Path, result: dict) -> str:
         ]  # fmt: skip
     stale = result["stale_gallery"]
     keys = [k for k in stale[0] if k.startswith(("cmc@", "map", "recall@"))]
-    parts += ["## Stale gallery (deployment case)", "",
-              "| task | gallery | " + " | ".join(keys) + " |",
-              "|" + "---|" * (len(keys) + 2)]
+    parts += [
+        "## Stale gallery (deployment case)",
+        "",
+        "| task | gallery | " + " | ".join(keys) + " |",
+        "|" + "---|" * (len(keys) + 2),
+    ]
     for r in stale:
-        parts.append(f"| {r['task'] + 1} | {r['gallery']} | "
-                     + " | ".join(_fmt(r[k]) for k in keys) + " |")
-    parts.append("| mean | | " + " | ".join(_fmt(np.mean([r[k] for r in stale]))
-                                          for k in keys) + " |")
+        parts.append(
+            f"| {r['task'] + 1} | {r['gallery']} | " + " | ".join(_fmt(r[k]) for k in keys) + " |"
+        )
+    parts.append(
+        "| mean | | " + " | ".join(_fmt(np.mean([r[k] for r in stale])) for k in keys) + " |"
+    )
     plot_curves(result, run_dir / "curves.png")
     parts += ["", "![curves](curves.png)", ""]
     text = "\n".join(parts)
@@ -139,8 +156,10 @@ def print_summary(result: dict, log=print) -> None:
         M = np.asarray(block["matrices"][metric], dtype=float)
         s = block["summary"]
         T = len(M)
-        table = Table(title=f"{result['job']}: {metric}, protocol '{proto}' "
-                            f"(rows: query model, cols: gallery model)")
+        table = Table(
+            title=f"{result['job']}: {metric}, protocol '{proto}' "
+            f"(rows: query model, cols: gallery model)"
+        )
         table.add_column("")
         for j in range(T):
             table.add_column(f"φ{j + 1}", justify="right")
@@ -156,8 +175,9 @@ def print_summary(result: dict, log=print) -> None:
                     row.append(cell)
             table.add_row(f"φ{i + 1}", *row)
         console.print(table)
-        console.print(f"[{proto}] AC={_fmt(s['ac'])} AM={_fmt(s['am'])} BC={_fmt(s['bc'])} "
-                      f"FC={_fmt(s['fc'])}")
+        console.print(
+            f"[{proto}] AC={_fmt(s['ac'])} AM={_fmt(s['am'])} BC={_fmt(s['bc'])} FC={_fmt(s['fc'])}"
+        )
     stale = result["stale_gallery"]
     mean = {k: np.mean([r[k] for r in stale]) for k in ("cmc@1", "map") if k in stale[0]}
     console.print("stale gallery mean: " + " ".join(f"{k}={v:.3f}" for k, v in mean.items()))

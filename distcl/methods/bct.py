@@ -27,8 +27,13 @@ class BCTParams:
     old_model_dir: str | None = None
 
 
-def influence_classifier(old_weight: torch.Tensor, old_bias: torch.Tensor | None,
-                         old_classes, new_means: torch.Tensor, new_labels) -> tuple:
+def influence_classifier(
+    old_weight: torch.Tensor,
+    old_bias: torch.Tensor | None,
+    old_classes,
+    new_means: torch.Tensor,
+    new_labels,
+) -> tuple:
     """(W, b) of the old classifier with rows of unseen classes replaced by the rescaled
     old-model class means. old_weight: (C, D); new_means: (K, D)."""
     weight = old_weight.clone()
@@ -59,17 +64,25 @@ class BCT(Method):
             return {}
         head = old_model.head
         bias = getattr(head, "bias", None)
-        return {"old_head": influence_classifier(
-            head.weight.detach().cpu(), None if bias is None else bias.detach().cpu(),
-            set(ctx.old_classes), ctx.old_class_means, ctx.old_class_mean_labels.tolist())}
+        return {
+            "old_head": influence_classifier(
+                head.weight.detach().cpu(),
+                None if bias is None else bias.detach().cpu(),
+                set(ctx.old_classes),
+                ctx.old_class_means,
+                ctx.old_class_mean_labels.tolist(),
+            )
+        }
 
     def loss(self, batch, new, old):
         terms = {"ce": losses.cross_entropy(self.seen_logits(new["logits"]), batch.labels)}
         head = self.ctx.extras.get("old_head")
         if old is not None and head is not None:
             weight, bias = head
-            logits = F.linear(new["feat"], weight.to(new["feat"].device),
-                              bias.to(new["feat"].device))
+            logits = F.linear(
+                new["feat"], weight.to(new["feat"].device), bias.to(new["feat"].device)
+            )
             terms["influence"] = self.params.lambda_ * losses.cross_entropy(
-                self.seen_logits(logits), batch.labels)
+                self.seen_logits(logits), batch.labels
+            )
         return terms

@@ -40,8 +40,10 @@ class CL2R(Method):
         terms = {"ce": losses.cross_entropy(new["logits"], batch.labels)}
         if old is not None and batch.from_memory.any():
             mem = batch.from_memory
-            lam = cl2r_lambda(self.params.lambda_, len(self.ctx.old_classes),
-                              len(self.ctx.new_classes))
+            lam = cl2r_lambda(
+                self.params.lambda_, len(self.ctx.old_classes), len(self.ctx.new_classes)
+            )
             terms["feat_distill"] = lam * losses.cosine_distillation_loss(
-                new["feat"][mem], old["feat"][mem])
+                new["feat"][mem], old["feat"][mem]
+            )
         return terms

@@ -36,18 +36,23 @@ class CVS(Method):
 
     @classmethod
     def needs_for(cls, params) -> Needs:
-        return Needs(old_model=True, replay_fraction=params.replay_fraction,
-                     class_means=True, head="cosine")
+        return Needs(
+            old_model=True, replay_fraction=params.replay_fraction, class_means=True, head="cosine"
+        )
 
     def loss(self, batch, new, old):
         # The cosine head already gives cos / T logits (NormSoftmax).
         terms = {"ce": losses.cross_entropy(self.seen_logits(new["logits"]), batch.labels)}
         if old is not None:
             terms["triplet"] = self.params.alpha * losses.triplet_distillation_loss(
-                new["emb"], old["emb"], batch.labels, margin=self.params.margin)
+                new["emb"], old["emb"], batch.labels, margin=self.params.margin
+            )
         if self.ctx.class_means is not None:
-            means = (self.ctx.class_means.to(new["emb"].device),
-                     self.ctx.class_mean_labels.to(new["emb"].device))
+            means = (
+                self.ctx.class_means.to(new["emb"].device),
+                self.ctx.class_mean_labels.to(new["emb"].device),
+            )
             terms["coherence"] = self.params.beta * losses.coherence_loss(
-                new["emb"], batch.labels, means)
+                new["emb"], batch.labels, means
+            )
         return terms

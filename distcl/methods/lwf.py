@@ -28,7 +28,8 @@ class LwF(Method):
         terms = {"ce": losses.cross_entropy(self.seen_logits(new["logits"]), batch.labels)}
         if old is not None and self.ctx.old_classes:
             cols = list(self.ctx.old_classes)
-            kd = losses.kd_loss(new["logits"][:, cols], old["logits"][:, cols],
-                                self.params.temperature)
+            kd = losses.kd_loss(
+                new["logits"][:, cols], old["logits"][:, cols], self.params.temperature
+            )
             terms["kd"] = self.params.alpha * kd
         return terms

@@ -1,8 +1,8 @@
 """MMD incremental fine-grained retrieval (exemplar-free):
 
-    CE + batch-hard triplet + alpha * KD(T=2) on old classes
-    + beta * MMD^2(new embeddings, old embeddings) of the current batch
-      (Gaussian kernels summed over several bandwidths)
+CE + batch-hard triplet + alpha * KD(T=2) on old classes
++ beta * MMD^2(new embeddings, old embeddings) of the current batch
+  (Gaussian kernels summed over several bandwidths)
 """
 
 from __future__ import annotations
@@ -34,14 +34,17 @@ class MMDRetrieval(Method):
     def loss(self, batch, new, old):
         terms = {
             "ce": losses.cross_entropy(self.seen_logits(new["logits"]), batch.labels),
-            "triplet": losses.batch_hard_triplet_loss(new["emb"], batch.labels,
-                                                      margin=self.params.margin),
+            "triplet": losses.batch_hard_triplet_loss(
+                new["emb"], batch.labels, margin=self.params.margin
+            ),
         }
         if old is not None:
             cols = list(self.ctx.old_classes)
             if cols:
                 terms["kd"] = self.params.alpha * losses.kd_loss(
-                    new["logits"][:, cols], old["logits"][:, cols], self.params.temperature)
-            terms["mmd"] = self.params.beta * losses.mmd(new["emb"], old["emb"],
-                                                        sigmas=self.params.sigmas)
+                    new["logits"][:, cols], old["logits"][:, cols], self.params.temperature
+                )
+            terms["mmd"] = self.params.beta * losses.mmd(
+                new["emb"], old["emb"], sigmas=self.params.sigmas
+            )
         return terms

@@ -49,20 +49,26 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     env = {"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}}
     if address:
-        ray.init(address=address, namespace=NAMESPACE, runtime_env=env,
-                 logging_level="WARNING")
+        ray.init(address=address, namespace=NAMESPACE, runtime_env=env, logging_level="WARNING")
     else:
         # The dashboard serves the State API that Train/Tune use to clean up placement
         # groups of stopped runs (stack-notes); it binds to 127.0.0.1 too.
-        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 namespace=NAMESPACE, _node_ip_address="127.0.0.1", logging_level="WARNING",
-                 runtime_env=env)
+        ray.init(
+            num_cpus=num_cpus,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            namespace=NAMESPACE,
+            _node_ip_address="127.0.0.1",
+            logging_level="WARNING",
+            runtime_env=env,
+        )
 
 
 # ------------------------------------------------------------------------ embedding
 @ray.remote(num_cpus=1)
-def _embed_shards(job: JobConfig, model_dir: str, paths: list[str], num_classes: int,
-                  in_channels: int) -> dict:
+def _embed_shards(
+    job: JobConfig, model_dir: str, paths: list[str], num_classes: int, in_channels: int
+) -> dict:
     """Embed every sample of ``paths`` with the model in ``model_dir``."""
     from distcl.data.shards import iter_shard
 
@@ -96,17 +102,22 @@ def _embed(model, images: list[np.ndarray]) -> np.ndarray:
         return model.embed(x).numpy().astype(np.float32)  # (B, D), L2-normalised
 
 
-def embed_paths(job: JobConfig, model_dir: Path, paths: list[Path], num_classes: int,
-                in_channels: int) -> dict:
+def embed_paths(
+    job: JobConfig, model_dir: Path, paths: list[Path], num_classes: int, in_channels: int
+) -> dict:
     """Embed shards in parallel Ray tasks (each shard to exactly one task), in path order."""
     if not paths:
-        return {"keys": np.zeros(0, object), "labels": np.zeros(0, np.int64),
-                "tasks": np.zeros(0, np.int32),
-                "emb": np.zeros((0, job.model.embedding_dim), np.float32)}
+        return {
+            "keys": np.zeros(0, object),
+            "labels": np.zeros(0, np.int64),
+            "tasks": np.zeros(0, np.int32),
+            "emb": np.zeros((0, job.model.embedding_dim), np.float32),
+        }
     n = max(1, min(len(paths), int(ray.available_resources().get("CPU", 1)) or 1))
     groups = [[str(p) for p in paths[i::n]] for i in range(n)]
-    parts = ray.get([_embed_shards.remote(job, str(model_dir), g, num_classes, in_channels)
-                     for g in groups])
+    parts = ray.get(
+        [_embed_shards.remote(job, str(model_dir), g, num_classes, in_channels) for g in groups]
+    )
     out = {k: np.concatenate([p[k] for p in parts]) for k in ("keys", "labels", "tasks", "emb")}
     order = np.argsort(out["keys"].astype(str), kind="stable")  # deterministic row order
     return {k: v[order] for k, v in out.items()}
@@ -154,8 +165,7 @@ class Run:
         self.scenario = scenario
         self.digest = scenario.digest()
         self._check_external_old_model()
-        atomic_write_bytes(self.dir / "scenario.json",
-                           json.dumps(scenario.to_json()).encode())
+        atomic_write_bytes(self.dir / "scenario.json", json.dumps(scenario.to_json()).encode())
         return scenario
 
     def _check_same_job(self) -> None:
@@ -168,8 +178,7 @@ class Run:
             import yaml
 
             theirs = yaml.safe_load(path.read_text()) or {}
-            theirs = {k: v for k, v in to_dict(parse_job(theirs, str(path))).items()
-                      if k in keep}
+            theirs = {k: v for k, v in to_dict(parse_job(theirs, str(path))).items() if k in keep}
             diff = [k for k in keep if mine.get(k) != theirs.get(k)]
             if diff and (self.dir / "models").exists():
                 raise ConfigError(
@@ -205,9 +214,14 @@ class Run:
 
         if getattr(self, "_memory", None) is None:
             m = self.job.memory
-            self._memory = create_memory_service(self.run_id, str(self.dir / "memory"),
-                                                 m.per_class, m.total, self.job.seed,
-                                                 namespace=NAMESPACE)
+            self._memory = create_memory_service(
+                self.run_id,
+                str(self.dir / "memory"),
+                m.per_class,
+                m.total,
+                self.job.seed,
+                namespace=NAMESPACE,
+            )
         return self._memory
 
     # -- one task --------------------------------------------------------------------
@@ -227,11 +241,17 @@ class Run:
                 ctx.class_means = torch.from_numpy(np.stack([means[c] for c in labels]))
                 ctx.class_mean_labels = torch.tensor(labels, dtype=torch.int64)
         if self.old_model_dir(t) and self.needs.old_class_means:
-            out = embed_paths(self.job, Path(self.old_model_dir(t)), self.train_shards(t),
-                              self.num_classes, self.in_channels)
+            out = embed_paths(
+                self.job,
+                Path(self.old_model_dir(t)),
+                self.train_shards(t),
+                self.num_classes,
+                self.in_channels,
+            )
             labels = sorted(set(out["labels"].tolist()))
             ctx.old_class_means = torch.from_numpy(
-                np.stack([out["emb"][out["labels"] == c].mean(0) for c in labels]))
+                np.stack([out["emb"][out["labels"] == c].mean(0) for c in labels])
+            )
             ctx.old_class_mean_labels = torch.tensor(labels, dtype=torch.int64)
         return ctx
 
@@ -264,14 +284,18 @@ class Run:
         from distcl.train.progress import ProgressBoard, show_progress
 
         job = self.job
-        epochs = job.train.first_task_epochs if (t == 0 and job.train.first_task_epochs) \
+        epochs = (
+            job.train.first_task_epochs
+            if (t == 0 and job.train.first_task_epochs)
             else job.train.epochs
+        )
         paths = self.train_shards(t)
         use_gpu = {"yes": True, "no": False}.get(job.train.use_gpu)
         if use_gpu is None:
             use_gpu = ray.cluster_resources().get("GPU", 0) >= job.train.workers
-        board = ProgressBoard.options(name=f"progress-{self.run_id}", namespace=NAMESPACE,
-                                      get_if_exists=True).remote()
+        board = ProgressBoard.options(
+            name=f"progress-{self.run_id}", namespace=NAMESPACE, get_if_exists=True
+        ).remote()
         ray.get(board.update.remote(epoch=0, step=0, steps=1, record=None))
         config = {
             "job": job, "ctx": self.context(t), "num_classes": self.num_classes,
@@ -315,10 +339,11 @@ class Run:
             meta["train_s"] = train_s  # wall time of the Train run, start-up included
             save_model_dir(self.dir, t, Path(d) / "model.pt", history, meta)
         last = history[-1]
-        self.log(f"task {t + 1}: train_acc={last['train_acc']:.3f} "
-                 f"{last['images_per_s']:.0f} img/s "
-                 + " ".join(f"{k[5:]}={v:.3f}" for k, v in last.items()
-                            if k.startswith("loss/")))
+        self.log(
+            f"task {t + 1}: train_acc={last['train_acc']:.3f} "
+            f"{last['images_per_s']:.0f} img/s "
+            + " ".join(f"{k[5:]}={v:.3f}" for k, v in last.items() if k.startswith("loss/"))
+        )
         return history
 
     def end_task(self, t: int) -> None:
@@ -330,25 +355,41 @@ class Run:
             return
         t0 = time.perf_counter()
         gallery = shard_paths(self.shards_dir, range(self.scenario.num_tasks), "gallery")
-        ev = embed_paths(self.job, self.model_dir(t), gallery, self.num_classes,
-                         self.in_channels)
-        write_embeddings(self.dir / "eval" / "embeddings", t, "eval", ev["keys"].astype(str),
-                         ev["labels"], ev["tasks"], ev["emb"])
+        ev = embed_paths(self.job, self.model_dir(t), gallery, self.num_classes, self.in_channels)
+        write_embeddings(
+            self.dir / "eval" / "embeddings",
+            t,
+            "eval",
+            ev["keys"].astype(str),
+            ev["labels"],
+            ev["tasks"],
+            ev["emb"],
+        )
         arrived = ev["tasks"] == t  # the stale gallery: items arriving now, by model t
-        write_embeddings(self.dir / "gallery", t, f"task{t}", ev["keys"][arrived].astype(str),
-                         ev["labels"][arrived], ev["tasks"][arrived], ev["emb"][arrived])
+        write_embeddings(
+            self.dir / "gallery",
+            t,
+            f"task{t}",
+            ev["keys"][arrived].astype(str),
+            ev["labels"][arrived],
+            ev["tasks"][arrived],
+            ev["emb"][arrived],
+        )
         if self.uses_memory:
             self._update_memory(t)
-        atomic_write_bytes(marker, json.dumps(
-            {"embed_s": time.perf_counter() - t0, "eval_items": len(ev["keys"])}).encode())
+        atomic_write_bytes(
+            marker,
+            json.dumps(
+                {"embed_s": time.perf_counter() - t0, "eval_items": len(ev["keys"])}
+            ).encode(),
+        )
 
     def _update_memory(self, t: int) -> None:
         from distcl.memory.selection import per_class_budget, select_exemplars
 
         actor = self.memory_actor()
         paths = shard_paths(self.shards_dir, t, "train")
-        tr = embed_paths(self.job, self.model_dir(t), paths, self.num_classes,
-                         self.in_channels)
+        tr = embed_paths(self.job, self.model_dir(t), paths, self.num_classes, self.in_channels)
         if self.needs.class_means:
             ray.get(actor.update_class_means.remote(tr["labels"], tr["emb"], key=f"task{t}"))
         if self.needs.replay_fraction <= 0:
@@ -356,10 +397,12 @@ class Run:
         m = self.job.memory
         n_seen = len(self.scenario.tasks[t].seen_classes)
         budget = per_class_budget(n_seen, m.per_class, m.total)
-        chosen = select_exemplars(tr["labels"], tr["emb"], budget, m.selection,
-                                  self.job.seed * 100 + t)
-        rows = np.concatenate([chosen[c] for c in sorted(chosen)]) if chosen else \
-            np.zeros(0, np.int64)
+        chosen = select_exemplars(
+            tr["labels"], tr["emb"], budget, m.selection, self.job.seed * 100 + t
+        )
+        rows = (
+            np.concatenate([chosen[c] for c in sorted(chosen)]) if chosen else np.zeros(0, np.int64)
+        )
         keys = tr["keys"][rows].astype(str).tolist()
         found = {}
         for part in ray.get([_collect_images.remote([str(p)], keys) for p in paths]):
@@ -382,8 +425,10 @@ class Run:
                 timings[t] = time.perf_counter() - t0
             t0 = time.perf_counter()
             self.end_task(t)
-            self.log(f"task {t + 1}: wall {timings.get(t, 0):.1f}s training, "
-                     f"{time.perf_counter() - t0:.1f}s end-of-task embedding")
+            self.log(
+                f"task {t + 1}: wall {timings.get(t, 0):.1f}s training, "
+                f"{time.perf_counter() - t0:.1f}s end-of-task embedding"
+            )
         return {"run_dir": str(self.dir), "train_s": timings}
 
 

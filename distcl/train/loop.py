@@ -97,15 +97,16 @@ def train_task_loop(config: dict) -> dict:
     )
     inner = step.module if hasattr(step, "module") else step
     params = [p for p in step.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=job.train.lr, momentum=job.train.momentum,
-                          weight_decay=job.train.weight_decay)
+    opt = torch.optim.SGD(
+        params, lr=job.train.lr, momentum=job.train.momentum, weight_decay=job.train.weight_decay
+    )
     epochs = config["epochs"]
     total = config["train_count"]
     bsz = job.train.batch_size_per_worker
     n_batches = batches_per_epoch(total, world, bsz)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, epochs * n_batches) /
-                                           (epochs * n_batches)))
+        opt,
+        lambda i: 0.5 * (1 + math.cos(math.pi * min(i, epochs * n_batches) / (epochs * n_batches))),
     )
 
     start_epoch, history = 0, []
@@ -143,9 +144,11 @@ def train_task_loop(config: dict) -> dict:
         correct = seen = 0
         t0 = time.perf_counter()
         replay_wait = 0.0
-        for b, (images, labels, _keys) in enumerate(train_batches(
-            config["train_shards"], total, rank, world, bsz, job.seed * 31 + task, epoch
-        )):
+        for b, (images, labels, _keys) in enumerate(
+            train_batches(
+                config["train_shards"], total, rank, world, bsz, job.seed * 31 + task, epoch
+            )
+        ):
             from_memory = np.zeros(len(labels), bool)
             if replay is not None:
                 tr = time.perf_counter()
@@ -157,8 +160,9 @@ def train_task_loop(config: dict) -> dict:
             x = torch.from_numpy(images).to(device).float().div_(255.0)
             if job.train.augment:
                 x = _augment(x, gen)
-            batch = Batch(x, torch.from_numpy(labels).to(device),
-                          torch.from_numpy(from_memory).to(device))
+            batch = Batch(
+                x, torch.from_numpy(labels).to(device), torch.from_numpy(from_memory).to(device)
+            )
             terms = step(batch)
             logits = terms.pop("_logits")
             loss = sum(terms.values())
@@ -173,8 +177,9 @@ def train_task_loop(config: dict) -> dict:
             correct += int((pred == batch.labels[cur]).sum())
             seen += int(cur.sum())
             if progress is not None and b % 5 == 0:
-                progress.update.remote(task=task, epoch=epoch, step=b + 1, steps=n_batches,
-                                       loss=float(loss.detach()))
+                progress.update.remote(
+                    task=task, epoch=epoch, step=b + 1, steps=n_batches, loss=float(loss.detach())
+                )
         elapsed = time.perf_counter() - t0
         # Global epoch statistics: sum over ranks (a collective: every rank runs it).
         keys = sorted(sums)
@@ -191,13 +196,21 @@ def train_task_loop(config: dict) -> dict:
         }  # fmt: skip
         history.append(record)
         if progress is not None:
-            progress.update.remote(task=task, epoch=epoch, step=n_batches, steps=n_batches,
-                                   record=record)
+            progress.update.remote(
+                task=task, epoch=epoch, step=n_batches, steps=n_batches, record=record
+            )
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
             if rank == 0:
-                torch.save({"step": inner.state_dict(), "opt": opt.state_dict(),
-                            "sched": sched.state_dict(), "epoch": epoch}, Path(d) / "step.pt")
+                torch.save(
+                    {
+                        "step": inner.state_dict(),
+                        "opt": opt.state_dict(),
+                        "sched": sched.state_dict(),
+                        "epoch": epoch,
+                    },
+                    Path(d) / "step.pt",
+                )
                 torch.save(inner.model.state_dict(), Path(d) / "model.pt")
                 (Path(d) / "history.json").write_text(json.dumps(history))
                 checkpoint = ray.train.Checkpoint.from_directory(d)

@@ -27,8 +27,10 @@ class CheckpointError(ValueError):
 
 def head_kind(job: JobConfig) -> str:
     cls = METHODS[job.method.name]
-    return job.model.head or cls.needs_for(method_params(job.method.name,
-                                                         dict(job.method.params))).head
+    return (
+        job.model.head
+        or cls.needs_for(method_params(job.method.name, dict(job.method.params))).head
+    )
 
 
 def build_model(job: JobConfig, num_classes: int, in_channels: int) -> EmbeddingModel:
@@ -89,8 +91,12 @@ def read_meta(model_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def load_model_dir(model: nn.Module, model_dir: str | Path, job_name: str | None = None,
-                   scenario_digest: str | None = None) -> dict:
+def load_model_dir(
+    model: nn.Module,
+    model_dir: str | Path,
+    job_name: str | None = None,
+    scenario_digest: str | None = None,
+) -> dict:
     """Load ``model_dir/model.pt`` into ``model`` after checking it belongs to this job
     and this architecture; errors name the mismatching field."""
     meta = read_meta(model_dir)

@@ -29,8 +29,10 @@ def _describe(state: dict) -> str:
     terms = " ".join(f"{k[5:]}={v:.3f}" for k, v in rec.items() if k.startswith("loss/"))
     extra = ""
     if rec:
-        extra = f" | ep{rec['epoch']} {terms} acc={rec['train_acc']:.3f} " \
-                f"{rec['images_per_s']:.0f} img/s"
+        extra = (
+            f" | ep{rec['epoch']} {terms} acc={rec['train_acc']:.3f} "
+            f"{rec['images_per_s']:.0f} img/s"
+        )
     return f"epoch {state.get('epoch', 0) + 1}{extra}"
 
 
@@ -43,9 +45,14 @@ def show_progress(board, title: str, epochs: int, enabled: bool = True):
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     stop = threading.Event()
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(),
-                  TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn(),
-                  TextColumn("{task.fields[info]}"), transient=False) as bar:
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.percentage:>3.0f}%"),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[info]}"),
+        transient=False,
+    ) as bar:
         tid = bar.add_task(title, total=1.0, info="starting workers...")
 
         def poll() -> None:

@@ -15,8 +15,14 @@ from distcl.methods.base import Batch, Method, TaskContext
 
 
 class TrainStep(nn.Module):
-    def __init__(self, model: nn.Module, method: Method, align_cfgs, ctx: TaskContext,
-                 old_model: nn.Module | None):
+    def __init__(
+        self,
+        model: nn.Module,
+        method: Method,
+        align_cfgs,
+        ctx: TaskContext,
+        old_model: nn.Module | None,
+    ):
         super().__init__()
         self.model = model
         self.method = method
