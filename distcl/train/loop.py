@@ -51,14 +51,25 @@ def _maybe_inject_fault(spec: str | None, task: int, epoch: int) -> None:
         os._exit(1)
 
 
+def _quiet_train_logs() -> None:
+    """Per-epoch reports are drawn by the driver's progress bar, not logged by each worker.
+    Ray Train V2 logs "Reporting training result ..." on a logger named after its file."""
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    except ImportError:  # another Ray version: its logs stay
+        pass
+
+
 def train_task_loop(config: dict) -> dict:
     """Ray Train ``train_loop_per_worker`` for one task; returns rank 0's summary."""
     import ray.train
     import ray.train.torch
     import torch.distributed as dist
 
-    # Per-epoch reports are drawn by the driver's progress bar, not logged by each worker.
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    _quiet_train_logs()
     job: JobConfig = config["job"]
     ctx: TaskContext = config["ctx"]
     task = ctx.task
