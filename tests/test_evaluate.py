@@ -117,3 +117,32 @@ def test_evaluating_an_empty_run_is_a_clear_error(synthetic_job):
     (job.run_dir / "scenario.json").write_text(json.dumps(scen.to_json()))
     with pytest.raises(ValueError, match="no finished task"):
         evaluate_run(job.run_dir)
+
+
+def test_compare_table_and_figure_from_evaluated_runs(fake_run, synthetic_job, tmp_path):
+    from distcl.eval.compare import _row, compare_table, plot_side_by_side
+
+    run, *_ = fake_run
+    result = evaluate_run(run, log=lambda *a: None)
+    for t in range(3):
+        (run / "models" / str(t) / "meta.json").write_text(json.dumps({"train_s": 10.0 + t}))
+    job = synthetic_job(name="fake", data={"synthetic_classes": 6}, scenario={"tasks": 3})
+    row = _row(job, result, run)
+    s = result["protocols"]["all"]["summary"]
+    assert row["ac_all"] == s["ac"] and row["am_all"] == s["am"]
+    assert row["train_s"] == 33.0
+    M = np.asarray(result["protocols"]["all"]["matrices"]["cmc@1"], dtype=float)
+    assert row["final_cmc@1"] == M[-1, -1]
+    table = compare_table([row, {**row, "job": "other"}], "cmc@1")
+    assert table.count("\n") == 3 and "| fake | finetune |" in table
+    plot_side_by_side([("fake", result), ("other", result)], tmp_path / "cmp.png")
+    assert (tmp_path / "cmp.png").stat().st_size > 1000
+
+
+def test_compare_refuses_jobs_on_different_scenarios(synthetic_job, tmp_path):
+    from distcl.eval.compare import compare_jobs
+
+    a = synthetic_job(name="a")
+    b = synthetic_job(name="b", seed=1)
+    with pytest.raises(ValueError, match="do not share data/scenario/seed"):
+        compare_jobs([a, b], tmp_path / "out")
