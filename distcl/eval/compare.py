@@ -53,6 +53,8 @@ def compare_table(rows: list[dict], metric: str) -> str:
 def plot_side_by_side(results: list[tuple[str, dict]], path: Path) -> None:
     import matplotlib
 
+    from distcl.eval.report import draw_matrix
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -65,22 +67,7 @@ def plot_side_by_side(results: list[tuple[str, dict]], path: Path) -> None:
     for ax, (name, metrics) in zip(axes.flat, results, strict=False):
         metric = metrics["metric"]
         block = metrics["protocols"]["all"]
-        M = np.asarray(block["matrices"][metric], dtype=float)
-        T = len(M)
-        ax.imshow(np.ma.masked_invalid(M), cmap="viridis", vmin=0, vmax=1)
-        for i in range(T):
-            for j in range(i + 1):
-                ax.text(
-                    j,
-                    i,
-                    f"{M[i, j]:.2f}",
-                    ha="center",
-                    va="center",
-                    fontsize=7,
-                    color="white" if M[i, j] < 0.6 else "black",
-                )
-                if j < i and not block["summary"]["ecc"][i][j]:
-                    ax.text(j + 0.3, i - 0.28, "x", color="red", fontsize=8, weight="bold")
+        draw_matrix(ax, block["matrices"][metric], block["summary"]["ecc"], fontsize=7)
         s = block["summary"]
         ax.set_title(f"{name}\nAC={s['ac']:.2f} AM={s['am']:.2f}", fontsize=9)
         ax.set_xticks([])

@@ -147,13 +147,8 @@ def _average_precision_rows(scores: np.ndarray, same: np.ndarray) -> np.ndarray:
     return np.where(y_sorted, precision_at_end, 0.0).sum(axis=1) / n_pos
 
 
-def average_precision(scores: Any, same: Any) -> float:
-    """Average precision of one query, equal to sklearn's `average_precision_score(same, scores)`.
-
-    scores: (G,) similarity of each gallery item (higher is better); same: (G,) bool, True
-    where the item is a correct match. Tied scores share one threshold (sklearn's rule).
-    Raises ValueError if `same` has no True entry (AP is undefined then).
-    """
+def _scores_and_same(scores: Any, same: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Validated (scores float64 (P,), same bool (P,)) of a 1-D scoring."""
     s = _as_numpy(scores)
     y = _as_numpy(same)
     if s.ndim != 1 or s.shape[0] == 0:
@@ -163,7 +158,17 @@ def average_precision(scores: Any, same: Any) -> float:
     s = np.asarray(s, dtype=np.float64)
     if not np.isfinite(s).all():
         raise ValueError("scores contains NaN or inf")
-    y = _as_bool(y, "same")
+    return s, _as_bool(y, "same")
+
+
+def average_precision(scores: Any, same: Any) -> float:
+    """Average precision of one query, equal to sklearn's `average_precision_score(same, scores)`.
+
+    scores: (G,) similarity of each gallery item (higher is better); same: (G,) bool, True
+    where the item is a correct match. Tied scores share one threshold (sklearn's rule).
+    Raises ValueError if `same` has no True entry (AP is undefined then).
+    """
+    s, y = _scores_and_same(scores, same)
     if not y.any():
         raise ValueError("same has no positive: average precision is undefined")
     return float(_average_precision_rows(s[None, :], y[None, :])[0])
@@ -338,16 +343,7 @@ def tar_at_far(
     pair is an impostor and f is below 1/#impostors), the TAR is 0.0. Needs >= 1 genuine and
     >= 1 impostor pair. Returns {f: TAR}.
     """
-    s = _as_numpy(scores)
-    y = _as_numpy(same)
-    if s.ndim != 1 or s.shape[0] == 0:
-        raise ValueError(f"scores must be 1-D and non-empty, got shape {s.shape}")
-    if y.shape != s.shape:
-        raise ValueError(f"same has shape {y.shape} but scores has shape {s.shape}")
-    s = np.asarray(s, dtype=np.float64)
-    if not np.isfinite(s).all():
-        raise ValueError("scores contains NaN or inf")
-    y = _as_bool(y, "same")
+    s, y = _scores_and_same(scores, same)
     n_pos = int(y.sum())
     n_neg = y.shape[0] - n_pos
     if n_pos == 0 or n_neg == 0:

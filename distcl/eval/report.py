@@ -35,30 +35,33 @@ def matrix_markdown(M, ecc=None) -> str:
     return "\n".join(lines)
 
 
+def draw_matrix(ax, M, ecc, fontsize: int = 9):
+    """Draw the lower triangle of M on ``ax`` with values in the cells and a red x on each
+    pair that fails ECC; returns the image (for a colorbar)."""
+    M = np.asarray(M, dtype=float)
+    T = len(M)
+    masked = np.ma.masked_invalid(np.where(np.tril(np.ones_like(M)) > 0, M, np.nan))
+    im = ax.imshow(masked, cmap="viridis", vmin=0, vmax=1)
+    for i in range(T):
+        for j in range(i + 1):
+            color = "white" if M[i, j] < 0.6 else "black"
+            ax.text(j, i, f"{M[i, j]:.2f}", ha="center", va="center", color=color,
+                    fontsize=fontsize)  # fmt: skip
+            if j < i and not ecc[i][j]:
+                ax.text(j + 0.32, i - 0.3, "x", color="red", fontsize=fontsize + 1,
+                        weight="bold")  # fmt: skip
+    return im
+
+
 def plot_matrix(M, ecc, path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    M = np.asarray(M, dtype=float)
     T = len(M)
     fig, ax = plt.subplots(figsize=(1.1 * T + 2, 1.0 * T + 1.5))
-    masked = np.ma.masked_invalid(np.where(np.tril(np.ones_like(M)) > 0, M, np.nan))
-    im = ax.imshow(masked, cmap="viridis", vmin=0, vmax=1)
-    for i in range(T):
-        for j in range(i + 1):
-            ax.text(
-                j,
-                i,
-                f"{M[i, j]:.2f}",
-                ha="center",
-                va="center",
-                color="white" if M[i, j] < 0.6 else "black",
-                fontsize=9,
-            )
-            if j < i and not ecc[i][j]:
-                ax.text(j + 0.32, i - 0.3, "x", color="red", fontsize=10, weight="bold")
+    im = draw_matrix(ax, M, ecc)
     ax.set_xticks(range(T), [f"φ{j + 1}" for j in range(T)])
     ax.set_yticks(range(T), [f"φ{i + 1}" for i in range(T)])
     ax.set_xlabel("gallery model")
