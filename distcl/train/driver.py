@@ -28,7 +28,13 @@ import torch
 
 from distcl.config import ConfigError, JobConfig, dump_job, parse_job, to_dict
 from distcl.data.scenario import Scenario
-from distcl.data.shards import atomic_write_bytes, build_shards, load_manifest, shard_paths
+from distcl.data.shards import (
+    atomic_write_bytes,
+    build_shards,
+    exact_split,
+    load_manifest,
+    shard_paths,
+)
 from distcl.methods import METHODS, TaskContext, method_params
 from distcl.train.modeling import (
     build_model,
@@ -114,7 +120,7 @@ def embed_paths(
             "emb": np.zeros((0, job.model.embedding_dim), np.float32),
         }
     n = max(1, min(len(paths), int(ray.available_resources().get("CPU", 1)) or 1))
-    groups = [[str(p) for p in paths[i::n]] for i in range(n)]
+    groups = [[str(p) for p in exact_split(paths, rank, n)] for rank in range(n)]
     parts = ray.get(
         [_embed_shards.remote(job, str(model_dir), g, num_classes, in_channels) for g in groups]
     )
