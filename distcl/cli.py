@@ -101,7 +101,7 @@ def cmd_compare(args) -> int:
     jobs = [
         load_job(j, overrides=args.set or (), smoke=True if args.smoke else None) for j in args.jobs
     ]
-    compare_jobs(jobs, Path(args.out))
+    compare_jobs(jobs, Path(args.out), run=not args.no_run)
     return 0
 
 
@@ -173,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="run several jobs and compare them side by side")
     p.add_argument("jobs", nargs="+")
     p.add_argument("--out", default="runs/compare", help="folder for the table and figure")
+    p.add_argument(
+        "--no-run", action="store_true", help="only tabulate finished runs (their metrics.json)"
+    )
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
     p.add_argument("--smoke", action="store_true")
     p.set_defaults(func=cmd_compare)

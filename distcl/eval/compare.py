@@ -81,8 +81,9 @@ def plot_side_by_side(results: list[tuple[str, dict]], path: Path) -> None:
     plt.close(fig)
 
 
-def compare_jobs(jobs: list[JobConfig], out: Path, log=print) -> list[dict]:
-    """Run (or resume) every job, then write the side-by-side table and figure."""
+def compare_jobs(jobs: list[JobConfig], out: Path, log=print, run: bool = True) -> list[dict]:
+    """Run (or resume) every job, then write the side-by-side table and figure.
+    ``run=False`` only reads each finished run's ``metrics.json``."""
     from distcl.train.driver import run_job
 
     fingerprints = {j.data_fingerprint() for j in jobs}
@@ -94,10 +95,16 @@ def compare_jobs(jobs: list[JobConfig], out: Path, log=print) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     rows, results = [], []
     for job in jobs:
-        log(f"== {job.name} ({job.method.name})")
-        res = run_job(job, progress=True, log=log)
-        rows.append(_row(job, res["eval"], job.run_dir))
-        results.append((job.name, res["eval"]))
+        if run:
+            log(f"== {job.name} ({job.method.name})")
+            metrics = run_job(job, progress=True, log=log)["eval"]
+        else:
+            path = job.run_dir / "metrics.json"
+            if not path.is_file():
+                raise ValueError(f"{path}: no metrics (run the job first, or drop --no-run)")
+            metrics = json.loads(path.read_text())
+        rows.append(_row(job, metrics, job.run_dir))
+        results.append((job.name, metrics))
     metric = results[0][1]["metric"]
     table = compare_table(rows, metric)
     plot_side_by_side(results, out / "compare.png")
