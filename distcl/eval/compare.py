@@ -40,7 +40,7 @@ def _row(job: JobConfig, metrics: dict, run_dir: Path) -> dict:
 
 
 def compare_table(rows: list[dict], metric: str) -> str:
-    cols = ["ac_all", "am_all", "bc_all", "fc_all", "ac_seen", "am_seen",
+    cols = ["ac_all", "am_all", "bc_all", "fc_all", "ac_seen", "am_seen", "bc_seen",
             f"final_{metric}", "final_map", "stale_recall@1", "train_s"]  # fmt: skip
     head = "| job | method | " + " | ".join(cols) + " |"
     lines = [head, "|" + "---|" * (len(cols) + 2)]
