@@ -409,3 +409,13 @@ def test_pure_core_imports_no_distributed_or_io_stack():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_old_class_kd_loss_is_kd_on_the_old_columns():
+    from distcl.losses import kd_loss, old_class_kd_loss
+
+    g = torch.Generator().manual_seed(0)
+    new, old = torch.randn(4, 6, generator=g), torch.randn(4, 6, generator=g)
+    got = old_class_kd_loss(new, old, (1, 4), 2.0)
+    assert torch.allclose(got, kd_loss(new[:, [1, 4]], old[:, [1, 4]], 2.0))
+    assert float(old_class_kd_loss(old, old, (0, 2, 3))) == pytest.approx(0.0, abs=1e-6)

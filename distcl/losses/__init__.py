@@ -18,6 +18,7 @@ from distcl.losses.distillation import (
     kd_loss,
     l2_feature_loss,
     layerwise_alignment_loss,
+    old_class_kd_loss,
     projection_loss,
     triplet_distillation_loss,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "cross_entropy",
     "grad_reverse",
     "kd_loss",
+    "old_class_kd_loss",
     "l2_feature_loss",
     "layerwise_alignment_loss",
     "mmd",

@@ -51,6 +51,18 @@ def kd_loss(
     return kl * temperature**2
 
 
+def old_class_kd_loss(
+    new_logits: torch.Tensor,
+    old_logits: torch.Tensor,
+    old_classes: Sequence[int],
+    temperature: float = 2.0,
+) -> torch.Tensor:
+    """``kd_loss`` restricted to the columns of the classes the old model knew (LwF, MMD,
+    the ``kd`` alignment term): both heads are pre-allocated for every class."""
+    cols = list(old_classes)
+    return kd_loss(new_logits[:, cols], old_logits[:, cols], temperature)
+
+
 def triplet_distillation_loss(
     new_emb: torch.Tensor,
     old_emb: torch.Tensor,

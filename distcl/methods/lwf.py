@@ -27,9 +27,8 @@ class LwF(Method):
     def loss(self, batch, new, old):
         terms = {"ce": losses.cross_entropy(self.seen_logits(new["logits"]), batch.labels)}
         if old is not None and self.ctx.old_classes:
-            cols = list(self.ctx.old_classes)
-            kd = losses.kd_loss(
-                new["logits"][:, cols], old["logits"][:, cols], self.params.temperature
+            kd = losses.old_class_kd_loss(
+                new["logits"], old["logits"], self.ctx.old_classes, self.params.temperature
             )
             terms["kd"] = self.params.alpha * kd
         return terms

@@ -39,10 +39,9 @@ class MMDRetrieval(Method):
             ),
         }
         if old is not None:
-            cols = list(self.ctx.old_classes)
-            if cols:
-                terms["kd"] = self.params.alpha * losses.kd_loss(
-                    new["logits"][:, cols], old["logits"][:, cols], self.params.temperature
+            if self.ctx.old_classes:
+                terms["kd"] = self.params.alpha * losses.old_class_kd_loss(
+                    new["logits"], old["logits"], self.ctx.old_classes, self.params.temperature
                 )
             terms["mmd"] = self.params.beta * losses.mmd(
                 new["emb"], old["emb"], sigmas=self.params.sigmas
