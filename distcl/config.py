@@ -63,6 +63,9 @@ class ScenarioConfig:
     tasks: int = 5
     #: New classes per task; None splits the classes evenly over the tasks.
     classes_per_task: int | None = None
+    #: Classes of the first task (the "base" model, as BCT and CL2R start from half the
+    #: classes); the later tasks share the rest as above. None treats task 0 like the others.
+    first_task_classes: int | None = None
     #: blurry: fraction of each task's training items drawn from other tasks' classes.
     blurry_fraction: float = 0.1
     #: general: probability that a class seen before recurs in a later task.

@@ -75,6 +75,16 @@ def test_uneven_split_and_classes_per_task():
         [t.train_items for t in scen.tasks])]) == used  # fmt: skip
 
 
+def test_first_task_classes_takes_a_larger_base_task():
+    scen = scenario(tasks=5, first_task_classes=6)  # 6, then 1, 1, 1, 1
+    assert [len(t.new_classes) for t in scen.tasks] == [6, 1, 1, 1, 1]
+    assert list(scen.tasks[0].new_classes) == list(scen.class_order[:6])
+    assert scen.tasks[1].seen_classes == scen.class_order[:7]
+    scen = scenario(tasks=3, first_task_classes=4, classes_per_task=2)  # 4, 2, 2
+    assert [len(t.new_classes) for t in scen.tasks] == [4, 2, 2]
+    assert [len(t.new_classes) for t in scenario(tasks=1, first_task_classes=3).tasks] == [3]
+
+
 def test_no_shuffle_keeps_label_order():
     scen = scenario(shuffle_classes=False, tasks=5)
     assert scen.class_order == tuple(range(CLASSES))
@@ -212,3 +222,5 @@ def test_too_many_tasks_names_field():
         scenario(tasks=11)
     with pytest.raises(ValueError, match="scenario.classes_per_task"):
         scenario(tasks=4, classes_per_task=3)
+    with pytest.raises(ValueError, match="scenario.first_task_classes: 8 classes"):
+        scenario(tasks=5, first_task_classes=8)

@@ -106,8 +106,20 @@ def subsample_per_class(labels: np.ndarray, limit: int | None, rng: np.random.Ge
     return np.sort(np.concatenate(keep))
 
 
-def _split_classes(order: list[int], tasks: int, per_task: int | None) -> list[list[int]]:
+def _split_classes(
+    order: list[int], tasks: int, per_task: int | None, first: int | None = None
+) -> list[list[int]]:
     n = len(order)
+    head: list[list[int]] = []
+    if first is not None:
+        if not 1 <= first <= n - (tasks - 1):
+            raise ValueError(
+                f"scenario.first_task_classes: {first} classes in the first task leaves "
+                f"{n - first} of {n} for {tasks - 1} later tasks (each needs at least one)"
+            )
+        head, order, tasks, n = [order[:first]], order[first:], tasks - 1, n - first
+        if tasks == 0:
+            return head
     if per_task is None:
         if n < tasks:
             raise ValueError(f"scenario.tasks: {tasks} tasks but only {n} classes")
@@ -118,7 +130,7 @@ def _split_classes(order: list[int], tasks: int, per_task: int | None) -> list[l
                 f"scenario.classes_per_task: {tasks} x {per_task} classes but only {n} exist"
             )
         sizes = [per_task] * tasks
-    out, start = [], 0
+    out, start = list(head), 0
     for s in sizes:
         out.append(order[start : start + s])
         start += s
@@ -139,7 +151,7 @@ def build_scenario(
     test_labels = np.asarray(test_labels)
     classes = sorted(np.unique(train_labels).tolist())
     order = [classes[i] for i in rng.permutation(len(classes))] if cfg.shuffle_classes else classes
-    groups = _split_classes(order, cfg.tasks, cfg.classes_per_task)
+    groups = _split_classes(order, cfg.tasks, cfg.classes_per_task, cfg.first_task_classes)
     train_pool = subsample_per_class(train_labels, train_per_class, rng)
     test_pool = subsample_per_class(test_labels, test_per_class, rng)
     T = len(groups)
