@@ -195,6 +195,9 @@ class TuneConfig:
     driver_cpus: float = 0.1
     #: Retries of a failed trial; a retried trial resumes from its finished tasks.
     max_trial_failures: int = 0
+    #: The first trial runs the job's own values of the searched fields (the papers'
+    #: defaults), so the baseline is measured with the same budget and stopping rule.
+    start_with_job: bool = False
 
 
 @dataclass(frozen=True)

@@ -519,3 +519,45 @@ def test_tuning_folder_refuses_another_job(tmp_path, synthetic_raw_job):
     raw["method"]["params"]["alpha"] = 2.0
     with pytest.raises(ConfigError, match="different job.*method"):
         _check_same_tuning(parse_job(raw), tmp_path)
+
+
+def _start_job(tmp_path, synthetic_raw_job, space, search="optuna"):
+    return parse_job(_raw(tmp_path, synthetic_raw_job,
+                          {"space": space, "search": search, "start_with_job": True}))  # fmt: skip
+
+
+def test_start_with_job_is_the_first_suggestion(tmp_path, synthetic_raw_job):
+    """``tune.start_with_job``: the first trial runs the job's own values (the baseline)."""
+    from ray.tune.search.optuna import OptunaSearch
+
+    from distcl.tune.space import job_point
+
+    space = {"method.params.alpha": {"type": "loguniform", "low": 0.1, "high": 10},
+             "train.lr": {"type": "choice", "values": [0.01, 0.05]},
+             "train.batch_size_per_worker": {"type": "choice", "values": [8, 16]}}  # fmt: skip
+    job = _start_job(tmp_path, synthetic_raw_job, space)
+    validate_tune(job)
+    point = job_point(job)
+    assert point == {"method.params.alpha": 1.0, "train.lr": job.train.lr,
+                     "train.batch_size_per_worker": 16}  # fmt: skip
+    searcher = OptunaSearch(seed=0, points_to_evaluate=[point])
+    assert searcher.set_search_properties("objective", "max", param_space(job.tune))
+    assert searcher.suggest("t0") == point
+    assert searcher.suggest("t1") != point
+
+
+@pytest.mark.parametrize(
+    ("space", "search", "message"),
+    [
+        ({"method.params.alpha": {"type": "uniform", "low": 2.0, "high": 3.0}}, "optuna",
+         r"job's method.params.alpha = 1.0 lies outside tune.space.method.params.alpha \[2, 3\]"),
+        ({"train.batch_size_per_worker": {"type": "choice", "values": [8, 32]}}, "random",
+         r"outside tune.space.train.batch_size_per_worker \[8, 32\]"),
+        ({"train.lr": {"type": "grid", "values": [0.1, 0.2]}}, "grid", "search 'grid'"),
+    ],
+)  # fmt: skip
+def test_start_with_job_names_a_value_outside_the_space(
+    tmp_path, synthetic_raw_job, space, search, message
+):
+    with pytest.raises(ConfigError, match=f"tune.start_with_job: .*{message}"):
+        validate_tune(_start_job(tmp_path, synthetic_raw_job, space, search))

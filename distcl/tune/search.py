@@ -40,7 +40,7 @@ from typing import Any
 from ray.tune.schedulers import ASHAScheduler
 
 from distcl.config import ConfigError, JobConfig, TuneConfig, dump_job, parse_job, to_dict
-from distcl.tune.space import base_dict, param_space, trial_job, validate_tune
+from distcl.tune.space import base_dict, job_point, param_space, trial_job, validate_tune
 
 
 # ------------------------------------------------------------------ scheduling helpers
@@ -188,14 +188,19 @@ def tune_job(job: JobConfig, num_cpus: int | None = None, log=print) -> dict[str
         log(f"resuming the tuning run in {exp_dir}")
         tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=True)
     else:
+        points = [job_point(job)] if tc.start_with_job else None
+        if points:
+            log(f"trial 1 runs the job's own values: {points[0]}")
         if tc.search == "optuna":
             from ray.tune.search.optuna import OptunaSearch
 
-            search_alg = OptunaSearch(seed=job.seed)
+            search_alg = OptunaSearch(seed=job.seed, points_to_evaluate=points)
             limit = concurrency  # Tune wraps a Searcher in a ConcurrencyLimiter
         else:
             # A SearchGenerator ignores Tune's max_concurrent_trials: it limits itself.
-            search_alg = BasicVariantGenerator(random_state=job.seed, max_concurrent=concurrency)
+            search_alg = BasicVariantGenerator(
+                random_state=job.seed, max_concurrent=concurrency, points_to_evaluate=points
+            )
             limit = None
         if tc.asha:
             if tc.grace_tasks >= num_tasks:
@@ -237,6 +242,11 @@ def tune_job(job: JobConfig, num_cpus: int | None = None, log=print) -> dict[str
                 trial_id, {p: (r.config or {}).get(p) for p in params}, metrics, r.error, num_tasks
             )
         )
+    if tc.start_with_job:  # name the baseline row
+        point = job_point(job)
+        for row in rows:
+            if all(row.get(k) == v for k, v in point.items()):
+                row["trial"] = f"{row['trial']} (job values)"
     text = write_table(rows, params, tune_dir)
     log_params = [p for p, s in tc.space.items() if s.type == "loguniform"]
     plot_objective(rows, params, log_params, tune_dir)

@@ -125,6 +125,11 @@ def validate_tune(job: JobConfig) -> TuneConfig:
         if not ok:
             raise ConfigError(f"{name}: must be {bounds[name]}")
     base = base_dict(job)
+    if tc.start_with_job and tc.search == "grid":
+        raise ConfigError(
+            "tune.start_with_job: search 'grid' runs fixed combinations; list the job's "
+            "values in the grid instead"
+        )
     for key, s in tc.space.items():
         if key.split(".")[0] in FORBIDDEN_PREFIXES or not key or "" in key.split("."):
             raise ConfigError(
@@ -145,7 +150,37 @@ def validate_tune(job: JobConfig) -> TuneConfig:
                 trial_job(base, {key: value}, f"{job.name}-probe")
             except ConfigError as e:
                 raise ConfigError(f"tune.space.{key} = {value!r}: {e}") from None
+    if tc.start_with_job:
+        job_point(job)
     return tc
+
+
+def job_point(job: JobConfig) -> dict[str, Any]:
+    """The job's own value of every searched field (``tune.start_with_job``): the search's
+    first point. A value outside its space is a ConfigError naming the field."""
+    base = base_dict(job, resolve_paths=False)
+    point: dict[str, Any] = {}
+    for key, s in job.tune.space.items():
+        node: Any = base
+        for part in key.split("."):
+            if not isinstance(node, Mapping) or part not in node:
+                raise ConfigError(
+                    f"tune.start_with_job: the job sets no value for tune.space.{key}"
+                )
+            node = node[part]
+        if s.type in ("uniform", "loguniform"):
+            ok = isinstance(node, (int, float)) and s.low <= node <= s.high
+            where = f"[{s.low:g}, {s.high:g}]"
+        else:
+            ok = node in s.values
+            where = f"{list(s.values)}"
+        if not ok:
+            raise ConfigError(
+                f"tune.start_with_job: the job's {key} = {node!r} lies outside "
+                f"tune.space.{key} {where}"
+            )
+        point[key] = node
+    return point
 
 
 def param_space(tc: TuneConfig) -> dict[str, Any]:
