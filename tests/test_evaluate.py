@@ -133,6 +133,10 @@ def test_compare_table_and_figure_from_evaluated_runs(fake_run, synthetic_job, t
     assert row["train_s"] == 33.0
     M = np.asarray(result["protocols"]["all"]["matrices"]["cmc@1"], dtype=float)
     assert row["final_cmc@1"] == M[-1, -1]
+    for proto in ("all", "seen"):  # AC again on the mAP matrix, from the strict ECC
+        P = np.asarray(result["protocols"][proto]["matrices"]["map"], dtype=float)
+        passed = [P[i, j] > P[j, j] for i in range(3) for j in range(i)]
+        assert row[f"ac_{proto}_map"] == pytest.approx(sum(passed) / 3)
     table = compare_table([row, {**row, "job": "other"}], "cmc@1")
     assert table.count("\n") == 3 and "| fake | finetune |" in table
     plot_side_by_side([("fake", result), ("other", result)], tmp_path / "cmp.png")

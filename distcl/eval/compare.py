@@ -2,11 +2,12 @@
 
     distcl compare jobs/fashion_mnist/*.yaml --out runs/compare
 
-Writes ``<out>/compare.md`` (one row per job: AC, AM, BC, FC on both protocols, final
-self-test CMC@1 and mAP, stale-gallery Recall@1 averaged over tasks, training time) and
-``<out>/compare.png`` (the compatibility matrices side by side). Jobs must share the
-scenario (same data, scenario and seed), otherwise the table would compare different
-problems: that is checked.
+Writes ``<out>/compare.md`` (one row per job: AC, AM, BC, FC on both protocols, AC again
+on the mAP matrices (``ac_all_map``, ``ac_seen_map``: the papers use mAP, Recall@K or
+verification accuracy, and ECC depends on the metric), final self-test CMC@1 and mAP, stale-gallery
+Recall@1 averaged over tasks, training time) and ``<out>/compare.png`` (the compatibility
+matrices side by side). Jobs must share the scenario (same data, scenario and seed),
+otherwise the table would compare different problems: that is checked.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from distcl.config import JobConfig
+from distcl.eval.compat import average_compatibility
 
 
 def _row(job: JobConfig, metrics: dict, run_dir: Path) -> dict:
@@ -26,6 +28,10 @@ def _row(job: JobConfig, metrics: dict, run_dir: Path) -> dict:
         s = metrics["protocols"][proto]["summary"]
         for k in ("ac", "am", "bc", "fc"):
             out[f"{k}_{proto}"] = s[k]
+    for proto in ("all", "seen"):
+        out[f"ac_{proto}_map"] = average_compatibility(
+            np.asarray(metrics["protocols"][proto]["matrices"]["map"], dtype=float)
+        )
     M = np.asarray(metrics["protocols"]["all"]["matrices"][metric], dtype=float)
     mAP = np.asarray(metrics["protocols"]["all"]["matrices"]["map"], dtype=float)
     out["final_" + metric] = float(M[-1, -1])
@@ -41,7 +47,8 @@ def _row(job: JobConfig, metrics: dict, run_dir: Path) -> dict:
 
 def compare_table(rows: list[dict], metric: str) -> str:
     cols = ["ac_all", "am_all", "bc_all", "fc_all", "ac_seen", "am_seen", "bc_seen",
-            f"final_{metric}", "final_map", "stale_recall@1", "train_s"]  # fmt: skip
+            "ac_all_map", "ac_seen_map", f"final_{metric}", "final_map", "stale_recall@1",
+            "train_s"]  # fmt: skip
     head = "| job | method | " + " | ".join(cols) + " |"
     lines = [head, "|" + "---|" * (len(cols) + 2)]
     for r in rows:
