@@ -127,6 +127,9 @@ class TrainConfig:
     first_task_epochs: int | None = None
     batch_size_per_worker: int = 64
     lr: float = 0.05
+    #: Learning rate of the tasks after the first (incremental steps often take a smaller
+    #: one, so the first updates on new classes move the old embedding less); None: lr.
+    later_lr: float | None = None
     momentum: float = 0.9
     weight_decay: float = 5e-4
     workers: int = 2
@@ -139,6 +142,14 @@ class TrainConfig:
     max_failures: int = 2
     #: Random crop + flip on training images.
     augment: bool = True
+
+    def epochs_for(self, task: int) -> int:
+        """Epochs of task ``task`` (0-based)."""
+        return self.first_task_epochs if task == 0 and self.first_task_epochs else self.epochs
+
+    def lr_for(self, task: int) -> float:
+        """Initial learning rate of task ``task`` (0-based)."""
+        return self.lr if task == 0 or self.later_lr is None else self.later_lr
 
 
 @dataclass(frozen=True)
@@ -448,6 +459,8 @@ def _check_semantics(job: JobConfig) -> None:
         raise ConfigError("memory.replay_fraction: must be in (0, 1)")
     if job.train.lr <= 0:
         raise ConfigError("train.lr: must be > 0")
+    if job.train.later_lr is not None and job.train.later_lr <= 0:
+        raise ConfigError("train.later_lr: must be > 0")
     # Method name and params are checked against the method registry.
     from distcl.methods import validate_method_config
 

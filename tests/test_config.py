@@ -102,6 +102,17 @@ def test_overrides(tmp_path):
     assert job.seed == 11
 
 
+def test_per_task_epochs_and_lr():
+    from distcl.config import TrainConfig
+
+    t = TrainConfig(epochs=3, first_task_epochs=5, lr=0.05, later_lr=0.01)
+    assert [t.epochs_for(i) for i in range(3)] == [5, 3, 3]
+    assert [t.lr_for(i) for i in range(3)] == [0.05, 0.01, 0.01]
+    t = TrainConfig(epochs=2, lr=0.1)  # unset: every task alike
+    assert [t.epochs_for(i) for i in range(2)] == [2, 2]
+    assert [t.lr_for(i) for i in range(2)] == [0.1, 0.1]
+
+
 def test_smoke_shrinks_any_job(tmp_path):
     path = write(tmp_path, QUICK)
     job = load_job(path, smoke=True)
@@ -221,6 +232,7 @@ def test_bad_set(tmp_path, item, words):
         ("train.workers=0", "train.workers"),
         ("scenario.blurry_fraction=1.0", "scenario.blurry_fraction"),
         ("train.lr=0", "train.lr"),
+        ("train.later_lr=-0.1", "train.later_lr"),
         ("memory.replay_fraction=1.5", "memory.replay_fraction"),
         ("name=a/b", "name"),
         ("method.name=nope", "method.name"),

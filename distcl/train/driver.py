@@ -290,11 +290,7 @@ class Run:
         from distcl.train.progress import ProgressBoard, show_progress
 
         job = self.job
-        epochs = (
-            job.train.first_task_epochs
-            if (t == 0 and job.train.first_task_epochs)
-            else job.train.epochs
-        )
+        epochs = job.train.epochs_for(t)
         paths = self.train_shards(t)
         use_gpu = {"yes": True, "no": False}.get(job.train.use_gpu)
         if use_gpu is None:

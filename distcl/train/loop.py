@@ -109,7 +109,10 @@ def train_task_loop(config: dict) -> dict:
     inner = step.module if hasattr(step, "module") else step
     params = [p for p in step.parameters() if p.requires_grad]
     opt = torch.optim.SGD(
-        params, lr=job.train.lr, momentum=job.train.momentum, weight_decay=job.train.weight_decay
+        params,
+        lr=job.train.lr_for(task),
+        momentum=job.train.momentum,
+        weight_decay=job.train.weight_decay,
     )
     epochs = config["epochs"]
     total = config["train_count"]
