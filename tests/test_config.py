@@ -234,6 +234,7 @@ def test_bad_set(tmp_path, item, words):
         ("train.lr=0", "train.lr"),
         ("train.later_lr=-0.1", "train.later_lr"),
         ("memory.replay_fraction=1.5", "memory.replay_fraction"),
+        ("method={name: cl2r, params: {replay_fraction: 1.0}}", "method.params.replay_fraction"),
         ("name=a/b", "name"),
         ("method.name=nope", "method.name"),
         ("method.params.lambda=1.0", "method.params"),  # finetune takes no weights

@@ -150,6 +150,9 @@ def _check_smoke_run(variant, job, out):
         assert {f"loss/align_{n}" for n in ("l2", "projection", "layerwise", "kd")} <= terms
     if variant.startswith("cvs"):
         assert "loss/coherence" in terms
+    replays = variant.startswith(("cvs", "cl2r", "bct"))  # memory rows in every task-1 batch
+    assert all((h["replay_rows"] > 0) == replays for h in hist), hist
+    if replays:
         assert (run_dir / "memory").is_dir()
 
 

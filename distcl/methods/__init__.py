@@ -20,8 +20,12 @@ from distcl.methods.base import (
 
 def validate_method_config(cfg) -> None:
     """Raise ValueError naming the field if the method or its params are wrong."""
-    method_params(cfg.name, dict(cfg.params))
+    params = method_params(cfg.name, dict(cfg.params))
     from distcl.config import ConfigError
+
+    fraction = getattr(params, "replay_fraction", 0.0)
+    if not 0.0 <= fraction < 1.0:  # a batch of B new rows gets B * f / (1 - f) replayed ones
+        raise ConfigError(f"method.params.replay_fraction: must be in [0, 1), got {fraction}")
 
     for i, term in enumerate(cfg.align):
         if term.weight < 0:

@@ -4,6 +4,12 @@ The influence loss passes the new embeddings through the frozen old classifier. 
 the old model never saw get synthesised rows: the old model's mean embedding of that
 class over the current task's data, rescaled to the mean norm of the old rows.
 
+The influence loss is defined on samples of old classes. BCT's paper trains the new model
+on a superset of the old training data; in a class-incremental scenario the old classes
+come back only through the episodic memory, so BCT replays (``replay_fraction``, half of
+each batch as in CL2R). With ``replay_fraction: 0`` the old classes never appear and the
+loss only sees the synthesised rows of the new classes.
+
 The old model may have another backbone or width (``old_model_dir``: a finished model
 folder of another run, used as the old model of the first task), as long as the
 embedding dimensions match.
@@ -25,6 +31,7 @@ class BCTParams:
     lambda_: float = 1.0  #: influence-loss weight (``lambda`` in jobs)
     #: A finished ``models/<t>`` folder to be compatible with from the first task on.
     old_model_dir: str | None = None
+    replay_fraction: float = 0.5  #: fraction of each batch drawn from memory
 
 
 def influence_classifier(
@@ -56,7 +63,12 @@ class BCT(Method):
 
     @classmethod
     def needs_for(cls, params) -> Needs:
-        return Needs(old_model=True, old_class_means=True, head="linear")
+        return Needs(
+            old_model=True,
+            old_class_means=True,
+            replay_fraction=params.replay_fraction,
+            head="linear",
+        )
 
     def begin_task(self, old_model) -> dict:
         ctx = self.ctx

@@ -206,7 +206,7 @@ def train_task_loop(config: dict) -> dict:
             **{f"loss/{k}": float(stats[i]) / (n_batches * world) for i, k in enumerate(keys)},
             "train_acc": float(stats[-2] / max(stats[-1], 1)),
             "images_per_s": n_images / elapsed,
-            "replay_wait_s": replay_wait, "epoch_s": elapsed,
+            "replay_rows": n_mem, "replay_wait_s": replay_wait, "epoch_s": elapsed,
         }  # fmt: skip
         history.append(record)
         if progress is not None:
