@@ -108,7 +108,7 @@ def cmd_compare(args) -> int:
 def cmd_tune(args) -> int:
     from distcl.tune.search import tune_job
 
-    tune_job(_job(args))
+    tune_job(_job(args), report_only=args.report)
     return 0
 
 
@@ -182,6 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tune", help="Ray Tune search over the job's tune: block")
     _add_job_args(p)
+    p.add_argument(
+        "--report",
+        action="store_true",
+        help="run nothing: tabulate the trials stored so far (a running or interrupted search)",
+    )
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("submit", help="submit a job to a Ray cluster (Ray Jobs API)")

@@ -462,6 +462,29 @@ def test_best_job_reproduces_its_trial(tuned, local_ray):
 
 
 @pytest.mark.ray
+def test_report_tabulates_the_stored_trials_without_running(tuned, local_ray, monkeypatch):
+    """``distcl tune --report``: the table and best job of the stored trials; nothing runs."""
+    from distcl.tune.search import tune_job
+
+    monkeypatch.chdir(tuned.root)  # the job's output.root is relative
+    with open(tuned.tune_dir / "trials.csv") as f:
+        before = {r["trial"]: r for r in __import__("csv").DictReader(f)}
+    dirs = sorted((tuned.tune_dir / "trials").glob("tiny-trial-*"))
+    out = tune_job(load_job(tuned.job_file), report_only=True, log=lambda *a: None)
+    assert sorted((tuned.tune_dir / "trials").glob("tiny-trial-*")) == dirs
+    rows = {r["trial"]: r for r in out["rows"]}
+    assert rows.keys() == before.keys()
+    for trial, row in rows.items():
+        assert row["objective"] == pytest.approx(float(before[trial]["objective"]))
+        assert row["status"] == {"stopped early": "stopped early or unfinished"}.get(
+            before[trial]["status"], before[trial]["status"])  # fmt: skip
+    assert load_job(out["best_job"]).train.lr == 0.05
+    other = load_job(tuned.job_file, overrides=["name=never-tuned"])
+    with pytest.raises(ValueError, match="no tuning run to report on"):
+        tune_job(other, report_only=True, log=lambda *a: None)
+
+
+@pytest.mark.ray
 def test_failed_trial_is_reported_not_fatal(tmp_path, synthetic_raw_job, local_ray):
     """A trial that raises is a row with status error; the other trial still runs."""
     from distcl.tune.search import tune_job

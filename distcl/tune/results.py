@@ -119,7 +119,9 @@ def plot_objective(
             ax.set_xticks(range(len(cats)), cats)
         max_t = max([r["tasks"] for r in done], default=1)
         for marker, status in (("o", "completed"), ("x", "stopped early")):
-            sel = [i for i, r in enumerate(done) if r["status"] == status]
+            # "stopped early or unfinished" (a --report on a search still going) is a cross
+            sel = [i for i, r in enumerate(done)
+                   if (r["status"] == "completed") == (status == "completed")]  # fmt: skip
             if sel:
                 sc = ax.scatter([xs[i] for i in sel], [done[i]["objective"] for i in sel],
                                 c=[done[i]["tasks"] for i in sel], vmin=1, vmax=max_t,
@@ -129,6 +131,7 @@ def plot_objective(
             ax.legend(fontsize=8)
         if p in log_params and numeric:
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(plt.NullFormatter())  # minor labels overlap
         ax.set_xlabel(p)
         ax.set_ylabel("objective")
         ax.set_title(f"objective vs {p}")

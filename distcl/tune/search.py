@@ -130,8 +130,14 @@ def _check_same_tuning(job: JobConfig, tune_dir: Path) -> None:
 
 
 # ------------------------------------------------------------------ the tuning run
-def tune_job(job: JobConfig, num_cpus: int | None = None, log=print) -> dict[str, Any]:
+def tune_job(
+    job: JobConfig, num_cpus: int | None = None, log=print, report_only: bool = False
+) -> dict[str, Any]:
     """Run (or resume) the search of ``job.tune``; write the table, plots and best job.
+
+    ``report_only``: run nothing; write the table, plots and best job of the trials stored so
+    far (a tuning run that is still going, or was interrupted). Trials that have not reached
+    the last task are then "stopped early or unfinished".
 
     Returns ``{"tune_dir", "rows", "best" (row or None), "best_job" (path or None)}``.
     Failed trials are rows with status ``error``; ValueError if every trial failed.
@@ -143,7 +149,6 @@ def tune_job(job: JobConfig, num_cpus: int | None = None, log=print) -> dict[str
 
     from distcl.data.shards import build_shards
     from distcl.train.driver import init_ray
-    from distcl.tune.results import best_row, make_row, plot_objective, write_best, write_table
     from distcl.tune.trial import run_trial
 
     tc: TuneConfig = validate_tune(job)
@@ -184,6 +189,11 @@ def tune_job(job: JobConfig, num_cpus: int | None = None, log=print) -> dict[str
         tune.PlacementGroupFactory([{"CPU": tc.driver_cpus}]),
     )  # fmt: skip
     exp_dir = tune_dir / "experiment"
+    if report_only:
+        if not tune.Tuner.can_restore(str(exp_dir)):
+            raise ValueError(f"{exp_dir}: no tuning run to report on; run `distcl tune` first")
+        grid = tune.Tuner.restore(str(exp_dir), trainable=trainable).get_results()
+        return _write_results(job, tc, grid, num_tasks, tune_dir, log, partial=True)
     if tune.Tuner.can_restore(str(exp_dir)):
         log(f"resuming the tuning run in {exp_dir}")
         tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=True)
@@ -230,7 +240,12 @@ def tune_job(job: JobConfig, num_cpus: int | None = None, log=print) -> dict[str
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             ),
         )  # fmt: skip
-    grid = tuner.fit()
+    return _write_results(job, tc, tuner.fit(), num_tasks, tune_dir, log)
+
+
+def _write_results(job, tc, grid, num_tasks, tune_dir, log, partial=False) -> dict[str, Any]:
+    """Rows of every trial in ``grid``; the table, plots and best job written to tune_dir."""
+    from distcl.tune.results import best_row, make_row, plot_objective, write_best, write_table
 
     params = list(tc.space)
     rows = []
@@ -242,6 +257,10 @@ def tune_job(job: JobConfig, num_cpus: int | None = None, log=print) -> dict[str
                 trial_id, {p: (r.config or {}).get(p) for p in params}, metrics, r.error, num_tasks
             )
         )
+    if partial:
+        for row in rows:
+            if row["status"] == "stopped early":
+                row["status"] = "stopped early or unfinished"
     if tc.start_with_job:  # name the baseline row
         point = job_point(job)
         for row in rows:
