@@ -38,6 +38,7 @@ def main(run: str) -> None:
             e = torch.cat([m.embed(x[i : i + 500]) for i in range(0, len(x), 500)]).numpy()
         return e / np.linalg.norm(e, axis=1, keepdims=True)
 
+    e0 = embed(m0)
     new, old = scen.tasks[1].train_items, scen.tasks[0].train_items
     rng = np.random.default_rng(0)
     for n_new, label in ((16, "half new class, half old (CL2R batch)"), (32, "new class only")):
@@ -46,7 +47,7 @@ def main(run: str) -> None:
             for _ in range(94):  # 3 epochs of 1000 new-class images, 32 per batch
                 idx = [*rng.choice(new, n_new), *rng.choice(old, 32 - n_new)]
                 m(torch.from_numpy(np.stack([src.image("train", i) for i in idx])).float() / 255)
-        e0, e1 = embed(m0), embed(m.eval())
+        e1 = embed(m.eval())
         M = compat.compatibility_matrix([e0, e1], y, "cmc@1")
         print(
             f"{label}: model 0 self {M[0][0]:.3f}; BN-only copy self {M[1][1]:.3f}, "

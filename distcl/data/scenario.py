@@ -118,8 +118,6 @@ def _split_classes(
                 f"{n - first} of {n} for {tasks - 1} later tasks (each needs at least one)"
             )
         head, order, tasks, n = [order[:first]], order[first:], tasks - 1, n - first
-        if tasks == 0:
-            return head
     if per_task is None:
         if n < tasks:
             raise ValueError(f"scenario.tasks: {tasks} tasks but only {n} classes")

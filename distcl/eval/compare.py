@@ -28,7 +28,6 @@ def _row(job: JobConfig, metrics: dict, run_dir: Path) -> dict:
         s = metrics["protocols"][proto]["summary"]
         for k in ("ac", "am", "bc", "fc"):
             out[f"{k}_{proto}"] = s[k]
-    for proto in ("all", "seen"):
         out[f"ac_{proto}_map"] = average_compatibility(
             np.asarray(metrics["protocols"][proto]["matrices"]["map"], dtype=float)
         )

@@ -118,10 +118,9 @@ def plot_objective(
             xs = [cats.index(str(x)) for x in xs]
             ax.set_xticks(range(len(cats)), cats)
         max_t = max([r["tasks"] for r in done], default=1)
-        for marker, status in (("o", "completed"), ("x", "stopped early")):
-            # "stopped early or unfinished" (a --report on a search still going) is a cross
-            sel = [i for i, r in enumerate(done)
-                   if (r["status"] == "completed") == (status == "completed")]  # fmt: skip
+        # Every trial that did not complete (ASHA-stopped, or unfinished under --report): x
+        for marker, status, completed in (("o", "completed", True), ("x", "stopped early", False)):
+            sel = [i for i, r in enumerate(done) if (r["status"] == "completed") == completed]
             if sel:
                 sc = ax.scatter([xs[i] for i in sel], [done[i]["objective"] for i in sel],
                                 c=[done[i]["tasks"] for i in sel], vmin=1, vmax=max_t,
