@@ -1,0 +1,1 @@
+"""distcl: compatible image-retrieval models over long continual-learning task sequences."""

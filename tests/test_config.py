@@ -7,12 +7,12 @@ Run: ``.venv/bin/python -m pytest tests/test_config.py -q``
 
 from __future__ import annotations
 
-import dataclasses
 import pickle
 from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from distcl.config import (
     SMOKE,
@@ -73,9 +73,9 @@ def test_int_accepted_where_float_expected(tmp_path):
 
 def test_frozen_picklable_and_dump_round_trip(tmp_path):
     job = load_job(write(tmp_path, QUICK))
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(ValidationError, match="frozen"):
         job.seed = 4  # type: ignore[misc]
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(ValidationError, match="frozen"):
         job.train.epochs = 4  # type: ignore[misc]
     assert pickle.loads(pickle.dumps(job)) == job
     again = parse_job(yaml.safe_load(dump_job(job)), "dumped")
@@ -269,3 +269,153 @@ def test_job_file_loads_smoke(path):
     job = load_job(REPO / path, smoke=True)
     assert job.smoke is True and job.train.epochs == 1
     assert job.scenario.max_tasks is not None and job.scenario.max_tasks <= 2
+
+
+# ---------------------------------------------------------------- every field, every range
+
+
+def _sections():
+    """(section name, model class) for every section of a job, the method's params included."""
+    from distcl.config import JobConfig
+    from distcl.methods import METHODS
+
+    out = []
+    for name, field in JobConfig.model_fields.items():
+        ann = field.annotation
+        for cls in getattr(ann, "__args__", (ann,)):
+            if isinstance(cls, type) and hasattr(cls, "model_fields") and name != "method":
+                out.append((name, cls))
+    out += [(f"method.params[{m}]", cls.Params) for m, cls in METHODS.items()]
+    return out
+
+
+def _wrong_value(annotation) -> object:
+    """A value of the wrong type for ``annotation``: a mapping where a scalar is expected,
+    and a string where a mapping or number is expected."""
+    text = str(annotation)
+    return {"x": 1} if ("str" in text or "Literal" in text) else "not-a-value"
+
+
+FIELDS = [
+    (section, cls, name, info)
+    for section, cls in _sections()
+    for name, info in cls.model_fields.items()
+]
+
+
+@pytest.mark.parametrize(
+    ("section", "cls", "name", "info"),
+    FIELDS,
+    ids=[f"{s}.{n}" for s, _c, n, _i in FIELDS],
+)
+def test_every_field_rejects_a_wrong_type_naming_field_and_file(tmp_path, section, cls, name, info):
+    key = info.alias or name
+    raw = yaml.safe_load(QUICK)
+    if section.startswith("method.params"):
+        method = section.split("[")[1][:-1]
+        raw["method"] = {"name": method, "params": {key: _wrong_value(info.annotation)}}
+        field = f"method.params.{key}"
+    else:
+        raw.setdefault(section, {})
+        if raw[section] is None:
+            raw[section] = {}
+        raw[section][key] = _wrong_value(info.annotation)
+        field = f"{section}.{key}"
+    if section == "tune":
+        raw["tune"].setdefault("space", {})
+    path = write(tmp_path, yaml.safe_dump(raw))
+    with pytest.raises(ConfigError) as e:
+        load_job(path)
+    assert field in str(e.value) and str(path) in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("section", sorted({s for s, _c in _sections()}))
+def test_every_section_rejects_an_unknown_key(tmp_path, section):
+    raw = yaml.safe_load(QUICK)
+    if section.startswith("method.params"):
+        method = section.split("[")[1][:-1]
+        raw["method"] = {"name": method, "params": {"typo_weight": 1.0}}
+        field = "method.params.typo_weight"
+    else:
+        raw[section] = {**(raw.get(section) or {}), "typo_key": 1}
+        field = f"{section}.typo_key"
+    message = error_of(tmp_path, yaml.safe_dump(raw))
+    assert f"unknown field '{field}'" in message
+
+
+@pytest.mark.parametrize(
+    ("item", "field"),
+    [  # the values that were accepted at load time and failed later or silently
+        ("train.lr=.nan", "train.lr"),
+        ("train.momentum=-0.5", "train.momentum"),
+        ("train.weight_decay=-1e-4", "train.weight_decay"),
+        ("train.first_task_epochs=-1", "train.first_task_epochs"),
+        ("train.max_failures=-1", "train.max_failures"),
+        ("train.threads_per_worker=-2", "train.threads_per_worker"),
+        ("data.train_per_class=-5", "data.train_per_class"),
+        ("data.test_per_class=0", "data.test_per_class"),
+        ("scenario.max_tasks=0", "scenario.max_tasks"),
+        ("model.embedding_dim=1", "model.embedding_dim"),
+        ("model.backbone=nope", "model.backbone"),
+        ("model.head=nope", "model.head"),
+        ("eval.metric=cmc@x", "eval.metric"),
+        ("eval.metric=cmc@0", "eval.metric"),
+        ("eval.topk=[0]", "eval.topk"),
+        ("eval.topk=[]", "eval.topk"),
+        ("memory.per_class=-3", "memory.per_class"),
+        ("name=..", "name"),
+        ("name=/abs", "name"),
+        ("output.root=runs/../../etc", "output.root"),
+        ("data.shards_dir=../x", "data.shards_dir"),
+        ("method={name: cl2r}", "model.embedding_dim"),  # 8 synthetic classes, dim 4 below
+        ("method={name: finetune, align: [{name: l3}]}", "method.align.name"),
+        ("method={name: cvs, params: {temperature: 0}}", "method.params.temperature"),
+        ("method={name: bct, params: {lambda: -1}}", "method.params.lambda"),
+        ("eval.fars=[0]", "eval.fars"),
+        ("scenario.heldout_classes=-1", "scenario.heldout_classes"),
+    ],
+)
+def test_out_of_range_values_fail_at_load_naming_the_field(tmp_path, item, field):
+    text = QUICK
+    if item.startswith("method={name: cl2r}"):  # simplex head: embedding_dim >= classes - 1
+        text = QUICK.replace("embedding_dim: 32", "embedding_dim: 4")
+    assert field in error_of(tmp_path, text, overrides=[item])
+
+
+def test_misspelt_method_lists_the_known_ones(tmp_path):
+    message = error_of(tmp_path, QUICK, overrides=["method.name=cl2", "method.params={}"])
+    assert "method.name" in message and "'cl2'" in message and "cl2r" in message
+
+
+def test_set_with_invalid_yaml_names_the_key(tmp_path):
+    message = error_of(tmp_path, QUICK, overrides=["eval.topk=[1, 2"])
+    assert "--set eval.topk" in message and "YAML" in message
+
+
+def test_resolved_job_round_trips_with_smoke_and_set(tmp_path):
+    """A saved job.yaml is the resolved job: reloading it does not re-apply smoke over the
+    explicit --set values (it used to, and a resumed --smoke --set run was refused)."""
+    job = load_job(write(tmp_path, QUICK), ["data.test_per_class=40", "eval.items_per_class=30"],
+                   smoke=True)  # fmt: skip
+    assert job.data.test_per_class == 40 and job.eval.items_per_class == 30
+    again = parse_job(yaml.safe_load(dump_job(job)), "job.yaml")
+    assert again == job
+    # ...while a user's own file that says smoke: true is still shrunk.
+    assert load_job(write(tmp_path, QUICK + "smoke: true\n", "s.yaml")).data.test_per_class == 12
+
+
+def test_set_reaches_dotted_tune_space_keys(tmp_path):
+    text = QUICK + (
+        "tune:\n  space:\n    method.params.lambda: {type: loguniform, low: 0.1, high: 10}\n"
+    )
+    job = load_job(write(tmp_path, text), ["tune.space.method.params.lambda.high=20"])
+    assert job.tune.space["method.params.lambda"].high == 20.0
+    assert job.tune.space["method.params.lambda"].low == 0.1
+
+
+def test_method_params_are_validated_once_into_the_method_model(tmp_path):
+    from distcl.methods.bct import BCTParams
+
+    job = load_job(write(tmp_path, QUICK), ["method={name: bct, params: {lambda: 2}}"])
+    assert isinstance(job.method.params, BCTParams) and job.method.params.lambda_ == 2.0
+    assert "lambda: 2.0" in dump_job(job)  # spelt as in job files

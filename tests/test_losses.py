@@ -160,7 +160,8 @@ def test_mmd_golden_1d():
 def test_adversarial_golden():
     # new logit ln 3 -> sigmoid .75; old logit 0 -> .5
     # generator: -ln .75; discriminator: (-ln .5 - ln(1 - .75)) / 2
-    g, d = L.adversarial_losses(torch.tensor([math.log(3.0)]), torch.tensor([[0.0]]))
+    g = L.generator_loss(torch.tensor([math.log(3.0)]))
+    d = L.discriminator_loss(torch.tensor([math.log(3.0)]), torch.tensor([[0.0]]))
     assert g.item() == pytest.approx(-math.log(0.75), abs=1e-6)
     assert d.item() == pytest.approx(0.5 * (math.log(2.0) + math.log(4.0)), abs=1e-6)
 
@@ -179,12 +180,12 @@ def test_grad_reverse_trains_discriminator_and_confuses_new():
     new_feat = torch.randn(8, 4, requires_grad=True)
     old_feat = torch.randn(8, 4)
     disc = torch.nn.Linear(4, 1)
-    _, d_plain = L.adversarial_losses(disc(new_feat), disc(old_feat))
+    d_plain = L.discriminator_loss(disc(new_feat), disc(old_feat))
     g_feat_plain = torch.autograd.grad(d_plain, new_feat)[0]
-    _, d_rev = L.adversarial_losses(disc(L.grad_reverse(new_feat)), disc(old_feat))
+    d_rev = L.discriminator_loss(disc(L.grad_reverse(new_feat)), disc(old_feat))
     g_feat_rev, g_w_rev = torch.autograd.grad(d_rev, (new_feat, disc.weight))
     assert torch.allclose(g_feat_rev, -g_feat_plain)
-    _, d_again = L.adversarial_losses(disc(new_feat.detach()), disc(old_feat))
+    d_again = L.discriminator_loss(disc(new_feat.detach()), disc(old_feat))
     assert torch.allclose(g_w_rev, torch.autograd.grad(d_again, disc.weight)[0])
 
 
@@ -390,7 +391,7 @@ def test_old_side_is_detached():
             lambda: L.norm_softmax_loss(torch.zeros(2, 3), torch.zeros(4, 2), torch.tensor([0, 1])),
             "emb and weight",
         ),
-        (lambda: L.adversarial_losses(torch.zeros(2, 2), torch.zeros(2)), "disc_logits_new"),
+        (lambda: L.discriminator_loss(torch.zeros(2, 2), torch.zeros(2)), "disc_logits_new"),
         (lambda: L.grad_reverse(torch.zeros(2), -1.0), "scale"),
     ],
 )

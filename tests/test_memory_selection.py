@@ -15,7 +15,6 @@ from distcl.memory.selection import (
     herding_order,
     per_class_budget,
     random_order,
-    reservoir_update,
     select_exemplars,
     shrink,
 )
@@ -83,34 +82,6 @@ def test_random_order_distinct_seeded() -> None:
         random_order(5, -1, np.random.default_rng(0))
 
 
-def test_reservoir_fills_then_is_pure_and_streamable() -> None:
-    res, n = reservoir_update(np.empty(0, np.int64), 0, np.arange(3), 5, np.random.default_rng(0))
-    assert res.tolist() == [0, 1, 2] and n == 3
-    before = res.copy()
-    reservoir_update(res, n, np.arange(3, 20), 5, np.random.default_rng(0))
-    np.testing.assert_array_equal(res, before)  # input untouched
-    # Feeding the stream in two chunks equals feeding it at once (same generator state).
-    rng1, rng2 = np.random.default_rng(5), np.random.default_rng(5)
-    whole, n1 = reservoir_update(np.empty(0, np.int64), 0, np.arange(50), 4, rng1)
-    part, n2 = reservoir_update(np.empty(0, np.int64), 0, np.arange(20), 4, rng2)
-    part, n2 = reservoir_update(part, n2, np.arange(20, 50), 4, rng2)
-    np.testing.assert_array_equal(whole, part)
-    assert n1 == n2 == 50
-    with pytest.raises(ValueError, match="capacity"):
-        reservoir_update(np.arange(6), 6, np.arange(3), 5, np.random.default_rng(0))
-
-
-def test_reservoir_is_uniform() -> None:
-    # Algorithm R keeps every item with probability capacity / n: 3/10 here.
-    rng = np.random.default_rng(0)
-    hits = np.zeros(10)
-    trials = 8000
-    for _ in range(trials):
-        res, _ = reservoir_update(np.empty(0, np.int64), 0, np.arange(10), 3, rng)
-        hits[res] += 1
-    np.testing.assert_allclose(hits / trials, 0.3, atol=0.025)
-
-
 def test_select_exemplars_herding_per_class_golden() -> None:
     # Class 7 is FEATS at rows 1, 3, 5, 7; class 2 is rows 0, 2, 4, 6 (any features).
     labels = np.array([2, 7, 2, 7, 2, 7, 2, 7])
@@ -126,9 +97,9 @@ def test_select_exemplars_herding_per_class_golden() -> None:
     np.testing.assert_array_equal(out[2], [4, 6, 2])
 
 
-def test_select_exemplars_random_and_reservoir() -> None:
+def test_select_exemplars_random() -> None:
     labels = np.repeat([0, 1, 2], 10)
-    for policy in ("random", "reservoir"):
+    for policy in ("random",):
         out = select_exemplars(labels, None, per_class=4, policy=policy, seed=1)
         again = select_exemplars(labels, None, per_class=4, policy=policy, seed=1)
         for c in (0, 1, 2):
@@ -181,3 +152,19 @@ def test_selection_stays_pure() -> None:
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_balanced_sample_is_class_balanced_seeded_and_shuffled() -> None:
+    from distcl.memory.selection import balanced_sample
+
+    labels = np.repeat([3, 5, 9], [2, 4, 6])  # sorted by class, as the memory stores them
+    rows = balanced_sample(labels, 7, np.random.default_rng(0))
+    counts = np.bincount(labels[rows], minlength=10)[[3, 5, 9]]
+    assert sorted(counts.tolist()) == [2, 2, 3] and len(rows) == 7
+    np.testing.assert_array_equal(rows, balanced_sample(labels, 7, np.random.default_rng(0)))
+    # Class 3 has 2 rows: a quota of 3 from it draws with replacement, never out of class.
+    many = balanced_sample(labels, 30, np.random.default_rng(1))
+    assert np.bincount(labels[many], minlength=10)[[3, 5, 9]].tolist() == [10, 10, 10]
+    assert len(balanced_sample(labels[:0], 5, np.random.default_rng(0))) == 0
+    with pytest.raises(ValueError, match="n must be"):
+        balanced_sample(labels, -1, np.random.default_rng(0))

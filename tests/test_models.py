@@ -74,9 +74,6 @@ def test_fixed_simplex_head_is_not_trained():
     assert torch.equal(head.weight, dsimplex(10))
     x = torch.randn(4, 9)
     assert torch.allclose(head(x), x @ dsimplex(10).T)
-    assert head.grow(10) is head and head.grow(5) is head
-    with pytest.raises(ValueError, match="pre-allocated"):
-        head.grow(11)
 
 
 def test_fixed_simplex_head_checks_embedding_dim():
@@ -94,25 +91,6 @@ def test_cosine_head_logits_are_cosines_over_temperature():
     assert torch.allclose(logits, torch.tensor([[2.0, 2.0**0.5]]))
 
 
-@pytest.mark.parametrize("kind", ["linear", "cosine"])
-def test_growable_heads_keep_old_rows(kind):
-    torch.manual_seed(0)
-    head = build_head(kind, 8, 3)
-    x = torch.randn(5, 8)
-    before = {k: v.clone() for k, v in head.state_dict().items()}
-    logits_before = head(x)
-    assert head.grow(7) is head
-    assert head.num_classes == 7
-    for name, old in before.items():
-        new = head.state_dict()[name]
-        assert new.shape[0] == 7
-        assert torch.equal(new[:3], old)
-    assert torch.allclose(head(x)[:, :3], logits_before)
-    assert all(p.requires_grad for p in head.parameters())
-    with pytest.raises(ValueError, match="new_num_classes"):
-        head.grow(6)
-
-
 @pytest.mark.parametrize("kind", sorted(HEADS))
 def test_every_head_builds_and_runs(kind):
     in_dim, num_classes = 9, 10  # the simplex head needs in_dim = K - 1
@@ -124,7 +102,7 @@ def test_every_head_builds_and_runs(kind):
 
 
 def test_build_head_unknown_kind():
-    with pytest.raises(ValueError, match="head must be one of"):
+    with pytest.raises(ValueError, match=r"unknown head .arcface. \(known: \[.cosine"):
         build_head("arcface", 8, 3)
 
 
@@ -165,7 +143,7 @@ def test_backbone_feature_dims():
     assert build_backbone("resnet18", 1, True)[1] == 512
     resnet32, _ = build_backbone("resnet32", 3, True)
     assert resnet32(torch.rand(2, 3, 32, 32)).shape == (2, 64)  # CIFAR size works too
-    with pytest.raises(ValueError, match="backbone must be one of"):
+    with pytest.raises(ValueError, match=r"unknown backbone .vit. \(known: "):
         build_backbone("vit", 3, True)
 
 
@@ -286,10 +264,8 @@ def test_signature_mismatch_names_field(change, message):
         load_state_checked(_model(**change), saved.state_dict(), model_signature(saved))
 
 
-def test_signature_tracks_head_growth():
+def test_signature_without_a_field_is_refused():
     model = _model(head="linear")
-    model.head.grow(8)
-    assert model_signature(model)["num_classes"] == 8
     with pytest.raises(ValueError, match="signature has no field 'small_input'"):
         sig = model_signature(model)
         del sig["small_input"]

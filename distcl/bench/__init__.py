@@ -4,14 +4,19 @@ measured in the same run (never timed assertions in tests).
     distcl bench train    # Ray Train + WebDataset + DDP vs an in-memory single-process loop
     distcl bench search   # distcl search vs raw faiss IndexFlatIP vs numpy; IVF recall
     distcl bench eval     # cost of the T x T evaluation: embedding passes and seconds
-    distcl bench memory   # replay overhead per step; memory actor samples/s, 2 readers
+    distcl bench memory   # replay overhead per step (local sampling from a per-task snapshot)
+    distcl bench sequence # per-task overhead of a long sequence: one Train run vs one per task
+    distcl bench data     # shard building throughput: 1, 2, 4 Ray tasks vs one process
 """
 
 from __future__ import annotations
 
 import importlib
 
-BENCHES = {"train": "train", "search": "search", "eval": "evalcost", "memory": "memory"}
+BENCHES = {
+    "train": "train", "search": "search", "eval": "evalcost", "memory": "memory",
+    "sequence": "sequence", "data": "data",
+}  # fmt: skip
 
 
 def run_bench(name: str, argv: list[str]) -> int:

@@ -1,0 +1,1 @@
+"""Data: sources (Fashion-MNIST, image folders, synthetic), scenarios and WebDataset shards."""

@@ -1,0 +1,1 @@
+"""Evaluation: retrieval metrics, compatibility matrices, protocols, the engine and reports."""

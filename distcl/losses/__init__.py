@@ -10,7 +10,12 @@ Test: ``.venv/bin/python -m pytest tests/test_losses.py -q``
 
 from __future__ import annotations
 
-from distcl.losses.adversarial import GradReverse, adversarial_losses, grad_reverse
+from distcl.losses.adversarial import (
+    GradReverse,
+    discriminator_loss,
+    generator_loss,
+    grad_reverse,
+)
 from distcl.losses.classification import cross_entropy, norm_softmax_loss
 from distcl.losses.distillation import (
     coherence_loss,
@@ -27,7 +32,8 @@ from distcl.losses.metric import DEFAULT_MMD_SIGMAS, batch_hard_triplet_loss, mm
 __all__ = [
     "DEFAULT_MMD_SIGMAS",
     "GradReverse",
-    "adversarial_losses",
+    "discriminator_loss",
+    "generator_loss",
     "batch_hard_triplet_loss",
     "coherence_loss",
     "cosine_distillation_loss",

@@ -6,7 +6,7 @@ Two ways to express it, both as loss terms the engine sums and backpropagates:
 1. Gradient reversal (one term, recommended):
        logits_new = disc(grad_reverse(new_feat, scale))
        logits_old = disc(old_feat)
-       _, d_loss = adversarial_losses(logits_new, logits_old)
+       d_loss = discriminator_loss(logits_new, logits_old)
        terms["adv"] = d_loss
    The discriminator descends ``d_loss``; the reversed gradient makes the new model ascend
    it, i.e. confuse the discriminator (minimax form).
@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["GradReverse", "adversarial_losses", "grad_reverse"]
+__all__ = ["GradReverse", "discriminator_loss", "generator_loss", "grad_reverse"]
 
 
 class GradReverse(torch.autograd.Function):
@@ -54,20 +54,20 @@ def _check_disc_logits(name: str, t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def adversarial_losses(
+def discriminator_loss(
     disc_logits_new: torch.Tensor, disc_logits_old: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return ``(generator_loss, discriminator_loss)`` from discriminator logits (B,) or
-    (B, 1) on new-model and old-model features.
-
-    - ``discriminator_loss = (BCE(old, 1) + BCE(new, 0)) / 2`` (each a batch mean)
-    - ``generator_loss = BCE(new, 1)`` (non-saturating: the new model wants to look old)
-
-    See the module docstring for which logits each term must come from.
-    """
+) -> torch.Tensor:
+    """``(BCE(old, 1) + BCE(new, 0)) / 2`` (each a batch mean) from discriminator logits (B,)
+    or (B, 1) on new-model and old-model features. Behind ``grad_reverse`` on the new side it
+    is the whole minimax game in one term."""
     new = _check_disc_logits("disc_logits_new", disc_logits_new)
     old = _check_disc_logits("disc_logits_old", disc_logits_old)
     bce = F.binary_cross_entropy_with_logits
-    generator_loss = bce(new, torch.ones_like(new))
-    discriminator_loss = 0.5 * (bce(old, torch.ones_like(old)) + bce(new, torch.zeros_like(new)))
-    return generator_loss, discriminator_loss
+    return 0.5 * (bce(old, torch.ones_like(old)) + bce(new, torch.zeros_like(new)))
+
+
+def generator_loss(disc_logits_new: torch.Tensor) -> torch.Tensor:
+    """``BCE(new, 1)``: the non-saturating loss of a new model that wants to look old (for the
+    two-term form; see the module docstring for which logits it must come from)."""
+    new = _check_disc_logits("disc_logits_new", disc_logits_new)
+    return F.binary_cross_entropy_with_logits(new, torch.ones_like(new))

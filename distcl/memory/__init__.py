@@ -1,0 +1,1 @@
+"""The episodic memory: pure selection policies and the sharded Ray actor service."""

@@ -5,7 +5,6 @@ must shrink when new classes arrive keeps the first ``m`` of each class (``shrin
 
 - ``herding_order``: iCaRL herding on the old model's features (Rebuffi et al., 2017).
 - ``random_order``: a seeded random permutation (random per class).
-- ``reservoir_update``: Algorithm R over a stream, pure state in / state out.
 - ``select_exemplars``: one policy applied per class, seeded per (seed, class) so the choice
   for a class never depends on which other classes are present.
 - ``per_class_budget``: the class-balanced budget (fixed per class, or total // classes).
@@ -19,7 +18,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-POLICIES = ("herding", "random", "reservoir")
+POLICIES = ("herding", "random")
 
 _EPS = 1e-12
 
@@ -63,39 +62,6 @@ def random_order(n: int, m: int, rng: np.random.Generator) -> np.ndarray:
     return rng.permutation(n)[: min(m, n)].astype(np.int64)
 
 
-def reservoir_update(
-    reservoir: np.ndarray,
-    n_seen: int,
-    items: np.ndarray,
-    capacity: int,
-    rng: np.random.Generator,
-) -> tuple[np.ndarray, int]:
-    """Algorithm R: feed ``items`` into a reservoir of ``capacity``; ``(reservoir, n_seen)``.
-
-    Pure: the input reservoir is not modified. After the whole stream, every item seen is in the
-    reservoir with probability ``capacity / n_seen``. ``reservoir`` is a 1-D array (start with an
-    empty one and ``n_seen = 0``); its slot order is not a priority order.
-    """
-    if capacity < 0:
-        raise ValueError(f"capacity must be >= 0, got {capacity}")
-    if n_seen < 0:
-        raise ValueError(f"n_seen must be >= 0, got {n_seen}")
-    res = list(np.asarray(reservoir))
-    if len(res) > capacity:
-        raise ValueError(f"reservoir holds {len(res)} items, more than capacity={capacity}")
-    items = np.asarray(items)
-    for item in items:
-        if len(res) < capacity:
-            res.append(item)
-        else:
-            j = int(rng.integers(0, n_seen + 1))  # uniform over the n_seen + 1 items so far
-            if j < capacity:
-                res[j] = item
-        n_seen += 1
-    dtype = items.dtype if items.size else np.asarray(reservoir).dtype
-    return np.asarray(res, dtype=dtype), n_seen
-
-
 def select_exemplars(
     labels: np.ndarray,
     features: np.ndarray | None,
@@ -105,9 +71,8 @@ def select_exemplars(
 ) -> dict[int, np.ndarray]:
     """Choose up to ``per_class`` exemplars of each class; class -> indices in priority order.
 
-    ``policy``: ``"herding"`` (needs ``features`` (N, D)), ``"random"``, or ``"reservoir"``
-    (Algorithm R over the class's items in input order, then shuffled, so keeping the first m
-    stays a uniform subset). Randomness is seeded by ``(seed, class)``.
+    ``policy``: ``"herding"`` (needs ``features`` (N, D)) or ``"random"``. Randomness is
+    seeded by ``(seed, class)``.
     """
     labels = np.asarray(labels)
     if labels.ndim != 1:
@@ -130,15 +95,49 @@ def select_exemplars(
         rng = np.random.default_rng([int(seed), int(c)])
         if policy == "herding":
             local = herding_order(features[idx], per_class)
-        elif policy == "random":
-            local = random_order(len(idx), per_class, rng)
         else:
-            kept, _ = reservoir_update(
-                np.empty(0, np.int64), 0, np.arange(len(idx)), per_class, rng
-            )
-            local = rng.permutation(kept)
+            local = random_order(len(idx), per_class, rng)
         out[int(c)] = idx[local].astype(np.int64)
     return out
+
+
+class BalancedSampler:
+    """Class-balanced replay rows from ``labels`` (N,) sorted by class (the class layout is
+    computed once; each ``sample`` is O(n)).
+
+    Each of the K classes gets ``n // K`` rows and ``n % K`` random classes one more; rows are
+    drawn without replacement within a class while it has enough, with replacement otherwise;
+    the batch is shuffled. Empty ``labels`` or ``n == 0`` give no rows.
+    """
+
+    def __init__(self, labels: np.ndarray):
+        labels = np.asarray(labels)
+        if labels.ndim != 1 or np.any(labels[1:] < labels[:-1]):
+            raise ValueError("labels must be 1-D and sorted by class")
+        _classes, self.starts, self.counts = np.unique(
+            labels, return_index=True, return_counts=True
+        )
+
+    def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        k = len(self.starts)
+        if k == 0 or n == 0:
+            return np.zeros(0, np.int64)
+        quota = np.full(k, n // k)
+        quota[rng.choice(k, n % k, replace=False)] += 1
+        parts = [
+            s + rng.choice(cnt, q, replace=bool(q > cnt))
+            for s, cnt, q in zip(self.starts, self.counts, quota, strict=True)
+            if q
+        ]
+        return rng.permutation(np.concatenate(parts)).astype(np.int64)
+
+
+def balanced_sample(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Rows (n,) of one class-balanced batch of ``labels`` sorted by class
+    (:class:`BalancedSampler`)."""
+    return BalancedSampler(labels).sample(n, rng)
 
 
 def per_class_budget(n_classes: int, per_class: int | None, total: int | None) -> int:

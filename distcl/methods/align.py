@@ -20,15 +20,17 @@ import torch
 from torch import nn
 
 from distcl import losses
-from distcl.config import AlignConfig
 from distcl.methods.base import Batch, TaskContext
+from distcl.registry import Registry
+
+ALIGN_TERMS: Registry[type[AlignTerm]] = Registry("alignment term")
 
 
 class AlignTerm(nn.Module):
     name = ""
     needs_stages = False
 
-    def __init__(self, cfg: AlignConfig, ctx: TaskContext):
+    def __init__(self, cfg, ctx: TaskContext):  # cfg: distcl.config.AlignConfig
         super().__init__()
         self.cfg = cfg
         self.ctx = ctx
@@ -43,6 +45,7 @@ class AlignTerm(nn.Module):
         raise NotImplementedError
 
 
+@ALIGN_TERMS.register()
 class KDAlign(AlignTerm):
     name = "kd"
 
@@ -55,6 +58,7 @@ class KDAlign(AlignTerm):
         )
 
 
+@ALIGN_TERMS.register()
 class L2Align(AlignTerm):
     name = "l2"
 
@@ -65,6 +69,7 @@ class L2Align(AlignTerm):
         return losses.l2_feature_loss(new["emb"][rows], old["emb"][rows])
 
 
+@ALIGN_TERMS.register()
 class ProjectionAlign(AlignTerm):
     name = "projection"
 
@@ -81,6 +86,7 @@ class ProjectionAlign(AlignTerm):
         return losses.projection_loss(self.proj(new["emb"][rows]), old["emb"][rows])
 
 
+@ALIGN_TERMS.register()
 class LayerwiseAlign(AlignTerm):
     name = "layerwise"
     needs_stages = True
@@ -94,6 +100,7 @@ class LayerwiseAlign(AlignTerm):
         )
 
 
+@ALIGN_TERMS.register()
 class AdversarialAlign(AlignTerm):
     name = "adversarial"
 
@@ -109,14 +116,8 @@ class AdversarialAlign(AlignTerm):
         # Gradient reversal: the discriminator minimises its BCE, the new model maximises it.
         new_logit = self.disc(losses.grad_reverse(new["emb"][rows], 1.0)).squeeze(1)
         old_logit = self.disc(old["emb"][rows].detach()).squeeze(1)
-        _, disc_loss = losses.adversarial_losses(new_logit, old_logit)
-        return disc_loss
+        return losses.discriminator_loss(new_logit, old_logit)
 
 
-ALIGN_TERMS: dict[str, type[AlignTerm]] = {
-    t.name: t for t in (KDAlign, L2Align, ProjectionAlign, LayerwiseAlign, AdversarialAlign)
-}
-
-
-def build_align_terms(cfgs: tuple[AlignConfig, ...], ctx: TaskContext) -> nn.ModuleList:
+def build_align_terms(cfgs, ctx: TaskContext) -> nn.ModuleList:
     return nn.ModuleList(ALIGN_TERMS[c.name](c, ctx) for c in cfgs)

@@ -4,23 +4,37 @@ The engine (``distcl.train.loop``) owns the optimiser: it runs the new model (an
 frozen old one when asked), calls ``method.loss(batch, new, old)``, sums the returned
 terms, backpropagates, steps and logs every term. A method never calls ``backward()``.
 
-    @register_method
+    @METHODS.register()
     class MyMethod(Method):
         name = "mine"
-        Params = MyParams                    # frozen dataclass of weights (validated)
+        Params = MyParams                    # a ``Params`` model of weights (validated)
         def needs(self) -> Needs: ...        # old model? memory? class means?
         def loss(self, batch, new, old) -> dict[str, Tensor]: ...
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat
 from torch import nn
+
+from distcl.registry import Registry
+
+Weight = Annotated[StrictFloat, Field(ge=0)]  #: a loss weight
+Positive = Annotated[StrictFloat, Field(gt=0)]  #: a temperature, a bandwidth
+ReplayFraction = Annotated[StrictFloat, Field(ge=0, lt=1)]  #: B * f / (1 - f) rows of B from memory
+
+
+class Params(BaseModel):
+    """A method's weights: validated once when the job loads (``method.params``)."""
+
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, allow_inf_nan=False, populate_by_name=True
+    )
 
 
 @dataclass(frozen=True)
@@ -70,6 +84,9 @@ class Batch:
     images: torch.Tensor  # (B, C, H, W) float in [0, 1]
     labels: torch.Tensor  # (B,) int64
     from_memory: torch.Tensor  # (B,) bool: replayed exemplars
+    #: Per-rank rows -> the global batch (differentiable all-gather under DDP; None: this
+    #: process holds the whole batch). Batch-spanning loss terms take it.
+    gather: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 class Method(nn.Module):
@@ -80,7 +97,7 @@ class Method(nn.Module):
     """
 
     name: ClassVar[str] = ""
-    Params: ClassVar[type] = type(None)
+    Params: ClassVar[type[Params]] = Params
 
     def __init__(self, params: Any, ctx: TaskContext):
         super().__init__()
@@ -112,30 +129,4 @@ class Method(nn.Module):
         return logits + mask
 
 
-METHODS: dict[str, type[Method]] = {}
-
-
-def register_method(cls: type[Method]) -> type[Method]:
-    """Class decorator adding a method to the registry under ``cls.name``."""
-    if not cls.name or cls.name in METHODS:
-        raise ValueError(f"method name {cls.name!r} empty or registered twice")
-    METHODS[cls.name] = cls
-    return cls
-
-
-def method_params(name: str, raw: dict[str, Any]) -> Any:
-    """Validate ``raw`` weights against the method's Params dataclass."""
-    from distcl.config import ConfigError, from_dict
-
-    if name not in METHODS:
-        raise ConfigError(f"method.name: unknown method {name!r} (known: {sorted(METHODS)})")
-    # ``lambda`` is a Python keyword: job files say ``lambda``, Params fields ``lambda_``.
-    raw = {("lambda_" if k == "lambda" else k): v for k, v in raw.items()}
-    return from_dict(METHODS[name].Params, raw, "method.params")
-
-
-def params_dict(params: Any) -> dict[str, Any]:
-    return dataclasses.asdict(params) if dataclasses.is_dataclass(params) else {}
-
-
-GatherFn = Callable[[torch.Tensor], torch.Tensor]
+METHODS: Registry[type[Method]] = Registry("method")

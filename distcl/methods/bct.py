@@ -17,21 +17,19 @@ embedding dimensions match.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
 from distcl import losses
-from distcl.methods.base import Method, Needs, register_method
+from distcl.methods.base import METHODS, Method, Needs, Params, ReplayFraction, Weight
 
 
-@dataclass(frozen=True)
-class BCTParams:
-    lambda_: float = 1.0  #: influence-loss weight (``lambda`` in jobs)
+class BCTParams(Params):
+    lambda_: Weight = Field(1.0, alias="lambda")  #: influence-loss weight (``lambda`` in jobs)
     #: A finished ``models/<t>`` folder to be compatible with from the first task on.
     old_model_dir: str | None = None
-    replay_fraction: float = 0.5  #: fraction of each batch drawn from memory
+    replay_fraction: ReplayFraction = 0.5  #: fraction of each batch drawn from memory
 
 
 def influence_classifier(
@@ -56,7 +54,7 @@ def influence_classifier(
     return weight, bias
 
 
-@register_method
+@METHODS.register()
 class BCT(Method):
     name = "bct"
     Params = BCTParams

@@ -9,16 +9,18 @@ public code; its default base there is 10.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+
+from pydantic import Field
 
 from distcl import losses
-from distcl.methods.base import Method, Needs, register_method
+from distcl.methods.base import METHODS, Method, Needs, Params, ReplayFraction, Weight
 
 
-@dataclass(frozen=True)
-class CL2RParams:
-    lambda_: float = 10.0  #: base weight of the feature distillation (``lambda`` in jobs)
-    replay_fraction: float = 0.5  #: fraction of each batch drawn from memory
+class CL2RParams(Params):
+    lambda_: Weight = Field(
+        10.0, alias="lambda"
+    )  #: base weight of the feature distillation (``lambda`` in jobs)
+    replay_fraction: ReplayFraction = 0.5  #: fraction of each batch drawn from memory
 
 
 def cl2r_lambda(base: float, n_old: int, n_new: int) -> float:
@@ -26,7 +28,7 @@ def cl2r_lambda(base: float, n_old: int, n_new: int) -> float:
     return 0.0 if n_old == 0 else base * math.sqrt(n_new / n_old)
 
 
-@register_method
+@METHODS.register()
 class CL2R(Method):
     name = "cl2r"
     Params = CL2RParams

@@ -14,22 +14,19 @@ on training items so evaluation items never steer training.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from distcl import losses
-from distcl.methods.base import Method, Needs, register_method
+from distcl.methods.base import METHODS, Method, Needs, Params, Positive, ReplayFraction, Weight
 
 
-@dataclass(frozen=True)
-class CVSParams:
-    alpha: float = 10.0  #: neighbour-session triplet distillation weight
-    beta: float = 1.0  #: inter-session data coherence weight
-    temperature: float = 0.05  #: NormSoftmax temperature
-    margin: float = 0.1  #: triplet margin
-    replay_fraction: float = 0.25  #: fraction of each batch drawn from memory
+class CVSParams(Params):
+    alpha: Weight = 10.0  #: neighbour-session triplet distillation weight
+    beta: Weight = 1.0  #: inter-session data coherence weight
+    temperature: Positive = 0.05  #: NormSoftmax temperature
+    margin: Weight = 0.1  #: triplet margin
+    replay_fraction: ReplayFraction = 0.25  #: fraction of each batch drawn from memory
 
 
-@register_method
+@METHODS.register()
 class CVS(Method):
     name = "cvs"
     Params = CVSParams
@@ -45,7 +42,11 @@ class CVS(Method):
         terms = {"ce": losses.cross_entropy(self.seen_logits(new["logits"]), batch.labels)}
         if old is not None:
             terms["triplet"] = self.params.alpha * losses.triplet_distillation_loss(
-                new["emb"], old["emb"], batch.labels, margin=self.params.margin
+                new["emb"],
+                old["emb"],
+                batch.labels,
+                margin=self.params.margin,
+                gather=batch.gather,
             )
         if self.ctx.class_means is not None:
             means = (

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from distcl import losses
-from distcl.methods.base import Method, Needs, register_method
+from distcl.methods.base import METHODS, Method, Needs, Params
 
 
-@dataclass(frozen=True)
-class FinetuneParams:
+class FinetuneParams(Params):
     """No weights."""
 
 
-@register_method
+@METHODS.register()
 class Finetune(Method):
     name = "finetune"
     Params = FinetuneParams

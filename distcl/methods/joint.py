@@ -6,18 +6,15 @@ task t (``Needs.all_data``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from distcl.methods.base import Needs, register_method
+from distcl.methods.base import METHODS, Needs, Params
 from distcl.methods.finetune import Finetune
 
 
-@dataclass(frozen=True)
-class JointParams:
+class JointParams(Params):
     """No weights."""
 
 
-@register_method
+@METHODS.register()
 class Joint(Finetune):
     name = "joint"
     Params = JointParams

@@ -3,19 +3,16 @@ old classes, computed on the current task's images (no exemplars)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from distcl import losses
-from distcl.methods.base import Method, Needs, register_method
+from distcl.methods.base import METHODS, Method, Needs, Params, Positive, Weight
 
 
-@dataclass(frozen=True)
-class LwFParams:
-    alpha: float = 1.0  #: weight of the distillation term
-    temperature: float = 2.0  #: KD temperature (Hinton)
+class LwFParams(Params):
+    alpha: Weight = 1.0  #: weight of the distillation term
+    temperature: Positive = 2.0  #: KD temperature (Hinton)
 
 
-@register_method
+@METHODS.register()
 class LwF(Method):
     name = "lwf"
     Params = LwFParams

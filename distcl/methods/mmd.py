@@ -7,22 +7,28 @@ CE + batch-hard triplet + alpha * KD(T=2) on old classes
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Annotated
+
+from pydantic import Field
 
 from distcl import losses
-from distcl.methods.base import Method, Needs, register_method
+from distcl.methods.base import METHODS, Method, Needs, Params, Positive, Weight
 
 
-@dataclass(frozen=True)
-class MMDParams:
-    alpha: float = 1.0  #: KD weight
-    beta: float = 1.0  #: MMD weight
-    temperature: float = 2.0  #: KD temperature
-    margin: float = 0.3  #: batch-hard triplet margin
-    sigmas: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)  #: Gaussian kernel bandwidths
+class MMDParams(Params):
+    alpha: Weight = 1.0  #: KD weight
+    beta: Weight = 1.0  #: MMD weight
+    temperature: Positive = 2.0  #: KD temperature
+    margin: Weight = 0.3  #: batch-hard triplet margin
+    sigmas: Annotated[tuple[Positive, ...], Field(min_length=1)] = (
+        0.25,
+        0.5,
+        1.0,
+        2.0,
+    )  #: Gaussian kernel bandwidths
 
 
-@register_method
+@METHODS.register()
 class MMDRetrieval(Method):
     name = "mmd"
     Params = MMDParams
@@ -35,7 +41,7 @@ class MMDRetrieval(Method):
         terms = {
             "ce": losses.cross_entropy(self.seen_logits(new["logits"]), batch.labels),
             "triplet": losses.batch_hard_triplet_loss(
-                new["emb"], batch.labels, margin=self.params.margin
+                new["emb"], batch.labels, margin=self.params.margin, gather=batch.gather
             ),
         }
         if old is not None:
@@ -44,6 +50,6 @@ class MMDRetrieval(Method):
                     new["logits"], old["logits"], self.ctx.old_classes, self.params.temperature
                 )
             terms["mmd"] = self.params.beta * losses.mmd(
-                new["emb"], old["emb"], sigmas=self.params.sigmas
+                new["emb"], old["emb"], sigmas=self.params.sigmas, gather=batch.gather
             )
         return terms

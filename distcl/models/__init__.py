@@ -1,0 +1,1 @@
+"""Models: backbones, classifier heads (linear, cosine, fixed d-simplex), the embedding model."""

@@ -15,10 +15,13 @@ Test: ``.venv/bin/python -m pytest tests/test_models.py -q``
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from distcl.registry import Registry
 
 __all__ = [
     "BACKBONES",
@@ -174,20 +177,13 @@ def torchvision_resnet(
 
 # name -> factory(in_channels, small_input). resnet32's stem is always the small-image one,
 # so it ignores small_input.
-BACKBONES: dict[str, Callable[[int, bool], Backbone]] = {
-    "resnet32": lambda in_channels, small_input: resnet32(in_channels),
-    "resnet18": lambda in_channels, small_input: torchvision_resnet(
-        "resnet18", in_channels, small_input
-    ),
-    "resnet50": lambda in_channels, small_input: torchvision_resnet(
-        "resnet50", in_channels, small_input
-    ),
-}
+BACKBONES: Registry[Callable[[int, bool], Backbone]] = Registry("backbone")
+BACKBONES.add("resnet32", lambda in_channels, small_input: resnet32(in_channels))
+for _name in ("resnet18", "resnet50"):
+    BACKBONES.add(_name, partial(torchvision_resnet, _name))
 
 
 def build_backbone(name: str, in_channels: int, small_input: bool) -> tuple[Backbone, int]:
     """Build a registered backbone; return ``(module, feature_dim)``."""
-    if name not in BACKBONES:
-        raise ValueError(f"backbone must be one of {sorted(BACKBONES)}, got {name!r}")
     module = BACKBONES[name](in_channels, small_input)
     return module, module.feature_dim

@@ -2,13 +2,13 @@
 
 Pure core: imports torch only (no Ray, faiss, webdataset, file I/O).
 
-- ``LinearHead`` / ``CosineHead`` grow with the class count (``grow`` keeps the old rows and
-  replaces the weight Parameter, so build the optimiser after growing).
+- ``LinearHead`` / ``CosineHead``: pre-allocated for every class of the scenario (methods
+  mask the classes not seen yet).
 - ``FixedSimplexHead`` is CL2R's classifier: the K vertices of a regular simplex in R^(K-1),
   pre-allocated for every class of the scenario, a buffer that is never trained. Its input
   dimension must be K - 1.
 
-All heads expose ``weight`` (C, D), ``num_classes``, ``in_dim``, ``kind`` and ``grow(n)``,
+All heads expose ``weight`` (C, D), ``num_classes``, ``in_dim``, and ``kind``,
 and are built by name with ``build_head`` (registry ``HEADS``).
 
 Test: ``.venv/bin/python -m pytest tests/test_models.py -q``
@@ -23,6 +23,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from distcl.registry import Registry
 
 __all__ = [
     "HEADS",
@@ -55,16 +57,6 @@ def dsimplex(num_classes: int) -> torch.Tensor:
     return vertices.to(torch.float32).contiguous()
 
 
-def _check_grow(current: int, new_num_classes: int) -> None:
-    if isinstance(new_num_classes, bool) or not isinstance(new_num_classes, int):
-        raise ValueError(f"new_num_classes must be an int, got {new_num_classes!r}")
-    if new_num_classes < current:
-        raise ValueError(
-            f"new_num_classes={new_num_classes} is smaller than the current {current}; "
-            "heads only grow"
-        )
-
-
 def _check_dims(in_dim: int, num_classes: int) -> None:
     if in_dim < 1:
         raise ValueError(f"in_dim must be >= 1, got {in_dim}")
@@ -73,19 +65,12 @@ def _check_dims(in_dim: int, num_classes: int) -> None:
 
 
 def _init_rows(rows: torch.Tensor) -> None:
-    # Same default as nn.Linear, so grown rows start like freshly built ones.
+    # The same default as nn.Linear.
     nn.init.kaiming_uniform_(rows, a=math.sqrt(5))
 
 
-def _grown_weight(weight: torch.Tensor, extra: int) -> nn.Parameter:
-    """``weight`` (C, D) with ``extra`` freshly initialised rows appended."""
-    rows = torch.empty(extra, weight.shape[1], dtype=weight.dtype, device=weight.device)
-    _init_rows(rows)
-    return nn.Parameter(torch.cat([weight.data, rows]))
-
-
 class LinearHead(nn.Module):
-    """Affine classifier ``logits = x @ W.T + b`` whose class count can grow."""
+    """Affine classifier ``logits = x @ W.T + b`` ."""
 
     kind = "linear"
 
@@ -107,20 +92,6 @@ class LinearHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (B, C) of features ``x`` (B, D)."""
         return F.linear(x, self.weight, self.bias)
-
-    @torch.no_grad()
-    def grow(self, new_num_classes: int) -> LinearHead:
-        """Add rows up to ``new_num_classes``; old rows are kept exactly. Returns self."""
-        _check_grow(self.num_classes, new_num_classes)
-        extra = new_num_classes - self.num_classes
-        if extra == 0:
-            return self
-        bound = 1.0 / math.sqrt(self.in_dim)
-        new_bias = torch.empty(extra, dtype=self.bias.dtype, device=self.bias.device)
-        new_bias.uniform_(-bound, bound)
-        self.weight = _grown_weight(self.weight, extra)
-        self.bias = nn.Parameter(torch.cat([self.bias.data, new_bias]))
-        return self
 
 
 class CosineHead(nn.Module):
@@ -147,16 +118,6 @@ class CosineHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (B, C): cosine similarity of ``x`` (B, D) to each row, over temperature."""
         return F.normalize(x, dim=1) @ F.normalize(self.weight, dim=1).T / self.temperature
-
-    @torch.no_grad()
-    def grow(self, new_num_classes: int) -> CosineHead:
-        """Add rows up to ``new_num_classes``; old rows are kept exactly. Returns self."""
-        _check_grow(self.num_classes, new_num_classes)
-        extra = new_num_classes - self.num_classes
-        if extra == 0:
-            return self
-        self.weight = _grown_weight(self.weight, extra)
-        return self
 
 
 class FixedSimplexHead(nn.Module):
@@ -194,26 +155,16 @@ class FixedSimplexHead(nn.Module):
             )
         return x @ self.weight.T
 
-    def grow(self, new_num_classes: int) -> FixedSimplexHead:
-        """No-op while ``new_num_classes <= K`` (classes are pre-allocated). Returns self."""
-        if new_num_classes > self.num_classes:
-            raise ValueError(
-                f"new_num_classes={new_num_classes} exceeds the {self.num_classes} classes "
-                "pre-allocated by the fixed simplex head; build it with the scenario's total"
-            )
-        return self
-
 
 # kind -> factory(in_dim, num_classes, **kw)
-HEADS: dict[str, Callable[..., nn.Module]] = {
-    "linear": LinearHead,
-    "cosine": CosineHead,
-    "simplex": lambda in_dim, num_classes, **kw: FixedSimplexHead(num_classes, in_dim=in_dim, **kw),
-}
+HEADS: Registry[Callable[..., nn.Module]] = Registry("head")
+HEADS.add("linear", LinearHead)
+HEADS.add("cosine", CosineHead)
+HEADS.add(
+    "simplex", lambda in_dim, num_classes, **kw: FixedSimplexHead(num_classes, in_dim=in_dim, **kw)
+)
 
 
 def build_head(kind: str, in_dim: int, num_classes: int, **kw: Any) -> nn.Module:
     """Build a registered head; ``kw`` goes to its constructor (e.g. ``temperature``)."""
-    if kind not in HEADS:
-        raise ValueError(f"head must be one of {sorted(HEADS)}, got {kind!r}")
     return HEADS[kind](in_dim, num_classes, **kw)

@@ -1,0 +1,1 @@
+"""Ray Tune search over loss weights: spaces, trials, schedulers and results."""
