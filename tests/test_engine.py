@@ -1,7 +1,7 @@
 """The training engine on a real local Ray: DDP, every method end to end, resume, faults.
 
-Run: ``.venv/bin/python -m pytest tests/test_engine.py -q`` (about 5-8 minutes on 2 cores:
-each task starts a Ray Train worker group).
+Run: ``.venv/bin/python -m pytest tests/test_engine.py -q`` (a few minutes on 2 cores: each
+run starts one Ray Train worker group for its whole task sequence).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ TINY = {
     "scenario": {"tasks": 2},
     "model": {"embedding_dim": 8},
     "memory": {"per_class": 4},
-    "train": {"epochs": 1, "batch_size_per_worker": 8, "workers": 1, "max_failures": 0},
+    "train": {"epochs": 1, "batch_size_per_worker": 8, "workers": 2, "max_failures": 0},
 }  # fmt: skip
 
 
@@ -87,6 +87,52 @@ def test_ddp_equals_single_process_on_the_same_global_batch():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     before = torch.nn.Sequential(torch.nn.Linear(6, 5))
     assert not np.allclose(single[0], before[0].weight.detach().numpy())
+
+
+def _gather_terms(config: dict) -> dict:
+    """Each rank takes its half of a fixed global batch; the batch-spanning terms see the
+    global batch through the engine's differentiable gather."""
+    import ray.train
+
+    from distcl import losses
+    from distcl.train.loop import global_gather
+
+    rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
+    gather = global_gather if world > 1 else None
+    new = torch.tensor(config["new"], requires_grad=True)
+    old, labels = torch.tensor(config["old"]), torch.tensor(config["labels"])
+    rows = slice(rank * len(new) // world, (rank + 1) * len(new) // world)
+    terms = {
+        "batch_hard": losses.batch_hard_triplet_loss(new[rows], labels[rows], 0.3, gather=gather),
+        "cvs_triplet": losses.triplet_distillation_loss(new[rows], old[rows], labels[rows], 0.1,
+                                                        gather=gather),
+        "mmd": losses.mmd(new[rows], old[rows], gather=gather),
+    }  # fmt: skip
+    sum(terms.values()).backward()
+    grad = new.grad.clone()
+    if world > 1:  # DDP averages parameter gradients over ranks
+        torch.distributed.all_reduce(grad)
+        grad /= world
+    return {"terms": {k: float(v) for k, v in terms.items()}, "grad": grad.tolist()}
+
+
+def test_batch_spanning_terms_do_not_depend_on_the_number_of_workers():
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    rng = np.random.default_rng(1)
+    data = {"new": rng.normal(size=(12, 5)).tolist(), "old": rng.normal(size=(12, 5)).tolist(),
+            "labels": rng.integers(0, 3, 12).tolist()}  # fmt: skip
+    out = {}
+    for workers in (1, 2):
+        out[workers] = TorchTrainer(
+            _gather_terms, train_loop_config=data,
+            scaling_config=ScalingConfig(num_workers=workers, use_gpu=False),
+        ).fit().return_value  # fmt: skip
+    for k, v in out[1]["terms"].items():  # the same global-batch loss, float32 rounding apart
+        assert out[2]["terms"][k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
+    # The gradient of the mean loss over the global batch, whatever the workers.
+    np.testing.assert_allclose(out[2]["grad"], out[1]["grad"], rtol=1e-4, atol=1e-6)
 
 
 # finetune runs in a shared module fixture; cvs runs in its herding + blurry variant below.
@@ -150,6 +196,15 @@ def _check_smoke_run(variant, job, out):
         assert {f"loss/align_{n}" for n in ("l2", "projection", "layerwise", "kd")} <= terms
     if variant.startswith("cvs"):
         assert "loss/coherence" in terms
+    # Every rank wrote its own part; together they hold each evaluation item once per model.
+    import pyarrow.parquet as pq
+
+    for t in (0, 1):
+        parts = sorted((run_dir / "eval" / "embeddings" / f"model={t}").glob("part-*.parquet"))
+        assert [p.name for p in parts] == ["part-0.parquet", "part-1.parquet"]
+        ids = [i for p in parts for i in pq.read_table(p, columns=["item_id"])[0].to_pylist()]
+        assert len(ids) == len(set(ids)) == 4 * 6  # 4 classes x 6 test items
+        assert json.loads((run_dir / "models" / str(t) / "done.json").read_text())["workers"] == 2
     replays = variant.startswith(("cvs", "cl2r", "bct"))  # memory rows in every task-1 batch
     assert all((h["replay_rows"] > 0) == replays for h in hist), hist
     if replays:

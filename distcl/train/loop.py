@@ -1,14 +1,20 @@
-"""The per-worker training loop of one task (runs inside Ray Train workers).
+"""The per-worker loop of a whole task sequence (runs inside Ray Train workers).
 
 One CPU:   train.workers=1                       (gloo, a single process group of 1)
 Many CPUs: train.workers=N                       (gloo DDP over N Ray actors)
 GPUs:      train.workers=N, train.use_gpu=auto   (nccl DDP, one GPU per worker)
 
-Each worker streams its share of the task's WebDataset shards (``train_batches``: equal
-batch counts on every rank), mixes in replay batches from the memory actor when the
-method asks for them, and calls the method for named loss terms; the sum is
-backpropagated. Every epoch ends with ``ray.train.report`` carrying a checkpoint (rank 0
-writes it), so a worker group restarted by ``FailureConfig`` resumes from the last epoch.
+One ``TorchTrainer`` runs every remaining task: Ray Train starts once per run, not per task.
+For task t each worker
+  1. prepares the task (``prepare_task``: the frozen old model t-1, the method's per-task
+     inputs: class means, the memory snapshot for local replay sampling);
+  2. trains its epochs, streaming its share of task t's shards; every epoch ends with a
+     checkpoint of (task, epoch, model, optimiser), so a restarted worker group resumes there;
+  3. rank 0 saves ``models/<t>/`` (atomic); every rank then does the end-of-task work on its
+     own device (``distcl.train.endtask``): embeds its exact share of the evaluation set and
+     writes its own Parquet parts, class statistics are all-reduced, exemplars are selected
+     by the memory service. Rank 0 marks the task done and every rank reports it.
+A finished task (``models/<t>/done.json``) is never trained or embedded again.
 """
 
 from __future__ import annotations
@@ -16,18 +22,33 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import ray
+import ray.train
+import ray.train.torch
 import torch
+import torch.distributed as dist
 
+from distcl import faults
 from distcl.config import JobConfig
 from distcl.data.shards import batches_per_epoch, train_batches
-from distcl.methods.base import Batch, TaskContext
-from distcl.train.modeling import build_method, build_model, load_frozen_model, load_model_dir
+from distcl.memory.selection import BalancedSampler
+from distcl.methods.base import Batch
+from distcl.rundir import RunDir
+from distcl.train import endtask
+from distcl.train.modeling import (
+    build_method,
+    build_model,
+    load_frozen_model,
+    load_model_dir,
+    model_meta,
+    save_model_dir,
+)
+from distcl.train.step import TrainStep
 
 
 def _augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -38,17 +59,6 @@ def _augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     padded = torch.nn.functional.pad(images, (2, 2, 2, 2), mode="replicate")
     h, w = images.shape[2:]
     return padded[:, :, 2 + dy : 2 + dy + h, 2 + dx : 2 + dx + w]
-
-
-def _maybe_inject_fault(spec: str | None, task: int, epoch: int) -> None:
-    """Test hook: DISTCL_FAULT=<marker>:<task>:<epoch> (set in the driver's environment)
-    kills this worker process once, at the start of that epoch."""
-    if not spec:
-        return
-    marker, t, e = spec.rsplit(":", 2)
-    if int(t) == task and int(e) == epoch and not os.path.exists(marker):
-        Path(marker).write_text("fired")
-        os._exit(1)
 
 
 def _quiet_train_logs() -> None:
@@ -63,172 +73,240 @@ def _quiet_train_logs() -> None:
         pass
 
 
-def train_task_loop(config: dict) -> dict:
-    """Ray Train ``train_loop_per_worker`` for one task; returns rank 0's summary."""
-    import ray.train
-    import ray.train.torch
-    import torch.distributed as dist
+def global_gather(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows concatenated in rank order, differentiable (gradients reach every
+    rank's rows): batch-spanning loss terms see the global batch."""
+    import warnings
 
-    _quiet_train_logs()
-    job: JobConfig = config["job"]
-    ctx: TaskContext = config["ctx"]
-    task = ctx.task
-    tc = ray.train.get_context()
-    rank, world = tc.get_world_rank(), tc.get_world_size()
-    threads = job.train.threads_per_worker or max(1, int(job.train.cpus_per_worker))
-    torch.set_num_threads(threads)
-    torch.manual_seed(job.seed * 1000 + task * 10 + rank)
-    device = ray.train.torch.get_device()
+    import torch.distributed.nn.functional as dist_nn
 
-    model = build_model(job, config["num_classes"], config["in_channels"])
-    old_model = None
-    if config["prev_model_dir"]:
-        load_model_dir(model, config["prev_model_dir"])  # continue from model t-1
-    method = build_method(job, ctx)
-    needs = method.needs()
-    old_dir = config["old_model_dir"]
-    if old_dir and (needs.old_model or job.method.align):
-        old_model = load_frozen_model(old_dir, job).to(device)
-        if old_model.embedding_dim != model.embedding_dim:
-            raise ValueError(
-                f"{old_dir}: old model embedding_dim={old_model.embedding_dim} but "
-                f"model.embedding_dim={model.embedding_dim}: compatible training needs equal "
-                "embedding dimensions"
-            )
-        ctx.extras.update(method.begin_task(old_model))
+    with warnings.catch_warnings():  # deprecated in favour of a private API; still correct
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.cat(dist_nn.all_gather(t.contiguous()))
 
-    from distcl.train.step import TrainStep
 
-    step = TrainStep(model, method, job.method.align, ctx, old_model)
-    # Learned parts of a method or alignment term may get no gradient in a step (e.g. no
-    # memory rows in the batch): only then does DDP need to look for unused parameters.
-    extra_params = any(True for _ in step.method.parameters()) or len(step.align) > 0
-    step = ray.train.torch.prepare_model(
-        step, parallel_strategy_kwargs={"find_unused_parameters": extra_params}
-    )
-    inner = step.module if hasattr(step, "module") else step
-    params = [p for p in step.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(
-        params,
-        lr=job.train.lr_for(task),
-        momentum=job.train.momentum,
-        weight_decay=job.train.weight_decay,
-    )
-    epochs = config["epochs"]
-    total = config["train_count"]
-    bsz = job.train.batch_size_per_worker
-    n_batches = batches_per_epoch(total, world, bsz)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda i: 0.5 * (1 + math.cos(math.pi * min(i, epochs * n_batches) / (epochs * n_batches))),
-    )
+class Worker:
+    """One Train worker's view of the run: rank, device, the plan and the run directory."""
 
-    start_epoch, history = 0, []
-    ckpt = ray.train.get_checkpoint()
-    if ckpt:  # a restarted worker group: resume after the last reported epoch
-        with ckpt.as_directory() as d:
-            state = torch.load(Path(d) / "step.pt", map_location=device, weights_only=True)
-            inner.load_state_dict(state["step"])
-            opt.load_state_dict(state["opt"])
-            sched.load_state_dict(state["sched"])
-            start_epoch = state["epoch"] + 1
-            history = json.loads((Path(d) / "history.json").read_text())
+    def __init__(self, config: dict):
+        self.job: JobConfig = config["job"]
+        self.plan: dict = config["plan"]
+        self.rd = RunDir(config["run_dir"])
+        self.config = config
+        tc = ray.train.get_context()
+        self.rank, self.world = tc.get_world_rank(), tc.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.distributed = dist.is_available() and dist.is_initialized() and self.world > 1
+        self.gather = global_gather if self.distributed else None
+        self.memory = config.get("memory")  # a MemoryService (its shards' handles) or None
+        self.progress = None
+        if self.rank == 0 and config.get("progress_actor"):
+            self.progress = ray.get_actor(config["progress_actor"], namespace=config["namespace"])
 
-    replay = None
-    n_mem = 0
-    if needs.replay_fraction > 0 and config.get("memory_actor") and ctx.old_classes:
-        from distcl.memory.service import ReplayPrefetcher, get_memory_service
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
 
-        frac = job.memory.replay_fraction or needs.replay_fraction
-        n_mem = max(1, round(bsz * frac / (1 - frac)))
-        actor = get_memory_service(config["memory_actor"], namespace=config["namespace"])
-        replay = ReplayPrefetcher(actor, n_mem, seed=job.seed * 7919 + task * 101 + rank)
+    # -- the sequence ----------------------------------------------------------------
+    def run(self) -> dict:
+        job, plan = self.job, self.plan
+        threads = job.train.threads_per_worker or max(1, int(job.train.cpus_per_worker))
+        torch.set_num_threads(threads)
+        torch.manual_seed(job.seed)  # the same initial model in every run (DDP: rank 0's)
+        model = build_model(job, plan["num_classes"], plan["in_channels"])
+        first = self.rd.finished_tasks()
+        if first > 0:
+            load_model_dir(model, self.rd.model(first - 1))  # continue from the last model
+        state = _load_checkpoint(ray.train.get_checkpoint(), self.device)
+        timings = {}
+        for t in range(first, plan["upto"]):
+            torch.manual_seed(job.seed * 1000 + t * 10 + self.rank)
+            t0 = time.perf_counter()
+            if self.rd.trained(t):  # trained before a crash in its end-of-task work
+                load_model_dir(model, self.rd.model(t))
+            else:
+                resume = state if state and state["task"] == t else None
+                self.train_task(t, model, resume)
+            t1 = time.perf_counter()
+            info = endtask.finish_task(self, t, model.eval())
+            timings[t] = {"train_s": t1 - t0, "end_task_s": time.perf_counter() - t1, **info}
+            metrics = {"task": t, "task_done": 1, **timings[t]}
+            if self.rank == 0 and self.config.get("score_fn"):  # e.g. a tuning trial's row
+                metrics.update(self.config["score_fn"](str(self.rd.root), t))
+            ray.train.report(metrics)  # after every task: Tune's schedulers grade here
+        return {"rank": self.rank, "world": self.world, "timings": timings}
 
-    progress = None
-    if rank == 0 and config.get("progress_actor"):
-        import ray
-
-        progress = ray.get_actor(config["progress_actor"], namespace=config["namespace"])
-
-    gen = torch.Generator().manual_seed(job.seed + 17 * rank + 1000 * task)
-    for epoch in range(start_epoch, epochs):
-        _maybe_inject_fault(config.get("fault"), task, epoch)
-        step.train()
-        sums: dict[str, float] = {}
-        correct = seen = 0
-        t0 = time.perf_counter()
-        replay_wait = 0.0
-        for b, (images, labels, _keys) in enumerate(
-            train_batches(
-                config["train_shards"], total, rank, world, bsz, job.seed * 31 + task, epoch
-            )
-        ):
-            from_memory = np.zeros(len(labels), bool)
-            if replay is not None:
-                tr = time.perf_counter()
-                mem = replay.next()
-                replay_wait += time.perf_counter() - tr
-                images = np.concatenate([images, mem["images"]])
-                labels = np.concatenate([labels, mem["labels"]])
-                from_memory = np.concatenate([from_memory, np.ones(len(mem["labels"]), bool)])
-            x = torch.from_numpy(images).to(device).float().div_(255.0)
-            if job.train.augment:
-                x = _augment(x, gen)
-            batch = Batch(
-                x, torch.from_numpy(labels).to(device), torch.from_numpy(from_memory).to(device)
-            )
-            terms = step(batch)
-            logits = terms.pop("_logits")
-            loss = sum(terms.values())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-            cur = ~batch.from_memory
-            pred = method.seen_logits(logits[cur]).argmax(1)
-            correct += int((pred == batch.labels[cur]).sum())
-            seen += int(cur.sum())
-            if progress is not None and b % 5 == 0:
-                progress.update.remote(
-                    task=task, epoch=epoch, step=b + 1, steps=n_batches, loss=float(loss.detach())
+    # -- one task ----------------------------------------------------------------------
+    def prepare_task(self, t: int, model) -> tuple:
+        """The task's context, the frozen old model and the replay snapshot."""
+        ctx = endtask.task_context(self, t)
+        method = build_method(self.job, ctx)
+        needs = method.needs()
+        old_dir = self.plan["old_model_dirs"][t]
+        old_model = None
+        if old_dir and (needs.old_model or self.job.method.align):
+            old_model = load_frozen_model(old_dir, self.job).to(self.device)
+            if needs.old_class_means:
+                ctx.old_class_means, ctx.old_class_mean_labels = endtask.class_means(
+                    self, old_model, self.plan["tasks"][t]["train_shards"]
                 )
+            ctx.extras.update(method.begin_task(old_model))
+        snapshot = None
+        if needs.replay_fraction > 0 and self.memory is not None and ctx.old_classes:
+            snapshot = self.memory.snapshot()  # once per task: no actor call per step
+            if len(snapshot["labels"]) == 0:
+                snapshot = None
+        return ctx, method, old_model, snapshot
+
+    def train_task(self, t: int, model, resume: dict | None) -> list[dict]:
+        job, plan = self.job, self.plan
+        task = plan["tasks"][t]
+        ctx, method, old_model, snapshot = self.prepare_task(t, model)
+        needs = method.needs()
+        step = TrainStep(model, method, job.method.align, ctx, old_model)
+        # Learned parts of a method or alignment term may get no gradient in a step (e.g. no
+        # memory rows in the batch): only then does DDP need to look for unused parameters.
+        extra_params = any(True for _ in step.method.parameters()) or len(step.align) > 0
+        step = ray.train.torch.prepare_model(
+            step, parallel_strategy_kwargs={"find_unused_parameters": extra_params}
+        )
+        inner = step.module if hasattr(step, "module") else step
+        opt = torch.optim.SGD(
+            [p for p in step.parameters() if p.requires_grad],
+            lr=job.train.lr_for(t),
+            momentum=job.train.momentum,
+            weight_decay=job.train.weight_decay,
+        )
+        epochs = job.train.epochs_for(t)
+        bsz = job.train.batch_size_per_worker
+        n_batches = batches_per_epoch(task["train_count"], self.world, bsz)
+        total_steps = epochs * n_batches
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, total_steps) / total_steps))
+        )
+        start_epoch, history = 0, []
+        if resume:  # a restarted worker group: continue after the last reported epoch
+            inner.load_state_dict(resume["step"])
+            opt.load_state_dict(resume["opt"])
+            sched.load_state_dict(resume["sched"])
+            start_epoch, history = resume["epoch"] + 1, resume["history"]
+        n_mem, sampler = 0, None
+        if snapshot is not None:
+            sampler = BalancedSampler(snapshot["labels"])
+            frac = job.memory.replay_fraction or needs.replay_fraction
+            n_mem = max(1, round(bsz * frac / (1 - frac)))
+        for epoch in range(start_epoch, epochs):
+            # Every random stream restarts per (task, epoch, rank): an epoch resumed from a
+            # checkpoint draws exactly what it drew in a run that never crashed.
+            torch.manual_seed(job.seed * 100_003 + t * 1009 + epoch * 31 + self.rank)
+            sample_rng = np.random.default_rng([job.seed, t, epoch, self.rank, 7919])
+            gen = torch.Generator().manual_seed(
+                job.seed * 100_003 + t * 1009 + epoch * 31 + 17 * (self.rank + 1)
+            )
+            faults.maybe_exit(self.config.get("fault"), t, epoch)
+            if epoch > 0:  # a checkpoint of this task exists
+                faults.pause_point(self.config.get("pause"), "epoch", t)
+            step.train()
+            sums: dict[str, float] = {}
+            correct = seen = 0
+            t0 = time.perf_counter()
+            for b, (images, labels, _keys) in enumerate(
+                train_batches(
+                    task["train_paths"], task["train_count"], self.rank, self.world, bsz,
+                    job.seed * 31 + t, epoch,
+                )
+            ):  # fmt: skip
+                from_memory = np.zeros(len(labels), bool)
+                if n_mem:
+                    rows = sampler.sample(n_mem, sample_rng)
+                    images = np.concatenate([images, snapshot["images"][rows]])
+                    labels = np.concatenate([labels, snapshot["labels"][rows]])
+                    from_memory = np.concatenate([from_memory, np.ones(n_mem, bool)])
+                x = torch.from_numpy(images).to(self.device).float().div_(255.0)
+                if job.train.augment:
+                    x = _augment(x, gen)
+                batch = Batch(
+                    x,
+                    torch.from_numpy(labels).to(self.device),
+                    torch.from_numpy(from_memory).to(self.device),
+                    gather=self.gather,
+                )
+                terms = step(batch)
+                logits = terms.pop("_logits")
+                loss = sum(terms.values())
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+                cur = ~batch.from_memory
+                pred = method.seen_logits(logits[cur]).argmax(1)
+                correct += int((pred == batch.labels[cur]).sum())
+                seen += int(cur.sum())
+                if self.progress is not None and b % 5 == 0:
+                    self.progress.update.remote(
+                        task=t, epoch=epoch, step=b + 1, steps=n_batches, loss=float(loss.detach())
+                    )
+            record = self._epoch_record(t, epoch, sums, correct, seen, n_batches, n_mem, t0)
+            history.append(record)
+            if self.progress is not None:
+                self.progress.update.remote(
+                    task=t, epoch=epoch, step=n_batches, steps=n_batches, record=record
+                )
+            self._report_epoch(record, inner, opt, sched, t, epoch, history)
+        if self.rank == 0:
+            meta = model_meta(job, model, t, plan["scenario_digest"])
+            meta.update(workers=self.world, device=str(self.device))
+            with tempfile.TemporaryDirectory() as d:
+                torch.save(model.state_dict(), Path(d) / "model.pt")
+                save_model_dir(self.rd.root, t, Path(d) / "model.pt", history, meta)
+            faults.pause_point(self.config.get("pause"), "saved", t)
+        self.barrier()  # model t is on disk for every rank
+        # Every rank continues with the saved model: DDP keeps parameters equal, but each
+        # rank's BatchNorm running statistics moved with its own last batches.
+        load_model_dir(model, self.rd.model(t))
+        return history
+
+    def _epoch_record(self, t, epoch, sums, correct, seen, n_batches, n_mem, t0) -> dict:
+        """Global epoch statistics: sums over ranks (a collective: every rank runs it)."""
         elapsed = time.perf_counter() - t0
-        # Global epoch statistics: sum over ranks (a collective: every rank runs it).
         keys = sorted(sums)
         stats = torch.tensor([sums[k] for k in keys] + [correct, seen], dtype=torch.float64)
-        if dist.is_available() and dist.is_initialized() and world > 1:
+        if self.distributed:
             dist.all_reduce(stats)
-        n_images = (bsz + n_mem) * n_batches * world
-        record = {
-            "task": task, "epoch": epoch,
-            **{f"loss/{k}": float(stats[i]) / (n_batches * world) for i, k in enumerate(keys)},
+        bsz = self.job.train.batch_size_per_worker
+        return {
+            "task": t, "epoch": epoch,
+            **{f"loss/{k}": float(stats[i]) / (n_batches * self.world) for i, k in enumerate(keys)},
             "train_acc": float(stats[-2] / max(stats[-1], 1)),
-            "images_per_s": n_images / elapsed,
-            "replay_rows": n_mem, "replay_wait_s": replay_wait, "epoch_s": elapsed,
+            "images_per_s": (bsz + n_mem) * n_batches * self.world / elapsed,
+            "replay_rows": n_mem, "epoch_s": elapsed,
         }  # fmt: skip
-        history.append(record)
-        if progress is not None:
-            progress.update.remote(
-                task=task, epoch=epoch, step=n_batches, steps=n_batches, record=record
-            )
+
+    def _report_epoch(self, record, inner, opt, sched, t, epoch, history) -> None:
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
-            if rank == 0:
-                torch.save(
-                    {
-                        "step": inner.state_dict(),
-                        "opt": opt.state_dict(),
-                        "sched": sched.state_dict(),
-                        "epoch": epoch,
-                    },
-                    Path(d) / "step.pt",
-                )
-                torch.save(inner.model.state_dict(), Path(d) / "model.pt")
+            if self.rank == 0:
+                state = {"step": inner.state_dict(), "opt": opt.state_dict(),
+                         "sched": sched.state_dict(), "task": t, "epoch": epoch}  # fmt: skip
+                torch.save(state, Path(d) / "step.pt")
                 (Path(d) / "history.json").write_text(json.dumps(history))
+                (Path(d) / "config.json").write_text(json.dumps(self.plan["train_digest"]))
                 checkpoint = ray.train.Checkpoint.from_directory(d)
             ray.train.report(record, checkpoint=checkpoint)
-    if replay is not None:
-        replay.close()
-    return {"history": history, "rank": rank, "world": world}
+
+
+def _load_checkpoint(ckpt, device) -> dict | None:
+    if ckpt is None:
+        return None
+    with ckpt.as_directory() as d:
+        state = torch.load(Path(d) / "step.pt", map_location=device, weights_only=True)
+        state["history"] = json.loads((Path(d) / "history.json").read_text())
+    return state
+
+
+def train_sequence_loop(config: dict) -> dict:
+    """Ray Train ``train_loop_per_worker``: every remaining task; returns rank 0's timings."""
+    _quiet_train_logs()
+    return Worker(config).run()

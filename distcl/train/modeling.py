@@ -9,7 +9,6 @@ renamed into place, so a half-written model folder never counts as a finished ta
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -17,8 +16,9 @@ import torch
 from torch import nn
 
 from distcl.config import JobConfig
-from distcl.methods import METHODS, TaskContext, method_params
+from distcl.methods import METHODS, TaskContext
 from distcl.models.embedding import EmbeddingModel, load_state_checked, model_signature
+from distcl.rundir import RunDir, atomic_dir
 
 
 class CheckpointError(ValueError):
@@ -26,11 +26,7 @@ class CheckpointError(ValueError):
 
 
 def head_kind(job: JobConfig) -> str:
-    cls = METHODS[job.method.name]
-    return (
-        job.model.head
-        or cls.needs_for(method_params(job.method.name, dict(job.method.params))).head
-    )
+    return job.model.head or METHODS[job.method.name].needs_for(job.method.params).head
 
 
 def build_model(job: JobConfig, num_classes: int, in_channels: int) -> EmbeddingModel:
@@ -46,7 +42,7 @@ def build_model(job: JobConfig, num_classes: int, in_channels: int) -> Embedding
             )
     head_kwargs = {}
     if kind == "cosine":
-        head_kwargs["temperature"] = float(job.method.params.get("temperature", 0.05))
+        head_kwargs["temperature"] = float(getattr(job.method.params, "temperature", 0.05))
     return EmbeddingModel(
         backbone=job.model.backbone,
         in_channels=in_channels,
@@ -59,28 +55,16 @@ def build_model(job: JobConfig, num_classes: int, in_channels: int) -> Embedding
 
 
 def build_method(job: JobConfig, ctx: TaskContext):
-    params = method_params(job.method.name, dict(job.method.params))
-    return METHODS[job.method.name](params, ctx)
-
-
-def is_model_done(run_dir: Path, task: int) -> bool:
-    return (Path(run_dir) / "models" / str(task) / "meta.json").is_file()
+    return METHODS[job.method.name](job.method.params, ctx)
 
 
 def save_model_dir(run_dir: Path, task: int, model_pt: Path, history: list, meta: dict) -> Path:
-    """Move a finished task's model into ``models/<task>`` atomically."""
-    models = Path(run_dir) / "models"
-    models.mkdir(parents=True, exist_ok=True)
-    final = models / str(task)
-    tmp = models / f".{task}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    shutil.copyfile(model_pt, tmp / "model.pt")
-    (tmp / "history.json").write_text(json.dumps(history, indent=1))
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    if final.exists():  # a stale half-finished folder from a crash: replace it
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    """Move a finished task's model into ``models/<task>`` atomically (meta.json last)."""
+    final = RunDir(run_dir).model(task)
+    with atomic_dir(final) as tmp:
+        shutil.copyfile(model_pt, tmp / "model.pt")
+        (tmp / "history.json").write_text(json.dumps(history, indent=1))
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     return final
 
 
@@ -120,7 +104,7 @@ def load_frozen_model(model_dir: str | Path, job: JobConfig) -> EmbeddingModel:
     sig = read_meta(model_dir)["signature"]
     head_kwargs = {}
     if sig["head"] == "cosine":
-        head_kwargs["temperature"] = float(job.method.params.get("temperature", 0.05))
+        head_kwargs["temperature"] = float(getattr(job.method.params, "temperature", 0.05))
     model = EmbeddingModel(
         backbone=sig["backbone"], in_channels=sig["in_channels"],
         embedding_dim=sig["embedding_dim"], head=sig["head"],

@@ -1,6 +1,6 @@
 """Live progress of a run: rank 0 posts to a tiny Ray actor, the driver draws a bar.
 
-Ray Train's ``fit()`` blocks the driver until the task ends; a background thread polls
+Ray Train's ``fit()`` blocks the driver until the run ends; a background thread polls
 the board and renders task / epoch / step, the loss terms and images/s with ``rich``.
 """
 
@@ -33,12 +33,13 @@ def _describe(state: dict) -> str:
             f" | ep{rec['epoch']} {terms} acc={rec['train_acc']:.3f} "
             f"{rec['images_per_s']:.0f} img/s"
         )
-    return f"epoch {state.get('epoch', 0) + 1}{extra}"
+    return f"task {state.get('task', 0) + 1} epoch {state.get('epoch', 0) + 1}{extra}"
 
 
 @contextmanager
-def show_progress(board, title: str, epochs: int, enabled: bool = True):
-    """While the block runs, poll ``board`` and draw one progress bar over all epochs."""
+def show_progress(board, title: str, epochs: dict[int, int], enabled: bool = True):
+    """While the block runs, poll ``board`` and draw one progress bar over the epochs of every
+    task in ``epochs`` (task -> its epochs)."""
     if not enabled:
         yield
         return
@@ -63,7 +64,9 @@ def show_progress(board, title: str, epochs: int, enabled: bool = True):
                     continue
                 if not st:
                     continue
-                frac = (st["epoch"] + st["step"] / max(st["steps"], 1)) / epochs
+                before = sum(e for t, e in epochs.items() if t < st.get("task", 0))
+                done = before + st["epoch"] + st["step"] / max(st["steps"], 1)
+                frac = done / max(sum(epochs.values()), 1)
                 bar.update(tid, completed=min(frac, 1.0), info=_describe(st))
 
         th = threading.Thread(target=poll, daemon=True)

@@ -1,0 +1,111 @@
+"""``distcl bench sequence``: the per-task overhead of a long task sequence, old shape vs new.
+
+One synthetic sequence of ``--tasks`` small tasks (one class each, 1 epoch), trained twice
+in ONE run of this benchmark on the same local Ray:
+
+- **per-task runs** (the old shape): one Ray Train run per task (``Run.train(upto=t + 1)``
+  for t = 0..T-1), paying Train's start-up at every task;
+- **one run** (the new shape): one Ray Train run for the whole sequence (``Run.train()``).
+
+For each: the wall time, the time inside training steps (the histories' ``epoch_s``), the
+overhead per task = (wall - training) / T, and its growth (mean overhead of the last half
+of the tasks against the first half, from the per-task wall times of the per-task runs and
+the per-task ``train_s + end_task_s`` of the one run). Also the overhead as a fraction of
+a task's training time.
+
+Run: ``distcl bench sequence [--tasks 20] [--workers 2]`` (minutes: the old shape is slow).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+
+import numpy as np
+
+from distcl.config import parse_job
+
+
+def _job(root: str, name: str, tasks: int, workers: int):
+    raw = {
+        "name": name, "seed": 0,
+        "data": {"source": "synthetic", "synthetic_classes": tasks,
+                 "synthetic_train_per_class": 64, "synthetic_test_per_class": 8,
+                 "synthetic_size": 16, "shard_size": 64},
+        "scenario": {"setup": "disjoint", "tasks": tasks},
+        "model": {"embedding_dim": 16}, "method": {"name": "finetune"},
+        "train": {"epochs": 1, "batch_size_per_worker": 16, "workers": workers,
+                  "use_gpu": "no", "threads_per_worker": 1},
+        "output": {"root": root},
+    }  # fmt: skip
+    return parse_job(raw, "<bench sequence>")
+
+
+def _train_s(run) -> list[float]:
+    """Seconds inside training steps, per task (from the saved histories)."""
+    return [
+        sum(h["epoch_s"] for h in json.loads((run.rd.model(t) / "history.json").read_text()))
+        for t in range(run.scenario.num_tasks)
+    ]
+
+
+def run_sequence_bench(tasks: int = 20, workers: int = 2, log=print) -> dict:
+    from distcl.train.driver import Run, init_ray
+
+    init_ray(num_cpus=max(2, workers))
+    out = {"tasks": tasks, "workers": workers}
+    with tempfile.TemporaryDirectory() as root:
+        for shape in ("per_task", "one_run"):
+            run = Run(_job(root, shape, tasks, workers), progress=False, log=lambda *a: None)
+            run.prepare()
+            walls = []
+            t0 = time.perf_counter()
+            if shape == "per_task":
+                for t in range(tasks):
+                    t1 = time.perf_counter()
+                    run.train(upto=t + 1)
+                    walls.append(time.perf_counter() - t1)
+            else:
+                timings = run.train()["tasks"]
+                walls = [timings[t]["train_s"] + timings[t]["end_task_s"] for t in range(tasks)]
+            wall = time.perf_counter() - t0
+            train = _train_s(run)
+            per_task = [w - s for w, s in zip(walls, train, strict=True)]  # overhead per task
+            half = tasks // 2
+            out[shape] = {
+                "wall_s": wall, "train_s": sum(train),
+                "overhead_per_task_s": (wall - sum(train)) / tasks,
+                "overhead_vs_training": (wall - sum(train)) / sum(train),
+                "in_task_overhead_first_half_s": float(np.mean(per_task[:half])),
+                "in_task_overhead_last_half_s": float(np.mean(per_task[half:])),
+            }  # fmt: skip
+            log(f"{shape}: {json.dumps(out[shape])}")
+    out["wall_ratio_one_run_vs_per_task"] = out["one_run"]["wall_s"] / out["per_task"]["wall_s"]
+    return out
+
+
+def format_sequence_bench(r: dict) -> str:
+    lines = [f"distcl bench sequence ({r['tasks']} tasks, {r['workers']} workers)"]
+    for shape, title in (("per_task", "one Train run per task"), ("one_run", "one Train run")):
+        s = r[shape]
+        lines.append(
+            f"  {title:24s} wall {s['wall_s']:7.1f} s, training {s['train_s']:6.1f} s, "
+            f"overhead {s['overhead_per_task_s']:5.2f} s/task "
+            f"({100 * s['overhead_vs_training']:.0f} % of training); in-task overhead "
+            f"{s['in_task_overhead_first_half_s']:.2f} s (first half) -> "
+            f"{s['in_task_overhead_last_half_s']:.2f} s (last half)"
+        )
+    lines.append(f"  wall, one run / per-task runs: {r['wall_ratio_one_run_vs_per_task']:.3f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="distcl bench sequence", description=__doc__)
+    p.add_argument("--tasks", type=int, default=20)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args(argv)
+    r = run_sequence_bench(a.tasks, a.workers, log=lambda *x: None if a.json else print(*x))
+    print(json.dumps(r, indent=1) if a.json else format_sequence_bench(r))

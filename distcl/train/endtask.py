@@ -1,0 +1,192 @@
+"""Per-task work done on the Train workers, on their own devices (GPU where present).
+
+- ``task_context``: what a method needs to know of task t (classes; CVS's running class
+  means from the memory service).
+- ``class_means``: per-class mean embeddings over a task's training shards, each rank
+  embedding its exact share and the sums all-reduced (BCT's old-model means of new classes).
+- ``finish_task``: after model t is saved, every rank embeds its exact share of the
+  evaluation set and writes its own Parquet parts (``eval/embeddings/model=<t>/part-<rank>``
+  and, for the items arriving at t, ``gallery/model=<t>/part-<rank>``); for replay methods it
+  embeds its share of task t's training items: class sums are all-reduced into CVS's E_c,
+  the memory service selects the exemplars from the gathered candidates (labels and
+  embeddings only), and only the chosen items' images travel to it. Rank 0 marks the task
+  done. Nothing whose size grows with the data goes to the driver.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from distcl import faults
+from distcl.data.shards import exact_split, iter_shard
+from distcl.gallery.store import write_embeddings
+from distcl.memory.selection import per_class_budget
+from distcl.methods.base import TaskContext
+
+EMBED_BATCH = 256
+
+
+def task_context(w, t: int) -> TaskContext:
+    """The method's view of task t (built the same way on every rank)."""
+    task = w.plan["tasks"][t]
+    ctx = TaskContext(
+        task=t, num_tasks=w.plan["num_tasks"], num_classes=w.plan["num_classes"],
+        new_classes=tuple(task["new_classes"]), seen_classes=tuple(task["seen_classes"]),
+        old_classes=tuple(task["old_classes"]), embedding_dim=w.job.model.embedding_dim,
+    )  # fmt: skip
+    if t > 0 and w.plan["needs"]["class_means"] and w.memory is not None:
+        means = w.memory.running_class_means()
+        if means:
+            labels = sorted(means)
+            ctx.class_means = torch.from_numpy(np.stack([means[c] for c in labels]))
+            ctx.class_mean_labels = torch.tensor(labels, dtype=torch.int64)
+    return ctx
+
+
+@torch.no_grad()
+def embed_shards(model, shards: Sequence[tuple[str, int]], device) -> dict[str, np.ndarray]:
+    """Every sample of ``shards`` ((path, manifest count) pairs) embedded by ``model``;
+    a shard that yields fewer samples than its manifest count is an error naming it."""
+    keys, labels, tasks, embs, batch = [], [], [], [], []
+
+    def flush() -> None:
+        x = torch.from_numpy(np.stack(batch)).to(device).float().div_(255.0)
+        embs.append(model.embed(x).cpu().numpy().astype(np.float32))  # (B, D), L2-normalised
+        batch.clear()
+
+    for path, count in shards:
+        n = 0
+        for key, img, lab, meta in iter_shard(Path(path)):
+            keys.append(key)
+            labels.append(lab)
+            tasks.append(meta["task"])
+            batch.append(img)
+            n += 1
+            if len(batch) == EMBED_BATCH:
+                flush()
+        if n != count:
+            raise RuntimeError(f"{path}: read {n} samples, the manifest lists {count}")
+    if batch:
+        flush()
+    d = model.embedding_dim
+    return {
+        "keys": np.asarray(keys, dtype=str),
+        "labels": np.asarray(labels, np.int64),
+        "tasks": np.asarray(tasks, np.int32),
+        "emb": np.concatenate(embs) if embs else np.zeros((0, d), np.float32),
+    }
+
+
+def _class_sums(w, labels: np.ndarray, emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-class (sums (C, D) float64, counts (C,)) over every rank's rows (all-reduced)."""
+    C, D = w.plan["num_classes"], emb.shape[1]
+    sums = np.zeros((C, D), np.float64)
+    np.add.at(sums, labels, emb.astype(np.float64))
+    counts = np.bincount(labels, minlength=C).astype(np.float64)
+    both = torch.from_numpy(np.concatenate([sums, counts[:, None]], 1))
+    if w.distributed:
+        dist.all_reduce(both)
+    return both[:, :D].numpy(), both[:, D].numpy()
+
+
+def class_means(w, model, shards) -> tuple[torch.Tensor, torch.Tensor]:
+    """(means (K, D), labels (K,)) of the classes present in ``shards``, over all ranks."""
+    out = embed_shards(model, exact_split(shards, w.rank, w.world), w.device)
+    sums, counts = _class_sums(w, out["labels"], out["emb"])
+    present = np.flatnonzero(counts > 0)
+    means = sums[present] / counts[present, None]
+    return torch.from_numpy(means.astype(np.float32)), torch.from_numpy(present)
+
+
+def finish_task(w, t: int, model) -> dict:
+    """The end-of-task work of task t on every rank (idempotent; see the module docstring)."""
+    rd, plan = w.rd, w.plan
+    t0 = time.perf_counter()
+    if w.rank == 0:  # parts of an earlier attempt (maybe another world size) go first
+        for root in (rd.eval_embeddings, rd.gallery):
+            shutil.rmtree(root / f"model={t}", ignore_errors=True)
+    w.barrier()
+    ev = embed_shards(model, exact_split(plan["eval_shards"], w.rank, w.world), w.device)
+    part = f"part-{w.rank}"
+    if len(ev["keys"]):
+        write_embeddings(
+            rd.eval_embeddings, t, part, ev["keys"], ev["labels"], ev["tasks"], ev["emb"]
+        )
+        now = ev["tasks"] == t  # the stale gallery: items arriving now, embedded by model t
+        if now.any():
+            write_embeddings(rd.gallery, t, part, ev["keys"][now], ev["labels"][now],
+                             ev["tasks"][now], ev["emb"][now])  # fmt: skip
+    embed_s = time.perf_counter() - t0
+    if plan["uses_memory"]:
+        _update_memory(w, t, model)
+    counts = torch.tensor([len(ev["keys"])], dtype=torch.int64)
+    if w.distributed:
+        dist.all_reduce(counts)
+    if w.rank == 0:
+        if int(counts) != plan["eval_count"]:
+            raise RuntimeError(
+                f"task {t}: the ranks embedded {int(counts)} evaluation items, the manifest "
+                f"lists {plan['eval_count']}"
+            )
+        info = {"embed_s": embed_s, "memory_s": time.perf_counter() - t0 - embed_s,
+                "eval_items": int(counts), "workers": w.world}  # fmt: skip
+        rd.mark_done(t, info)
+    w.barrier()
+    return {"embed_s": embed_s, "end_task_items": int(counts)}
+
+
+def _update_memory(w, t: int, model) -> None:
+    """Class means and exemplars of task t (selection on the memory service)."""
+    job, plan, needs = w.job, w.plan, w.plan["needs"]
+    shards = exact_split(plan["tasks"][t]["memory_shards"], w.rank, w.world)
+    tr = embed_shards(model, shards, w.device)
+    emb = tr["emb"]
+    if needs["class_means"]:
+        sums, counts = _class_sums(w, tr["labels"], emb)
+        if w.rank == 0:
+            w.memory.update_class_sums(sums, counts, key=f"task{t}")
+    if needs["replay_fraction"] <= 0:
+        return
+    # Candidates: labels and embeddings of every rank (no images), in rank order.
+    parts = [None] * w.world
+    if w.distributed:
+        dist.all_gather_object(parts, (tr["keys"], tr["labels"], emb))
+    else:
+        parts = [(tr["keys"], tr["labels"], emb)]
+    chosen_keys = None
+    if w.rank == 0:
+        keys = np.concatenate([p[0] for p in parts])
+        labels = np.concatenate([p[1] for p in parts])
+        embs = np.concatenate([p[2] for p in parts])
+        m = job.memory
+        budget = per_class_budget(len(plan["tasks"][t]["seen_classes"]), m.per_class, m.total)
+        rows = w.memory.select(labels, embs, budget, m.selection, job.seed * 100 + t)
+        chosen_keys = (keys[rows].tolist(), labels[rows], embs[rows])
+    box = [chosen_keys]
+    if w.distributed:
+        dist.broadcast_object_list(box, src=0)
+    keys, labels, embs = box[0]
+    wanted = set(keys)
+    found = {}
+    for path, _count in shards:  # only the chosen items' images are read again
+        for key, img, _lab, _meta in iter_shard(Path(path)):
+            if key in wanted:
+                found[key] = img
+    gathered = [None] * w.world
+    if w.distributed:
+        dist.all_gather_object(gathered, found)
+    else:
+        gathered = [found]
+    if w.rank == 0:
+        images = {k: v for g in gathered for k, v in g.items()}
+        stack = np.stack([images[k] for k in keys])
+        faults.pause_point(w.config.get("pause"), "memory", t)
+        n_seen = len(plan["tasks"][t]["seen_classes"])
+        w.memory.commit(t, keys, stack, labels, embs, classes_seen=n_seen)
