@@ -50,6 +50,7 @@ def test_hand_made_3x3():
         "ecc": expected_ecc,
         "n_compatible": 2,
         "n_pairs": 3,
+        "ties": "strict",
     }
 
 
@@ -174,3 +175,18 @@ def test_builder_bad_input_raises():
         compatibility_matrix([], LAB)
     with pytest.raises(ValueError, match=r"embeddings\[0\] contains NaN"):
         compatibility_matrix([np.full((6, 6), np.nan)], LAB)
+
+
+def test_tie_rule_pass_counts_equal_as_compatible():
+    M = np.array([[0.5, NAN, NAN], [0.5, 0.7, NAN], [0.4, 0.7, 0.9]])
+    # strict: (1,0) tie fails, (2,0) 0.4<0.5 fails, (2,1) 0.7=0.7 tie fails -> AC 0
+    assert average_compatibility(M) == 0.0
+    # ties pass: both ties pass, (2,0) still fails -> 2/3
+    assert average_compatibility(M, ties="pass") == pytest.approx(2 / 3)
+    assert average_compatibility(M, ties="ties_pass") == pytest.approx(2 / 3)
+    assert ecc_matrix(M, "ties_pass").tolist() == [
+        [False, False, False], [True, False, False], [False, True, False]
+    ]  # fmt: skip
+    assert summarize(M, ties="ties_pass")["ties"] == "pass"
+    with pytest.raises(ValueError, match="ties must be one of"):
+        average_compatibility(M, ties="loose")

@@ -49,7 +49,7 @@ def fake_run(synthetic_job):
             run / "gallery", t, f"task{t}", ids[here], labels[here], tasks[here], emb[here]
         )
         (run / "models" / str(t)).mkdir()
-        (run / "models" / str(t) / "post.json").write_text("{}")
+        (run / "models" / str(t) / "done.json").write_text("{}")
     return run, scen, ids, labels, tasks, embs
 
 

@@ -14,7 +14,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from distcl.gallery import store
+from distcl.gallery import write as gallery_write
 from distcl.gallery.store import (
     PartInfo,
     iter_embedding_batches,
@@ -117,7 +117,7 @@ def test_rewriting_a_part_replaces_rows(tmp_path):
 
 
 def test_multiple_row_groups_read_back_in_order(tmp_path, monkeypatch):
-    monkeypatch.setattr(store, "ROW_GROUP_BYTES", 4 * 4 * 3)  # 3 rows per group at d=4
+    monkeypatch.setattr(gallery_write, "ROW_GROUP_BYTES", 4 * 4 * 3)  # 3 rows per group at d=4
     emb = unit(10, 4)
     ids = [f"i{i}" for i in range(10)]
     path = write_embeddings(tmp_path, 0, "p", ids, np.arange(10), np.arange(10) % 3, emb)

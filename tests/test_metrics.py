@@ -24,6 +24,9 @@ from distcl.eval.metrics import (
     retrieval_summary,
     similarity_blocks,
     tar_at_far,
+    template_identification,
+    topk_counts,
+    verification_accuracy,
 )
 
 # ---------------------------------------------------------------- golden 5 queries x 8 gallery
@@ -323,8 +326,120 @@ def test_bad_pair_input_raises():
 
 def test_pure_core_imports_no_heavy_modules():
     code = (
-        "import sys, distcl.eval.metrics, distcl.eval.compat\n"
+        "import sys, distcl.eval.metrics, distcl.eval.compat, distcl.eval.protocols\n"
         "bad = [m for m in ('ray', 'faiss', 'webdataset', 'pyarrow') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ------------------------------------------------------------------- verification accuracy
+def _kfold_reference(scores, same, folds):
+    """Independent implementation: sklearn KFold, brute force over every candidate threshold."""
+    from sklearn.model_selection import KFold
+
+    accs = []
+    for train, test in KFold(folds, shuffle=False).split(scores):
+        best_thr, best_acc = None, -1.0
+        for thr in sorted(set(scores[train].tolist())):  # ascending: ties keep the smallest
+            acc = np.mean((scores[train] >= thr) == same[train])
+            if acc > best_acc:
+                best_thr, best_acc = thr, acc
+        accs.append(np.mean((scores[test] >= best_thr) == same[test]))
+    return float(np.mean(accs))
+
+
+def test_verification_accuracy_golden():
+    # 4 pairs, 2 folds: fold 0 = pairs 0-1, fold 1 = pairs 2-3.
+    scores = [0.9, 0.2, 0.8, 0.4]
+    same = [True, False, True, True]
+    # fold 0: train on (0.8 same, 0.4 same): thresholds 0.4 -> 2/2, 0.8 -> 1/2; pick 0.4.
+    #   test: 0.9 >= 0.4 same (ok), 0.2 < 0.4 different (ok) -> 1.0
+    # fold 1: train on (0.9 same, 0.2 diff): 0.2 -> 1/2, 0.9 -> 2/2; pick 0.9.
+    #   test: 0.8 < 0.9 -> different (wrong), 0.4 -> different (wrong) -> 0.0
+    assert verification_accuracy(scores, same, folds=2) == 0.5
+
+
+@pytest.mark.parametrize("n, folds", [(200, 10), (203, 10), (57, 4)])
+def test_verification_accuracy_equals_independent_kfold(n, folds):
+    rng = np.random.default_rng(n)
+    same = rng.random(n) < 0.5
+    scores = np.round(rng.normal(size=n) + 1.2 * same, 1)  # rounding creates ties
+    assert verification_accuracy(scores, same, folds) == pytest.approx(
+        _kfold_reference(scores, same, folds), abs=1e-12
+    )
+
+
+def test_verification_accuracy_bad_input():
+    with pytest.raises(ValueError, match="folds"):
+        verification_accuracy([0.1, 0.2], [True, False], folds=1)
+    with pytest.raises(ValueError, match="3 pairs cannot be cut into 10 folds"):
+        verification_accuracy([0.1, 0.2, 0.3], [True, False, True])
+
+
+# ------------------------------------------------------------------- template identification
+def test_template_identification_golden():
+    # class 0 items (1,0) and (0,1) -> template (1,1)/sqrt2; class 1 item (-1, 0) -> (-1, 0)
+    g = np.array([[1, 0], [0, 1], [-1, 0]], np.float32)
+    gl = np.array([0, 0, 1])
+    q = np.array([[1, 1], [-1, 0.1], [0.6, -0.8], [0, 1]], np.float32) / np.array(
+        [[np.sqrt(2)], [np.sqrt(1.01)], [1.0], [1.0]], np.float32
+    )
+    ql = np.array([0, 1, 1, 7])  # the last query has no template: left out
+    # q0 -> class 0 (1.0 vs -0.71): rank 1. q1 -> class 1 (0.995 vs -0.63): rank 1.
+    # q2 (label 1): class 0 scores (0.6-0.8)/sqrt2 = -0.14, class 1 scores -0.6 -> rank 2.
+    assert template_identification(q, ql, g, gl, topk=(1, 2)) == {1: 2 / 3, 2: 1.0}
+
+
+def test_template_identification_tie_ranks_wrong_class_first():
+    g = np.array([[1, 0], [0, 1]], np.float32)
+    q = np.array([[np.sqrt(0.5), np.sqrt(0.5)]], np.float32)  # equidistant
+    assert template_identification(q, [0], g, [0, 1], topk=(1, 2)) == {1: 0.0, 2: 1.0}
+
+
+def test_template_identification_equals_brute_force():
+    rng = np.random.default_rng(3)
+    g = rng.normal(size=(120, 6)).astype(np.float32)
+    gl = rng.integers(0, 9, 120)
+    q = rng.normal(size=(40, 6)).astype(np.float32)
+    ql = rng.integers(0, 9, 40)
+    gn = g / np.linalg.norm(g, axis=1, keepdims=True)
+    classes = np.unique(gl)
+    tmpl = np.stack([gn[gl == c].mean(0) for c in classes])
+    tmpl /= np.linalg.norm(tmpl, axis=1, keepdims=True)
+    ranks = []
+    for x, y in zip(q, ql, strict=True):
+        s = tmpl @ x
+        ranks.append(1 + np.sum(s[classes != y] >= s[classes == y][0]))
+    ranks = np.array(ranks)
+    got = template_identification(q, ql, g, gl, topk=(1, 3))
+    assert got[1] == pytest.approx(np.mean(ranks <= 1))
+    assert got[3] == pytest.approx(np.mean(ranks <= 3))
+
+
+# ------------------------------------------------------------------- metrics from top-k lists
+def test_topk_counts_on_full_lists_equal_exact_metrics_with_ties():
+    rng = np.random.default_rng(5)
+    q = np.round(rng.normal(size=(25, 4)), 1).astype(np.float32)
+    g = np.round(rng.normal(size=(30, 4)), 1).astype(np.float32)
+    ql, gl = rng.integers(0, 4, 25), rng.integers(0, 4, 30)
+    sims = q @ g.T
+    order = np.argsort(-sims, axis=1, kind="stable")
+    scores = np.take_along_axis(sims, order, 1)
+    same = gl[order] == ql[:, None]
+    hits, ap, n = topk_counts(scores, same, same.sum(1), (1, 5), map_k=30)
+    ref = retrieval_summary(q, ql, g, gl, topk=(1, 5), recall_ks=(1,))
+    assert n == ref["n_queries"]
+    assert hits[0] / n == pytest.approx(ref["cmc@1"]) and hits[1] / n == pytest.approx(ref["cmc@5"])
+    assert ap / n == pytest.approx(ref["map"])
+
+
+def test_topk_counts_golden_ap_at_k():
+    # one query, 3 positives in the gallery; list of 4: + - + -  -> AP@4 = (1 + 2/3) / 3
+    hits, ap, n = topk_counts([[4.0, 3.0, 2.0, 1.0]], [[1, 0, 1, 0]], [3], (1, 2), map_k=4)
+    assert n == 1 and hits.tolist() == [1, 1] and ap == pytest.approx((1 + 2 / 3) / 3)
+    # AP@2 divides by min(n_pos, 2)
+    assert topk_counts([[4.0, 3.0]], [[1, 0]], [3], (1,), map_k=2)[1] == pytest.approx(0.5)
+    # a query without positive anywhere is not counted; no match in the list -> no hit
+    hits, _, n = topk_counts([[2.0, 1.0], [2.0, 1.0]], [[0, 0], [0, 0]], [0, 4], (2,))
+    assert n == 1 and hits.tolist() == [0]

@@ -224,3 +224,51 @@ def test_too_many_tasks_names_field():
         scenario(tasks=4, classes_per_task=3)
     with pytest.raises(ValueError, match="scenario.first_task_classes: 8 classes"):
         scenario(tasks=5, first_task_classes=8)
+
+
+# ---------------------------------------------------------------- held-out classes
+
+
+def test_heldout_classes_are_never_trained_and_keep_their_test_items():
+    scen = build_scenario(TRAIN, TEST, ScenarioConfig(tasks=4), seed=0, heldout=3)
+    full = build_scenario(TRAIN, TEST, ScenarioConfig(tasks=4), seed=0)
+    assert len(scen.heldout_classes) == 3
+    # the held-out classes are the last 3 of the seeded order (same shuffle as without them)
+    assert scen.heldout_classes == full.class_order[-3:]
+    assert scen.class_order == full.class_order[:-3]
+    for t in scen.tasks:
+        assert not set(TRAIN[t.train_items]) & set(scen.heldout_classes)
+        assert not set(TEST[t.gallery_items]) & set(scen.heldout_classes)
+    assert set(scen.classes) | set(scen.heldout_classes) == set(range(CLASSES))
+    np.testing.assert_array_equal(
+        scen.heldout_items, np.flatnonzero(np.isin(TEST, scen.heldout_classes))
+    )
+    assert not set(scen.heldout_items) & set(scen.eval_items)
+
+
+def test_heldout_items_are_subsampled_like_the_evaluation_set():
+    scen = build_scenario(TRAIN, TEST, ScenarioConfig(tasks=4), 0, 50, 5, heldout=2)
+    assert len(scen.heldout_items) == 2 * 5
+    assert np.bincount(TEST[scen.eval_items]).max() == 5
+
+
+def test_heldout_json_round_trip_and_digest_stability():
+    scen = build_scenario(TRAIN, TEST, ScenarioConfig(tasks=4), seed=0, heldout=2)
+    again = Scenario.from_json(json.loads(json.dumps(scen.to_json())))
+    assert again.heldout_classes == scen.heldout_classes
+    np.testing.assert_array_equal(again.heldout_items, scen.heldout_items)
+    assert again.digest() == scen.digest()
+    # without held-out classes the JSON (and so the digest) has no new keys: old files load
+    plain = build_scenario(TRAIN, TEST, ScenarioConfig(tasks=4), seed=0)
+    d = plain.to_json()
+    assert "heldout_classes" not in d and "heldout_items" not in d
+    old = Scenario.from_json(d)
+    assert old.heldout_classes == () and old.heldout_items.shape == (0,)
+    assert old.digest() == plain.digest() != scen.digest()
+
+
+def test_too_many_heldout_classes_names_the_field():
+    with pytest.raises(ValueError, match="scenario.heldout_classes: holding out 7 of 10"):
+        build_scenario(TRAIN, TEST, ScenarioConfig(tasks=4), seed=0, heldout=7)
+    with pytest.raises(ValueError, match="scenario.heldout_classes"):
+        build_scenario(TRAIN, TEST, ScenarioConfig(tasks=4), seed=0, heldout=-1)

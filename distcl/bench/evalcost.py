@@ -1,94 +1,211 @@
-"""``distcl bench eval``: what the T x T evaluation costs, in embedding passes and seconds.
+"""``distcl bench eval``: the streamed evaluation engine against raw faiss, same run, same pairs.
 
-On a finished run directory, measured in one run: the seconds of one embedding pass of
-the evaluation set (a real pass with model 0), and the seconds of computing both
-compatibility matrices (``all`` and ``seen``) from the stored embeddings. distcl embeds
-the set once per model (T passes); the per-pair protocol (each of the T(T+1)/2 pairs
-embeds queries and gallery again) needs T(T+1) passes: its cost is the measured pass time
-times that count.
+    distcl bench eval                          # T=5, 1M-row gallery, 10k probes, d=128
+    distcl bench eval --rows 100000            # smaller
+    distcl bench eval --ivfpq-rows 10000000    # + one IVF-PQ gallery: time, memory, recall@10
 
-    distcl bench eval [--run-dir runs/quickstart]
+Synthetic embeddings (seeded class centres + per-model drift + noise, L2-normalised) are
+written as Parquet like a run's ``eval/embeddings/model=<t>/part-<rank>.parquet`` (items of
+held-out classes, 2 probes per class, the rest gallery). Measured:
+
+- the whole open-protocol matrix (T(T+1)/2 pairs, CMC/Recall@K and mAP@100 from top-100
+  lists) by ``distcl.eval.engine`` in a fresh subprocess: wall time, including every Parquet
+  read, and its peak RSS (VmHWM) against one model's gallery size (N x d x 4 bytes);
+- raw faiss on the same pairs, embeddings already in memory: ``IndexFlatIP`` per gallery,
+  ``search(probes, 100)``; the ratio raw / engine is the goal (>= 0.8);
+- ``--ivfpq-rows N``: one model, a gallery of N rows through ``eval.index = ivfpq`` (streamed
+  add), time and peak RSS, and recall@10 against exact search on a sample of probes.
+
+With faiss-gpu and a GPU the engine and the baseline both use the GPU(s).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+K = 100  # neighbours per probe (the engine's MAP_AT_K)
+PARTS = 4  # Parquet parts per model (as if written by 4 ranks)
 
-def run_eval_bench(run_dir: str | Path = "runs/quickstart") -> dict:
-    import yaml
 
-    from distcl.config import parse_job
-    from distcl.data.scenario import Scenario
-    from distcl.data.shards import shard_paths
-    from distcl.eval import compat
-    from distcl.eval.evaluate import _load_eval_embeddings
-    from distcl.train.driver import embed_paths, init_ray
+def _embed(rng_seed: int, centres: np.ndarray, labels: np.ndarray, model: int) -> np.ndarray:
+    """Model ``model``'s embeddings (n, d) of items with ``labels``: deterministic."""
+    rng = np.random.default_rng([rng_seed, model])
+    drift = rng.normal(scale=0.1 * model, size=centres.shape).astype(np.float32)  # (C, d)
+    x = centres[labels] + drift[labels]  # (n, d)
+    x += rng.standard_normal(x.shape, dtype=np.float32) * 2.5  # same-class cos ~0.15
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
 
-    run_dir = Path(run_dir).resolve()
-    if not (run_dir / "job.yaml").is_file():
-        raise ValueError(f"{run_dir}: not a run directory (run `distcl run JOB` first)")
-    job = parse_job(yaml.safe_load((run_dir / "job.yaml").read_text()), str(run_dir))
-    scenario = Scenario.from_json(json.loads((run_dir / "scenario.json").read_text()))
-    T = sum(
-        (run_dir / "models" / str(t) / "post.json").is_file() for t in range(scenario.num_tasks)
-    )
-    init_ray()
-    manifest_dir = (
-        job.shards_dir
-        if job.shards_dir.is_absolute()
-        else (run_dir.parent / "shards" / job.data_fingerprint())
-    )
-    paths = shard_paths(manifest_dir, range(scenario.num_tasks), "gallery")
-    from distcl.data.shards import load_manifest
 
-    manifest = load_manifest(manifest_dir)
-    embed_paths(
-        job, run_dir / "models" / "0", paths, manifest["num_classes"], manifest["image_shape"][0]
-    )  # warm-up: worker processes import torch
+def _layout(rows: int, probes: int, dim: int, seed: int):
+    classes = max(2, probes // 2)
+    per_class = max(3, -(-(rows + probes) // classes))
+    labels = np.repeat(np.arange(classes), per_class)[: max(rows + probes, 3 * classes)]
+    centres = np.random.default_rng([seed, 99]).standard_normal((classes, dim), dtype=np.float32)
+    return labels, centres
+
+
+def write_store(root: Path, tasks: int, rows: int, probes: int, dim: int, seed: int) -> None:
+    from distcl.gallery.store import write_embeddings
+
+    labels, centres = _layout(rows, probes, dim, seed)
+    ids = np.array([f"h{i:09d}" for i in range(len(labels))])
+    for t in range(tasks):
+        for r, part in enumerate(np.array_split(np.arange(len(labels)), PARTS)):
+            emb = _embed(seed * 1000 + r, centres, labels[part], t)
+            write_embeddings(root, t, f"part-{r}", ids[part], labels[part],
+                             np.full(len(part), -1), emb)  # fmt: skip
+
+
+def _settings(budget_mb: int, index: str, seed: int):
+    from distcl.eval.engine import EvalSettings
+    from distcl.gallery.index import gpu_available
+
+    return EvalSettings(
+        protocols=("open",), exact_map=False, index=index, seed=seed, memory_budget_mb=budget_mb,
+        probes_per_class=2, use_gpu=gpu_available(),
+    )  # fmt: skip
+
+
+def peak_rss_mb() -> float:
+    """Peak RSS of this process image: VmHWM (reset by exec, unlike ``ru_maxrss``, which a
+    child inherits from the parent that forked it); ``ru_maxrss`` where /proc is missing."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def engine_run(run_dir: Path, tasks: int, budget_mb: int, index: str, seed: int) -> dict:
+    """The open matrix by the engine (call in a fresh process for a clean peak RSS)."""
+    import distcl.gallery.search  # noqa: F401  (faiss: import time is not evaluation time)
+    from distcl.eval.engine import Engine
+
     t0 = time.perf_counter()
-    out = embed_paths(
-        job, run_dir / "models" / "0", paths, manifest["num_classes"], manifest["image_shape"][0]
-    )
-    pass_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    ids, labels, embs = _load_eval_embeddings(run_dir, T, job.eval.items_per_class, job.seed)
-    load_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    seen = [np.isin(labels, scenario.tasks[t].seen_classes) for t in range(T)]
-    compat.compatibility_matrices(embs, labels, ("cmc@1", "map"))
-    compat.compatibility_matrices(embs, labels, ("cmc@1", "map"), seen_masks=seen)
-    metric_s = time.perf_counter() - t0
-    ours = T * pass_s + load_s + metric_s
-    naive = T * (T + 1) * pass_s + metric_s
+    engine = Engine(run_dir, _settings(budget_mb, index, seed), scenario=None)
+    rows = engine.rows(list(range(tasks)), stale=False)
+    wall = time.perf_counter() - t0
+    M = [rows[i]["protocols"]["open"]["values"] for i in range(tasks)]
     return {
-        "tasks": T, "eval_items": int(len(out["keys"])), "pass_s": pass_s,
-        "passes_distcl": T, "passes_per_pair": T * (T + 1),
-        "metrics_s": metric_s, "load_s": load_s,
-        "distcl_total_s": ours, "per_pair_total_s": naive, "speedup": naive / ours,
-    }  # fmt: skip
+        "engine_s": wall,
+        "peak_rss_mb": peak_rss_mb(),
+        "cmc@1_diag": [M[i]["cmc@1"][i] for i in range(tasks)],
+        "cmc@1_last_row": M[-1]["cmc@1"],
+        "ann_recall": [v for m in M for k, v in m.items() if k.startswith("ann_recall")],
+        "probes": rows[0]["items"]["probes"],
+        "gallery": rows[0]["items"]["open_gallery"],
+    }
+
+
+def _subprocess_engine(run_dir: Path, tasks: int, budget_mb: int, index: str, seed: int) -> dict:
+    code = (
+        "import json, sys; from pathlib import Path; from distcl.bench.evalcost import engine_run;"
+        f"print(json.dumps(engine_run(Path({str(run_dir)!r}), {tasks}, {budget_mb}, {index!r}, "
+        f"{seed})))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def raw_faiss(tasks: int, rows: int, probes: int, dim: int, seed: int) -> dict:
+    """Raw faiss flat search of the same pairs, embeddings in memory (not timed: making them)."""
+    import faiss
+
+    from distcl.eval.protocols import open_split
+    from distcl.gallery.index import gpu_available
+
+    labels, centres = _layout(rows, probes, dim, seed)
+    split = open_split(labels, np.ones(len(labels), bool), 2, 0, seed)
+    parts = np.array_split(np.arange(len(labels)), PARTS)
+    search_s = 0.0
+    for j in range(tasks):
+        emb = np.concatenate([_embed(seed * 1000 + r, centres, labels[p], j)
+                              for r, p in enumerate(parts)])  # fmt: skip
+        index = faiss.IndexFlatIP(dim)
+        if gpu_available():
+            index = faiss.index_cpu_to_all_gpus(index)
+        t0 = time.perf_counter()
+        index.add(emb[split.gallery])
+        search_s += time.perf_counter() - t0
+        for i in range(j, tasks):
+            q = emb[split.probes] if i == j else np.concatenate(
+                [_embed(seed * 1000 + r, centres, labels[p], i) for r, p in enumerate(parts)]
+            )[split.probes]  # fmt: skip
+            t0 = time.perf_counter()
+            index.search(np.ascontiguousarray(q), K)
+            search_s += time.perf_counter() - t0
+        del index, emb
+    return {"raw_faiss_s": search_s}
+
+
+def run_eval_bench(rows: int = 1_000_000, probes: int = 10_000, tasks: int = 5, dim: int = 128,
+                   budget_mb: int = 1024, ivfpq_rows: int = 0, seed: int = 0,
+                   workdir: str | None = None) -> dict:  # fmt: skip
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        run_dir = Path(tmp)
+        t0 = time.perf_counter()
+        write_store(run_dir / "eval" / "embeddings", tasks, rows, probes, dim, seed)
+        out = {"tasks": tasks, "rows": rows, "probes": probes, "dim": dim, "budget_mb": budget_mb,
+               "pairs": tasks * (tasks + 1) // 2, "write_s": time.perf_counter() - t0}  # fmt: skip
+        out |= _subprocess_engine(run_dir, tasks, budget_mb, "flat", seed)
+        out |= raw_faiss(tasks, rows, probes, dim, seed)
+        out["ratio_raw_over_engine"] = out["raw_faiss_s"] / out["engine_s"]
+        out["gallery_mb"] = out["gallery"] * dim * 4 / 2**20
+        out["peak_over_gallery"] = out["peak_rss_mb"] / out["gallery_mb"]
+    if ivfpq_rows:
+        with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+            write_store(Path(tmp) / "eval" / "embeddings", 1, ivfpq_rows, probes, dim, seed)
+            r = _subprocess_engine(Path(tmp), 1, budget_mb, "ivfpq", seed)
+            out["ivfpq"] = {"rows": ivfpq_rows, "engine_s": r["engine_s"],
+                            "peak_rss_mb": r["peak_rss_mb"], "recall@10": r["ann_recall"],
+                            "gallery_mb_float32": r["gallery"] * dim * 4 / 2**20}  # fmt: skip
+    return out
 
 
 def format_eval_bench(r: dict) -> str:
-    return "\n".join([
-        f"distcl bench eval: T={r['tasks']}, {r['eval_items']} evaluation items",
-        f"  one embedding pass:         {r['pass_s']:.2f} s",
-        f"  matrices (all + seen):      {r['metrics_s']:.2f} s (+{r['load_s']:.2f} s Parquet)",
-        f"  distcl:   {r['passes_distcl']:3d} passes, {r['distcl_total_s']:.1f} s",
-        f"  per pair: {r['passes_per_pair']:3d} passes, {r['per_pair_total_s']:.1f} s",
-        f"  ratio per-pair / distcl: {r['speedup']:.2f}x",
-    ])  # fmt: skip
+    lines = [
+        f"distcl bench eval: T={r['tasks']} ({r['pairs']} pairs), gallery {r['gallery']} rows, "
+        f"{r['probes']} probes, d={r['dim']}, budget {r['budget_mb']} MiB",
+        f"  write Parquet:        {r['write_s']:.1f} s",
+        f"  engine (whole matrix): {r['engine_s']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MiB "
+        f"= {r['peak_over_gallery']:.2f} x one model's gallery ({r['gallery_mb']:.0f} MiB)",
+        f"  raw faiss flat:        {r['raw_faiss_s']:.1f} s",
+        f"  ratio raw / engine:    {r['ratio_raw_over_engine']:.2f} (goal >= 0.8)",
+    ]
+    if "ivfpq" in r:
+        v = r["ivfpq"]
+        lines.append(f"  IVF-PQ {v['rows']} rows: {v['engine_s']:.1f} s, peak RSS "
+                     f"{v['peak_rss_mb']:.0f} MiB (float32 gallery {v['gallery_mb_float32']:.0f} "
+                     f"MiB), recall@10 vs exact {v['recall@10']}")  # fmt: skip
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="distcl bench eval", description=__doc__)
-    p.add_argument("--run-dir", default="runs/quickstart")
+    p = argparse.ArgumentParser(prog="distcl bench eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--rows", type=int, default=1_000_000, help="gallery rows per model")
+    p.add_argument("--probes", type=int, default=10_000)
+    p.add_argument("--tasks", type=int, default=5)
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--budget-mb", type=int, default=1024, help="eval.memory_budget_mb")
+    p.add_argument("--ivfpq-rows", type=int, default=0, help="also an IVF-PQ gallery (0: off)")
+    p.add_argument("--workdir", default=None, help="where the Parquet store is written")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
-    r = run_eval_bench(a.run_dir)
+    r = run_eval_bench(a.rows, a.probes, a.tasks, a.dim, a.budget_mb, a.ivfpq_rows, 0, a.workdir)
     print(json.dumps(r, indent=1) if a.json else format_eval_bench(r))
+
+
+if __name__ == "__main__":
+    main()

@@ -16,13 +16,20 @@ scenario is the evaluation set. A class's test items *arrive in the gallery* wit
 that train on that class (split evenly over them, in task order); after task t the stored
 gallery holds every test item that arrived at tasks <= t, embedded by the model of its
 arrival task. Queries are test items of the classes seen so far.
+
+Held-out classes (``heldout=N``, the job's ``scenario.heldout_classes``): the last N classes
+of the seeded class order are never trained on (no task has them); their test items
+(``heldout_items``, subsampled like the evaluation set) are embedded by every model for the
+open-set protocols (``open``, ``verification``, ``identification``: docs/metrics.md). The
+remaining classes are split over the tasks as above. Without held-out classes a scenario is
+identical to (and has the same digest as) one built before held-out classes existed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -48,6 +55,8 @@ class Scenario:
     class_order: tuple[int, ...]
     tasks: tuple[Task, ...]
     eval_items: np.ndarray  # (N_eval,) test indices: every class of the scenario
+    heldout_classes: tuple[int, ...] = ()  # classes no task trains on (open-set protocols)
+    heldout_items: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # (N_h,)
 
     @property
     def num_tasks(self) -> int:
@@ -58,7 +67,7 @@ class Scenario:
         return self.tasks[-1].seen_classes
 
     def to_json(self) -> dict:
-        return {
+        out = {
             "setup": self.setup,
             "seed": self.seed,
             "class_order": list(self.class_order),
@@ -75,6 +84,10 @@ class Scenario:
                 for t in self.tasks
             ],
         }
+        if self.heldout_classes:  # omitted when empty: older scenario digests stay valid
+            out["heldout_classes"] = list(self.heldout_classes)
+            out["heldout_items"] = self.heldout_items.tolist()
+        return out
 
     @classmethod
     def from_json(cls, d: dict) -> Scenario:
@@ -92,6 +105,8 @@ class Scenario:
         return cls(
             d["setup"], d["seed"], tuple(d["class_order"]), tasks,
             np.asarray(d["eval_items"], np.int64),
+            tuple(d.get("heldout_classes", ())),
+            np.asarray(d.get("heldout_items", []), np.int64),
         )  # fmt: skip
 
     def digest(self) -> str:
@@ -142,13 +157,27 @@ def build_scenario(
     seed: int,
     train_per_class: int | None = None,
     test_per_class: int | None = None,
+    *,
+    heldout: int = 0,
 ) -> Scenario:
-    """The scenario for ``cfg`` and ``seed``; identical for every method of a seed."""
+    """The scenario for ``cfg`` and ``seed``; identical for every method of a seed.
+
+    ``heldout``: the last ``heldout`` classes of the seeded class order are held out of
+    training (``scenario.heldout_classes``); the rest are split over the tasks.
+    """
     rng = np.random.default_rng([seed, 7])
     train_labels = np.asarray(train_labels)
     test_labels = np.asarray(test_labels)
     classes = sorted(np.unique(train_labels).tolist())
     order = [classes[i] for i in rng.permutation(len(classes))] if cfg.shuffle_classes else classes
+    if isinstance(heldout, bool) or not isinstance(heldout, int) or heldout < 0:
+        raise ValueError(f"scenario.heldout_classes must be an int >= 0, got {heldout!r}")
+    if heldout and len(order) - heldout < cfg.tasks:
+        raise ValueError(
+            f"scenario.heldout_classes: holding out {heldout} of {len(order)} classes leaves "
+            f"{len(order) - heldout} for {cfg.tasks} tasks (each needs at least one class)"
+        )
+    order, held = order[: len(order) - heldout], order[len(order) - heldout :]
     groups = _split_classes(order, cfg.tasks, cfg.classes_per_task, cfg.first_task_classes)
     train_pool = subsample_per_class(train_labels, train_per_class, rng)
     test_pool = subsample_per_class(test_labels, test_per_class, rng)
@@ -215,4 +244,7 @@ def build_scenario(
             )
         )
     eval_items = np.sort(np.concatenate([t.gallery_items for t in tasks])).astype(np.int64)
-    return Scenario(cfg.setup, seed, tuple(order), tuple(tasks), eval_items)
+    heldout_items = np.sort(test_pool[np.isin(test_labels[test_pool], held)]).astype(np.int64)
+    return Scenario(
+        cfg.setup, seed, tuple(order), tuple(tasks), eval_items, tuple(held), heldout_items
+    )

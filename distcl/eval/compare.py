@@ -19,22 +19,26 @@ import numpy as np
 
 from distcl.config import JobConfig
 from distcl.eval.compat import average_compatibility
+from distcl.rundir import atomic_write
 
 
 def _row(job: JobConfig, metrics: dict, run_dir: Path) -> dict:
     metric = metrics["metric"]
     out = {"job": job.name, "method": job.method.name}
-    for proto in ("all", "seen"):
-        s = metrics["protocols"][proto]["summary"]
+    for proto, block in metrics["protocols"].items():
+        s = block["summary"]
         for k in ("ac", "am", "bc", "fc"):
             out[f"{k}_{proto}"] = s[k]
-        out[f"ac_{proto}_map"] = average_compatibility(
-            np.asarray(metrics["protocols"][proto]["matrices"]["map"], dtype=float)
-        )
-    M = np.asarray(metrics["protocols"]["all"]["matrices"][metric], dtype=float)
-    mAP = np.asarray(metrics["protocols"]["all"]["matrices"]["map"], dtype=float)
-    out["final_" + metric] = float(M[-1, -1])
-    out["final_map"] = float(mAP[-1, -1])
+        if "map" in block["matrices"]:
+            out[f"ac_{proto}_map"] = average_compatibility(
+                np.asarray(block["matrices"]["map"], dtype=float), metrics.get("ties", "strict")
+            )
+    first = next(iter(metrics["protocols"].values()))
+    main = first.get("metric", metric)
+    M = np.asarray(first["matrices"][main], dtype=float)
+    out["final_" + main] = float(M[-1, -1])
+    if "map" in first["matrices"]:
+        out["final_map"] = float(np.asarray(first["matrices"]["map"], dtype=float)[-1, -1])
     stale = metrics["stale_gallery"]
     out["stale_recall@1"] = float(np.mean([r["recall@1"] for r in stale]))
     out["train_s"] = sum(
@@ -45,13 +49,20 @@ def _row(job: JobConfig, metrics: dict, run_dir: Path) -> dict:
 
 
 def compare_table(rows: list[dict], metric: str) -> str:
-    cols = ["ac_all", "am_all", "bc_all", "fc_all", "ac_seen", "am_seen", "bc_seen",
-            "ac_all_map", "ac_seen_map", f"final_{metric}", "final_map", "stale_recall@1",
-            "train_s"]  # fmt: skip
+    """One row per job; columns: every score present in the rows (protocols may differ)."""
+    preferred = ["ac_all", "am_all", "bc_all", "fc_all", "ac_seen", "am_seen", "bc_seen",
+                 "ac_all_map", "ac_seen_map"]  # fmt: skip
+    present = list(dict.fromkeys(k for r in rows for k in r if k not in ("job", "method")))
+    tail = [f"final_{metric}", "final_map", "stale_recall@1", "train_s"]
+    cols = [c for c in preferred if c in present]
+    cols += [c for c in present if c not in cols and c not in tail]
+    cols += [c for c in tail if c in present]
     head = "| job | method | " + " | ".join(cols) + " |"
     lines = [head, "|" + "---|" * (len(cols) + 2)]
     for r in rows:
-        cells = [f"{r[c]:.0f}" if c == "train_s" else f"{r[c]:.3f}" for c in cols]
+        cells = [
+            "" if c not in r else f"{r[c]:.0f}" if c == "train_s" else f"{r[c]:.3f}" for c in cols
+        ]
         lines.append(f"| {r['job']} | {r['method']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -71,15 +82,16 @@ def plot_side_by_side(results: list[tuple[str, dict]], path: Path) -> None:
     for ax in axes.flat[n:]:
         ax.axis("off")
     for ax, (name, metrics) in zip(axes.flat, results, strict=False):
-        metric = metrics["metric"]
-        block = metrics["protocols"]["all"]
+        proto = "all" if "all" in metrics["protocols"] else next(iter(metrics["protocols"]))
+        block = metrics["protocols"][proto]
+        metric = block.get("metric", metrics["metric"])
         draw_matrix(ax, block["matrices"][metric], block["summary"]["ecc"], fontsize=7)
         s = block["summary"]
         ax.set_title(f"{name}\nAC={s['ac']:.2f} AM={s['am']:.2f}", fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle(
-        f"compatibility matrices ({results[0][1]['metric']}, protocol 'all'; x: ECC fails)",
+        f"compatibility matrices ({results[0][1]['metric']}; x: ECC fails)",
         fontsize=10,
     )
     fig.tight_layout()
@@ -114,9 +126,9 @@ def compare_jobs(jobs: list[JobConfig], out: Path, log=print, run: bool = True) 
     metric = results[0][1]["metric"]
     table = compare_table(rows, metric)
     plot_side_by_side(results, out / "compare.png")
-    (out / "compare.json").write_text(json.dumps(rows, indent=1))
-    (out / "compare.md").write_text(
-        "# distcl compare\n\n" + table + "\n\n![matrices](compare.png)\n"
+    atomic_write(out / "compare.json", json.dumps(rows, indent=1))
+    atomic_write(
+        out / "compare.md", "# distcl compare\n\n" + table + "\n\n![matrices](compare.png)\n"
     )
     log(table)
     return rows

@@ -36,27 +36,39 @@ def _check_at_least_two(m: np.ndarray, what: str) -> int:
     return t
 
 
-def ecc_matrix(M: Any) -> np.ndarray:
+TIES = ("strict", "pass", "ties_pass")
+
+
+def _check_ties(ties: str) -> str:
+    if ties not in TIES:
+        raise ValueError(f"ties must be one of {TIES}, got {ties!r}")
+    return "pass" if ties == "ties_pass" else ties
+
+
+def ecc_matrix(M: Any, ties: str = "strict") -> np.ndarray:
     """Empirical compatibility criterion per pair: (T, T) bool.
 
-    True where j < i and M[i][j] > M[j][j] (strict: equal is NOT compatible); False on and
+    True where j < i and M[i][j] > M[j][j] (`ties="strict"`, the default: a tie is NOT
+    compatible) or M[i][j] >= M[j][j] (`ties="pass"`, also spelled "ties_pass" as in the
+    config: CL2R's code counts a pair incompatible only when M[i][j] < M[j][j]). False on and
     above the diagonal.
     """
+    rule = _check_ties(ties)
     m = _check_matrix(M)
     below = np.tril(np.ones(m.shape, dtype=bool), k=-1)  # (T, T) pairs j < i
     # Fill the (unused) upper triangle first so NaN there never reaches a comparison.
     lower = np.where(below, m, -np.inf)
-    return below & (lower > np.diag(m)[None, :])
+    ref = np.diag(m)[None, :]
+    return below & ((lower > ref) if rule == "strict" else (lower >= ref))
 
 
-def average_compatibility(M: Any) -> float:
-    """AC = 2 / (T (T - 1)) * sum_{i > j} 1[M[i][j] > M[j][j]]: the fraction of compatible pairs.
-
-    Needs T >= 2 (ValueError otherwise).
+def average_compatibility(M: Any, ties: str = "strict") -> float:
+    """AC = 2 / (T (T - 1)) * sum_{i > j} 1[pair (i, j) passes ECC]: the fraction of
+    compatible pairs; `ties` as in `ecc_matrix`. Needs T >= 2 (ValueError otherwise).
     """
     m = _check_matrix(M)
     t = _check_at_least_two(m, "average_compatibility")
-    return float(ecc_matrix(m).sum()) * 2.0 / (t * (t - 1))
+    return float(ecc_matrix(m, ties).sum()) * 2.0 / (t * (t - 1))
 
 
 def average_multimodel_accuracy(M: Any) -> float:
@@ -89,25 +101,26 @@ def forward_compatibility(M: Any) -> float:
     return float(np.mean(m[idx, idx - 1] - m[idx, idx]))
 
 
-def summarize(M: Any) -> dict[str, Any]:
+def summarize(M: Any, ties: str = "strict") -> dict[str, Any]:
     """All compatibility scores of M in a JSON-friendly dict.
 
     Keys: ac, am, bc, fc (floats; ac/bc/fc are NaN when T == 1, where they are undefined, so
     a one-task run still gets a report), ecc (list of lists of bool, see `ecc_matrix`),
-    n_compatible (pairs passing ECC), n_pairs (T (T - 1) / 2).
+    n_compatible (pairs passing ECC), n_pairs (T (T - 1) / 2), ties (the ECC tie rule).
     """
     m = _check_matrix(M)
     t = m.shape[0]
-    ecc = ecc_matrix(m)
+    ecc = ecc_matrix(m, ties)
     nan = float("nan")
     return {
-        "ac": average_compatibility(m) if t >= 2 else nan,
+        "ac": average_compatibility(m, ties) if t >= 2 else nan,
         "am": average_multimodel_accuracy(m),
         "bc": backward_compatibility(m) if t >= 2 else nan,
         "fc": forward_compatibility(m) if t >= 2 else nan,
         "ecc": ecc.tolist(),
         "n_compatible": int(ecc.sum()),
         "n_pairs": t * (t - 1) // 2,
+        "ties": _check_ties(ties),
     }
 
 

@@ -1,174 +1,219 @@
-"""Evaluate a run directory: the compatibility matrix and the stale-gallery protocol.
+"""Evaluate a run directory: every protocol's compatibility matrices, the stale-gallery curve
+and the report (definitions: docs/metrics.md; engine: ``distcl.eval.engine``).
 
-    distcl eval runs/quickstart      # recompute from stored embeddings, rewrite the report
+    distcl eval runs/quickstart      # scores the finished tasks (all of them, or the first few)
 
-Inputs (written by the driver after each task t, never recomputed here):
-- ``eval/embeddings/model=<t>/eval.parquet``: the evaluation set embedded once by model t
-  (T embedding passes for a T x T matrix);
-- ``gallery/model=<t>/task<t>.parquet``: the items that arrived at task t, embedded by
-  model t (the stale gallery as deployed).
-
-Outputs: ``metrics.json``, ``report.md``, ``compat_<protocol>.png``, ``stale_gallery.png``.
-
-Exact metrics (full ranking, mAP included) are computed blockwise by ``distcl.eval.metrics``.
-A stale gallery larger than ``EXACT_LIMIT`` rows goes through the faiss index instead
-(top-k search: CMC/Recall@K exact from the top-k list, mAP reported as mAP@k).
+Inputs, written after each task t: ``eval/embeddings/model=<t>/part-*.parquet`` (the
+evaluation set embedded by model t) and ``gallery/model=<t>/part-*.parquet`` (items arriving
+at t, embedded by model t). The matrix grows one row per task: ``score_task(run_dir, job,
+scenario, t)`` computes row t (query model t against gallery models j <= t, and the stale
+gallery after task t) and caches it in ``eval/rows/<t>.json`` with a digest of its inputs
+(settings, scenario, the parts of models <= t); ``evaluate_run`` reuses every cached row whose
+inputs are unchanged, computes the missing rows in one pass per gallery model, and writes
+``metrics.json``, ``report.md`` and the figures.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from distcl.data.scenario import Scenario
 from distcl.eval import compat
-from distcl.eval.metrics import retrieval_summary
+from distcl.eval import protocols as pr
+from distcl.eval.engine import Engine, EvalSettings
+from distcl.rundir import RunDir, atomic_write_json
 
-EXACT_LIMIT = 200_000
-
-
-def _load_eval_embeddings(run_dir: Path, T: int, items_per_class: int | None, seed: int):
-    """(ids, labels, [emb_t for t < T]) aligned by item id across models."""
-    from distcl.gallery.store import read_embeddings
-
-    root = run_dir / "eval" / "embeddings"
-    embs, ids, labels = [], None, None
-    for t in range(T):
-        g = read_embeddings(root, models=[t])
-        order = np.argsort(g.item_ids.astype(str), kind="stable")
-        if ids is None:
-            ids, labels = g.item_ids[order].astype(str), g.labels[order]
-        elif not np.array_equal(ids, g.item_ids[order].astype(str)):
-            raise ValueError(f"{root}: model {t} embedded a different evaluation set")
-        embs.append(g.embeddings[order])
-    if items_per_class is not None:  # seeded per-class subset, the same for every model
-        rng = np.random.default_rng([seed, 5])
-        keep = np.sort(np.concatenate([
-            rng.permutation(np.flatnonzero(labels == c))[:items_per_class]
-            for c in np.unique(labels)
-        ]))  # fmt: skip
-        ids, labels, embs = ids[keep], labels[keep], [e[keep] for e in embs]
-    return ids, labels, embs
+ROW_FORMAT = 1
 
 
-def topk_summary(
-    query_emb, query_ids, query_lab, index, gallery_ids, gallery_lab, ks=(1, 5, 10)
-) -> dict:
-    """CMC/Recall@K and mAP@k from a faiss top-k search (self matches dropped by id)."""
-    kmax = max(ks)
-    _, nn = index.search(query_emb, kmax + 1)  # (Q, k+1): one spare for the self match
-    hits = np.zeros((len(query_ids), kmax), bool)
-    for r in range(len(query_ids)):
-        row = [j for j in nn[r] if j >= 0 and gallery_ids[j] != query_ids[r]][:kmax]
-        hits[r, : len(row)] = gallery_lab[row] == query_lab[r]
-    first = np.where(hits.any(1), hits.argmax(1) + 1, kmax + 1)
-    prec = np.cumsum(hits, 1) / np.arange(1, kmax + 1)
-    ap = (prec * hits).sum(1) / np.maximum(hits.sum(1), 1)
-    out = {f"cmc@{k}": float((first <= k).mean()) for k in ks}
-    out.update({f"recall@{k}": out[f"cmc@{k}"] for k in ks})
-    out[f"map@{kmax}"] = float(ap.mean())
-    return out
+def finished_tasks(run_dir: str | Path) -> int:
+    """Number of leading tasks whose end-of-task outputs are complete (``RunDir.done``)."""
+    return RunDir(run_dir).finished_tasks()
 
 
-def stale_gallery_eval(run_dir: Path, scenario: Scenario, job_eval, embs, ids) -> list[dict]:
-    """After each task s: queries (the items in the gallery, embedded by model s) against
-    the gallery as stored (each item embedded by the model of its arrival task)."""
-    from distcl.gallery.index import build_index
-    from distcl.gallery.store import stale_gallery
+def _parts_stat(folder: Path) -> list:
+    if not folder.is_dir():
+        return []
+    return sorted(
+        (p.name, p.stat().st_size, p.stat().st_mtime_ns)
+        for p in folder.iterdir()
+        if p.suffix == ".parquet" and not p.name.startswith((".", "_"))
+    )
 
-    pos = {k: i for i, k in enumerate(ids)}
-    rows = []
-    for s in range(scenario.num_tasks):
-        g = stale_gallery(run_dir / "gallery", upto_task=s)
-        order = np.argsort(g.item_ids.astype(str), kind="stable")
-        g_ids, g_lab, g_emb = g.item_ids[order].astype(str), g.labels[order], g.embeddings[order]
-        q_emb = embs[s][[pos[k] for k in g_ids]]  # same items, embedded by model s
-        t0 = time.perf_counter()
-        if len(g_ids) <= EXACT_LIMIT:
-            res = retrieval_summary(
-                q_emb,
-                g_lab,
-                g_emb,
-                g_lab,
-                exclude_self=True,
-                topk=tuple(job_eval.topk),
-                recall_ks=tuple(job_eval.recall_ks),
-            )
-            res.pop("n_queries", None)
-        else:
-            index = build_index(g_emb, kind=job_eval.index)
-            res = topk_summary(
-                q_emb,
-                g_ids,
-                g_lab,
-                index,
-                g_ids,
-                g_lab,
-                ks=tuple(sorted(set(job_eval.topk) | set(job_eval.recall_ks))),
-            )
-        rows.append(
-            {
-                "task": s,
-                "gallery": len(g_ids),
-                "models_in_gallery": sorted(set(g.models.tolist())),
-                "seconds": time.perf_counter() - t0,
-                **res,
-            }
-        )
+
+def _inputs_digest(run_dir: Path, settings: EvalSettings, scenario: Scenario, t: int) -> str:
+    """What row t depends on: settings, scenario, and the Parquet parts of models <= t."""
+    files = {
+        f"{kind}/{j}": _parts_stat(run_dir / kind / f"model={j}")
+        for kind in ("eval/embeddings", "gallery")
+        for j in range(t + 1)
+    }
+    key = {"format": ROW_FORMAT, "settings": settings.key(), "scenario": scenario.digest(),
+           "files": files}  # fmt: skip
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _cached_row(run_dir: Path, t: int, digest: str) -> dict | None:
+    path = run_dir / "eval" / "rows" / f"{t}.json"
+    try:
+        row = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return row if row.get("inputs") == digest else None
+
+
+def _score_rows(
+    run_dir: Path, settings: EvalSettings, scenario: Scenario, tasks: list[int], log=None
+) -> dict[int, dict]:
+    """Rows ``tasks`` from the cache where their inputs are unchanged, computed otherwise."""
+    digests = {t: _inputs_digest(run_dir, settings, scenario, t) for t in tasks}
+    rows = {t: r for t in tasks if (r := _cached_row(run_dir, t, digests[t])) is not None}
+    missing = [t for t in tasks if t not in rows]
+    if missing:
+        engine = Engine(run_dir, settings, scenario)
+        for t, row in engine.rows(missing, log=log).items():
+            row["inputs"] = digests[t]
+            atomic_write_json(run_dir / "eval" / "rows" / f"{t}.json", row, default=_json_default)
+            rows[t] = row
     return rows
 
 
-def evaluate_run(run_dir: str | Path, log=print) -> dict:
-    """Compute every metric of a finished (or partly finished) run and write the report."""
+def score_task(
+    run_dir: str | Path,
+    job: Any,
+    scenario: Scenario,
+    t: int,
+    *,
+    settings: EvalSettings | None = None,
+) -> dict:
+    """Row t of every matrix (query model t against gallery models j <= t) and the stale
+    gallery after task t, from what is on disk; cached as ``eval/rows/<t>.json``."""
+    settings = settings or EvalSettings.from_job(job)
+    return _score_rows(Path(run_dir), settings, scenario, [t])[t]
+
+
+def _load_job(run_dir: Path):
     import yaml
 
     from distcl.config import parse_job
+
+    return parse_job(yaml.safe_load((run_dir / "job.yaml").read_text()), str(run_dir / "job.yaml"))
+
+
+def evaluate_run(run_dir: str | Path, log=print, *, settings: EvalSettings | None = None) -> dict:
+    """Every metric of a finished (or partly finished) run; writes the report."""
     from distcl.eval.report import print_summary, write_report
 
     run_dir = Path(run_dir)
-    job = parse_job(yaml.safe_load((run_dir / "job.yaml").read_text()), str(run_dir / "job.yaml"))
+    job = _load_job(run_dir)
     scenario = Scenario.from_json(json.loads((run_dir / "scenario.json").read_text()))
-    T = 0
-    while (run_dir / "models" / str(T) / "post.json").is_file():
-        T += 1
+    settings = settings or EvalSettings.from_job(job)
+    T = finished_tasks(run_dir)
     if T == 0:
         raise ValueError(f"{run_dir}: no finished task to evaluate")
+    if T < scenario.num_tasks:
+        log(f"{run_dir}: {T} of {scenario.num_tasks} tasks finished; scoring those")
     t0 = time.perf_counter()
-    ids, labels, embs = _load_eval_embeddings(run_dir, T, job.eval.items_per_class, job.seed)
-    metric = job.eval.metric
-    names = sorted({metric, "map", *(f"cmc@{k}" for k in job.eval.topk)})
-    seen_masks = [np.isin(labels, scenario.tasks[t].seen_classes) for t in range(T)]
-    protocols = {
-        "all": compat.compatibility_matrices(embs, labels, names, exclude_self=True),
-        "seen": compat.compatibility_matrices(
-            embs, labels, names, exclude_self=True, seen_masks=seen_masks
-        ),
-    }
-    result = {
-        "job": job.name, "method": job.method.name, "tasks": T, "metric": metric,
-        "eval_items": len(ids), "embedding_passes": T,
-        "protocols": {
-            p: {"matrices": {k: m.tolist() for k, m in ms.items()},
-                "summary": _summary(ms[metric])}
-            for p, ms in protocols.items()
-        },
-    }  # fmt: skip
-    result["stale_gallery"] = stale_gallery_eval(run_dir, scenario, job.eval, embs, ids)
+    rows = _score_rows(run_dir, settings, scenario, list(range(T)), log=None)
+    result = assemble(rows, settings, T)
+    result.update(job=job.name, method=job.method.name, tasks_planned=scenario.num_tasks)
     result["eval_s"] = time.perf_counter() - t0
     result["history"] = _histories(run_dir, T)
-    (run_dir / "metrics.json").write_text(json.dumps(result, indent=1, default=_json_default))
+    atomic_write_json(run_dir / "metrics.json", result, indent=1, default=_json_default)
     write_report(run_dir, result)
     print_summary(result, log=log)
     return result
 
 
-def _summary(M: np.ndarray) -> dict:
-    s = compat.summarize(M)
-    s["ecc"] = np.asarray(s["ecc"]).tolist()
-    return s
+def assemble(rows: dict[int, dict], settings: EvalSettings, T: int) -> dict:
+    """The metrics.json dict from rows 0..T-1: matrices (NaN above the diagonal), the
+    summaries (AC, AM, BC, FC, ECC with the configured tie rule) and the stale curve."""
+    protocols: dict[str, dict] = {}
+    for name in rows[0]["protocols"]:
+        got = rows[0]["protocols"][name]["values"]
+        names = pr.metric_names(name, settings.topk, settings.recall_ks, settings.metric,
+                                settings.fars)  # fmt: skip
+        missing = [m for m in names if m not in got]
+        if missing:
+            raise ValueError(f"eval/rows/0.json: protocol {name!r} lacks {missing}")
+        names += [m for m in got if m not in names]  # e.g. ann_recall@k of IVF searches
+        mats = {m: np.full((T, T), np.nan) for m in names}
+        for i in range(T):
+            for m in names:
+                mats[m][i, : i + 1] = rows[i]["protocols"][name]["values"][m]
+        main = pr.main_metric(name, settings.metric, settings.topk)
+        summary = compat.summarize(mats[main], settings.ties)
+        protocols[name] = {
+            "metric": main,
+            "map_kind": rows[0]["protocols"][name].get("map_kind"),
+            "matrices": {m: M.tolist() for m, M in mats.items()},
+            "summary": summary,
+        }
+    return {
+        "metric": settings.metric,
+        "tasks": T,
+        "ties": settings.ties,
+        "protocol_names": list(protocols),
+        "eval_items": rows[0]["items"]["closed"],
+        "items": rows[0]["items"],
+        "embedding_passes": T,
+        "protocols": protocols,
+        "stale_gallery": [rows[t]["stale"] for t in range(T)],
+        "settings": settings.key(),
+    }
+
+
+def _load_eval_embeddings(run_dir: Path, T: int, items_per_class: int | None, seed: int):
+    """(ids, labels, [emb_t for t < T]) of the closed-set evaluation items (task >= 0),
+    aligned by id across models, in memory (small runs: tuning, scripts)."""
+    from distcl.gallery.store import read_embeddings
+
+    root = Path(run_dir) / "eval" / "embeddings"
+    embs, ids, labels = [], None, None
+    for t in range(T):
+        g = read_embeddings(root, models=[t])
+        keep = g.tasks >= 0
+        order = np.argsort(g.item_ids[keep].astype(str), kind="stable")
+        g_ids = g.item_ids[keep][order].astype(str)
+        if ids is None:
+            ids, labels = g_ids, g.labels[keep][order]
+        elif not np.array_equal(ids, g_ids):
+            raise ValueError(f"{root}: model {t} embedded a different evaluation set")
+        embs.append(g.embeddings[keep][order])
+    mask = pr.closed_subset(labels, np.ones(len(labels), bool), items_per_class, seed)
+    return ids[mask], labels[mask], [e[mask] for e in embs]
+
+
+def topk_summary(
+    query_emb, query_ids, query_lab, index, gallery_ids, gallery_lab, ks=(1, 5, 10)
+) -> dict:
+    """CMC/Recall@K and mAP@k from one faiss top-k search (self matches dropped by id)."""
+    from distcl.eval.metrics import topk_counts
+
+    kmax = max(ks)
+    scores, nn = index.search(query_emb, kmax + 1)  # (Q, k+1): one spare for the self match
+    drop = (nn < 0) | (np.asarray(gallery_ids)[np.maximum(nn, 0)] == np.asarray(query_ids)[:, None])
+    order = np.argsort(drop, axis=1, kind="stable")
+    scores = np.take_along_axis(np.where(drop, -np.inf, scores), order, 1)[:, :kmax]
+    nn = np.take_along_axis(np.where(drop, -1, nn), order, 1)[:, :kmax]
+    same = (np.asarray(gallery_lab)[np.maximum(nn, 0)] == np.asarray(query_lab)[:, None]) & (
+        nn >= 0
+    )
+    g_ids = set(np.asarray(gallery_ids).tolist())
+    classes, counts = np.unique(gallery_lab, return_counts=True)
+    pos = np.searchsorted(classes, query_lab)
+    n_pos = counts[pos] - np.array([q in g_ids for q in np.asarray(query_ids).tolist()])
+    hits, ap, n = topk_counts(scores, same, n_pos, ks, map_k=kmax)
+    out = {f"cmc@{k}": float(h) / n for k, h in zip(ks, hits, strict=True)}
+    out.update({f"recall@{k}": out[f"cmc@{k}"] for k in ks})
+    out[f"map@{kmax}"] = ap / n
+    return out
 
 
 def _histories(run_dir: Path, T: int) -> list[dict]:
@@ -181,9 +226,9 @@ def _histories(run_dir: Path, T: int) -> list[dict]:
 
 
 def _json_default(o):
-    if isinstance(o, (np.integer,)):
+    if isinstance(o, np.integer):
         return int(o)
-    if isinstance(o, (np.floating,)):
+    if isinstance(o, np.floating):
         return float(o)
     if isinstance(o, np.ndarray):
         return o.tolist()

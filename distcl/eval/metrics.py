@@ -124,13 +124,13 @@ def similarity_blocks(
     return _blocks(q, g, int(block))
 
 
-def _average_precision_rows(scores: np.ndarray, same: np.ndarray) -> np.ndarray:
-    """Per-row AP like sklearn's `average_precision_score`, vectorised over rows.
+def _precision_sums(scores: np.ndarray, same: np.ndarray) -> np.ndarray:
+    """Per row, the sum over positives of the precision at the end of the positive's tie group.
 
-    scores: (b, G) float; same: (b, G) bool, every row with >= 1 True. Returns (b,) float64.
-    sklearn's AP = sum_n (R_n - R_{n-1}) P_n over distinct thresholds, with all items tied at
-    a threshold entering together. Equivalently: each positive contributes P at the end of its
-    tie group, divided by the number of positives. That form needs one sort and no loops.
+    scores: (b, G) float, same: (b, G) bool. Returns (b,) float64. sklearn's AP = sum_n (R_n -
+    R_{n-1}) P_n over distinct thresholds, with all items tied at a threshold entering
+    together; equivalently each positive contributes P at the end of its tie group, divided
+    by the number of positives (the caller divides). One sort, no loops.
     """
     b, n = scores.shape
     order = np.argsort(scores, axis=1)[:, ::-1]  # (b, G) indices, descending score
@@ -143,8 +143,15 @@ def _average_precision_rows(scores: np.ndarray, same: np.ndarray) -> np.ndarray:
     end = np.where(is_end, np.arange(n), n - 1)
     end = np.minimum.accumulate(end[:, ::-1], axis=1)[:, ::-1]  # (b, G)
     precision_at_end = np.take_along_axis(tp, end, axis=1) / (end + 1.0)  # (b, G) float64
-    n_pos = tp[:, -1]
-    return np.where(y_sorted, precision_at_end, 0.0).sum(axis=1) / n_pos
+    return np.where(y_sorted, precision_at_end, 0.0).sum(axis=1)
+
+
+def _average_precision_rows(scores: np.ndarray, same: np.ndarray) -> np.ndarray:
+    """Per-row AP like sklearn's `average_precision_score`, vectorised over rows.
+
+    scores: (b, G) float; same: (b, G) bool, every row with >= 1 True. Returns (b,) float64.
+    """
+    return _precision_sums(scores, same) / same.sum(axis=1)
 
 
 def _scores_and_same(scores: Any, same: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -186,6 +193,27 @@ def _auto_block(n_gallery: int) -> int:
     return max(1, min(4096, _BLOCK_ELEMENTS // n_gallery))
 
 
+def block_counts(
+    sims: np.ndarray, same: np.ndarray, ks: np.ndarray, with_map: bool
+) -> tuple[np.ndarray, float, int]:
+    """Counts of one block of full rankings: (hits per k (K,), sum of AP, queries counted).
+
+    sims: (b, G) float32 similarities (an excluded gallery row is -inf and not in `same`),
+    same: (b, G) bool, ks: (K,) int. Rows without a positive are skipped. Pessimistic ties:
+    rank of the first match = 1 + #(negatives with score >= the best positive's score).
+    """
+    valid = same.any(axis=1)  # (b,) queries with >= 1 positive
+    if not valid.all():
+        sims, same = sims[valid], same[valid]
+    if sims.shape[0] == 0:
+        return np.zeros(len(ks), np.int64), 0.0, 0
+    best_pos = np.where(same, sims, -np.inf).max(axis=1)  # (b,)
+    rank = 1 + ((sims >= best_pos[:, None]) & ~same).sum(axis=1)  # (b,)
+    hits = (rank[:, None] <= np.asarray(ks)[None, :]).sum(axis=0)  # (K,)
+    ap = float(_average_precision_rows(sims, same).sum()) if with_map else 0.0
+    return hits, ap, int(sims.shape[0])
+
+
 def _scan(
     q_emb: Any,
     q_lab: Any,
@@ -216,18 +244,10 @@ def _scan(
             # a (finite) positive, nor changes the precision at any positive.
             same[rows, start + rows] = False
             sims[rows, start + rows] = -np.inf
-        valid = same.any(axis=1)  # (b,) queries with >= 1 positive
-        if not valid.all():
-            sims, same = sims[valid], same[valid]
-        if sims.shape[0] == 0:
-            continue
-        n_valid += sims.shape[0]
-        best_pos = np.where(same, sims, -np.inf).max(axis=1)  # (b,)
-        # Pessimistic rank of the first correct match: negatives tied with it go first.
-        rank = 1 + ((sims >= best_pos[:, None]) & ~same).sum(axis=1)  # (b,)
-        hits += (rank[:, None] <= k_arr[None, :]).sum(axis=0)
-        if with_map:
-            ap_sum += float(_average_precision_rows(sims, same).sum())
+        block_hits, block_ap, block_valid = block_counts(sims, same, k_arr, with_map)
+        hits += block_hits
+        ap_sum += block_ap
+        n_valid += block_valid
     if n_valid == 0:
         raise ValueError("no query has a positive (same label) in the gallery")
     fractions = {k: float(h) / n_valid for k, h in zip(ks, hits, strict=True)}
@@ -367,3 +387,132 @@ def tar_at_far(
         n_ok = int(np.searchsorted(fpr, float(f), side="right"))
         out[f] = float(tpr[n_ok - 1]) if n_ok > 0 else 0.0
     return out
+
+
+def topk_counts(
+    nn_scores: Any, nn_same: Any, n_pos: Any, ks: Sequence[int], map_k: int | None = None
+) -> tuple[np.ndarray, float, int]:
+    """Counts from top-k lists: (hits per k (K,), sum of AP@map_k, queries counted).
+
+    nn_scores: (Q, L) float, each row sorted best first (a missing slot is -inf); nn_same:
+    (Q, L) bool, True where the neighbour has the query's label; n_pos: (Q,) int, the
+    positives of each query in the whole gallery (self excluded). Queries with n_pos == 0
+    are not counted. CMC: the rank of the first match is pessimistic within the list (1 +
+    #negatives in the list scoring >= it); no match in the list means rank > L, so k <= L is
+    required. AP@K = sum over the first K positions of precision at each positive (tie
+    groups as in sklearn) / min(n_pos, K); with K >= G it is the exact AP.
+    """
+    s = np.asarray(_as_numpy(nn_scores), dtype=np.float64)  # (Q, L)
+    y = _as_bool(np.asarray(_as_numpy(nn_same)), "nn_same")  # (Q, L)
+    npos = np.asarray(_as_numpy(n_pos))  # (Q,)
+    if s.ndim != 2 or y.shape != s.shape or npos.shape != (s.shape[0],):
+        raise ValueError(f"nn_scores {s.shape}, nn_same {y.shape}, n_pos {npos.shape} disagree")
+    ks = _check_ks(ks, "ks")
+    if max(ks) > s.shape[1] or (map_k is not None and map_k > s.shape[1]):
+        raise ValueError(f"lists of length {s.shape[1]} cannot give k={max(ks)} / map_k={map_k}")
+    keep = npos > 0
+    s, y, npos = s[keep], y[keep], npos[keep]
+    best = np.where(y, s, -np.inf).max(axis=1, initial=-np.inf)  # (Q,) first match's score
+    found = y.any(axis=1)
+    rank = np.where(found, 1 + ((s >= best[:, None]) & ~y).sum(axis=1), s.shape[1] + 1)
+    hits = (rank[:, None] <= np.asarray(ks)[None, :]).sum(axis=0)  # (K,)
+    ap = 0.0
+    if map_k is not None and s.shape[0]:
+        sums = _precision_sums(s[:, :map_k], y[:, :map_k])  # (Q,)
+        ap = float((sums / np.minimum(npos, map_k)).sum())
+    return hits, ap, int(s.shape[0])
+
+
+def verification_accuracy(scores: Any, same: Any, folds: int = 10) -> float:
+    """1:1 verification accuracy with the threshold chosen by cross-validation (LFW protocol).
+
+    scores: (P,) pair similarity; same: (P,) bool, True for genuine pairs. The pairs, in the
+    given order, are cut into `folds` contiguous folds of near-equal size (the first P % folds
+    folds one pair longer, as sklearn's `KFold(folds, shuffle=False)`). For each fold the
+    threshold is the candidate (each distinct score of the other folds) with the best accuracy
+    on the other folds, predicting "same" iff score >= threshold (the smallest such candidate
+    on ties); the fold's accuracy is measured at that threshold. Returns the mean over folds.
+    """
+    s, y = _scores_and_same(scores, same)
+    if isinstance(folds, bool) or not isinstance(folds, (int, np.integer)) or folds < 2:
+        raise ValueError(f"folds must be an int >= 2, got {folds!r}")
+    if s.shape[0] < folds:
+        raise ValueError(f"{s.shape[0]} pairs cannot be cut into {folds} folds")
+    sizes = np.full(folds, s.shape[0] // folds)
+    sizes[: s.shape[0] % folds] += 1
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    accs = []
+    for f in range(folds):
+        test = np.zeros(s.shape[0], bool)
+        test[bounds[f] : bounds[f + 1]] = True
+        train_s, train_y = s[~test], y[~test]
+        cand = np.unique(train_s)  # (m,) ascending distinct scores
+        pos = np.sort(train_s[train_y])
+        neg = np.sort(train_s[~train_y])
+        # accepted genuine (score >= c) + rejected impostors (score < c), per candidate c
+        correct = (len(pos) - np.searchsorted(pos, cand, "left")) + np.searchsorted(neg, cand)
+        thr = cand[int(np.argmax(correct))]  # argmax: first, i.e. smallest, best candidate
+        accs.append(float(((s[test] >= thr) == y[test]).mean()))
+    return float(np.mean(accs))
+
+
+def class_templates(g_emb: Any, g_lab: Any) -> tuple[np.ndarray, np.ndarray]:
+    """One template per class: the mean of its L2-normalised embeddings, re-normalised.
+
+    g_emb: (G, D), g_lab: (G,). Returns (classes (C,) sorted, templates (C, D) float32).
+    Sums run in float64 (`template_sums` gives the same from streamed batches).
+    """
+    g = _check_embeddings(g_emb, "g_emb")
+    gl = _check_labels(g_lab, "g_lab", g.shape[0], "g_emb")
+    classes, inverse = np.unique(gl, return_inverse=True)
+    sums = np.zeros((len(classes), g.shape[1]), np.float64)  # (C, D)
+    np.add.at(sums, inverse, normalize_rows(g))
+    return classes, templates_from_sums(sums)
+
+
+def normalize_rows(x: np.ndarray) -> np.ndarray:
+    """(N, D) float64 rows divided by their L2 norm (a zero row stays zero)."""
+    x = np.asarray(x, dtype=np.float64)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)  # (N, 1)
+    return x / np.where(norms > 0, norms, 1.0)
+
+
+def templates_from_sums(sums: np.ndarray) -> np.ndarray:
+    """(C, D) float32 templates from per-class sums of normalised embeddings."""
+    return normalize_rows(sums).astype(np.float32)
+
+
+def template_cmc_counts(
+    q_emb: Any, q_lab: Any, templates: Any, classes: Any, ks: Sequence[int]
+) -> tuple[np.ndarray, int]:
+    """(hits per k (K,), queries counted) of queries ranking class templates (C, D) by inner
+    product. Queries whose class has no template are not counted. A tie ranks the wrong class
+    first: rank = 1 + #(other templates scoring >= the correct one)."""
+    q = _check_embeddings(q_emb, "q_emb")
+    ql = _check_labels(q_lab, "q_lab", q.shape[0], "q_emb")
+    t = _check_embeddings(templates, "templates")
+    tc = _check_labels(classes, "classes", t.shape[0], "templates")
+    ks = _check_ks(ks, "topk")
+    hits, n = np.zeros(len(ks), np.int64), 0
+    for start, sims in _blocks(q, t, _auto_block(t.shape[0])):
+        same = ql[start : start + sims.shape[0], None] == tc[None, :]  # (b, C)
+        block_hits, _, block_n = block_counts(sims, same, np.asarray(ks), False)
+        hits, n = hits + block_hits, n + block_n
+    return hits, n
+
+
+def template_identification(
+    q_emb: Any, q_lab: Any, g_emb: Any, g_lab: Any, topk: Sequence[int] = (1, 5)
+) -> dict[int, float]:
+    """Identification against class templates: CMC@k of each query ranking the templates.
+
+    The gallery (G, D) is reduced to one template per class (`class_templates`); each query
+    (Q, D) ranks the templates by inner product; a tie ranks the wrong class first. Queries
+    whose class has no template are left out (ValueError if none is left). Returns {k: CMC@k}.
+    """
+    ks = _check_ks(topk, "topk")
+    classes, templates = class_templates(g_emb, g_lab)
+    hits, n = template_cmc_counts(q_emb, q_lab, templates, classes, ks)
+    if n == 0:
+        raise ValueError("no query's class has a template in the gallery")
+    return {k: float(h) / n for k, h in zip(ks, hits, strict=True)}

@@ -1,8 +1,9 @@
 """The run report: tables in ``report.md``, a compatibility heatmap per protocol, curves.
 
 Heatmap cells carry their values; a pair that fails the empirical compatibility criterion
-(M[i][j] <= M[j][j]) is marked with a red x. ``print_summary`` renders the matrix and the
-summary line on the terminal.
+(strict: M[i][j] <= M[j][j]; ties_pass: M[i][j] < M[j][j]) is marked with a red x. The report
+names the ECC tie rule and, per protocol, whether ``map`` is exact or mAP@K from top-k lists.
+``print_summary`` renders the matrices and the summary lines on the terminal.
 """
 
 from __future__ import annotations
@@ -10,6 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+
+from distcl.rundir import atomic_write
+
+_TITLES = {"all": "closed, all classes", "seen": "closed, classes the gallery model had seen",
+           "open": "open set (held-out classes)", "verification": "1:1 verification",
+           "identification": "identification"}  # fmt: skip
 
 
 def _fmt(v) -> str:
@@ -83,7 +90,7 @@ def plot_curves(result: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     xs = [r["task"] + 1 for r in stale]
     for key in ("cmc@1", "map", "recall@5"):
-        if key in stale[0]:
+        if all(key in r for r in stale):
             axes[0].plot(xs, [r[key] for r in stale], marker="o", label=key)
     axes[0].set_title("stale gallery (queries by model s)")
     axes[0].set_xlabel("task s")
@@ -102,49 +109,69 @@ def plot_curves(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _rule(result: dict) -> str:
+    ties = result.get("ties", "strict")
+    return "M[i][j] > M[j][j]" if ties == "strict" else "M[i][j] >= M[j][j]"
+
+
 def write_report(run_dir: Path, result: dict) -> str:
     """Write report.md and the PNGs; return the markdown."""
-    metric = result["metric"]
+    ties = result.get("ties", "strict")
     parts = [
         f"# {result['job']} ({result['method']})",
         "",
-        f"{result['tasks']} tasks, {result['eval_items']} evaluation items, metric "
-        f"`{metric}`, {result['embedding_passes']} embedding passes.",
+        f"{result['tasks']} tasks, {result['eval_items']} closed-set evaluation items, "
+        f"{result['embedding_passes']} embedding passes. ECC tie rule: `{ties}` "
+        f"(a pair is compatible iff {_rule(result)}).",
         "",
     ]
     for proto, block in result["protocols"].items():
         s = block["summary"]
+        metric = block.get("metric", result["metric"])
         M = block["matrices"][metric]
         png = f"compat_{proto}.png"
         plot_matrix(M, s["ecc"], run_dir / png, f"{result['job']}: {metric} ({proto})")
+        kind = block.get("map_kind")
+        note = (
+            f" `map` is {'exact mAP' if kind == 'exact' else kind + ' (top-k lists)'}."
+            if kind
+            else ""
+        )
         parts += [
-            f"## Compatibility matrix ({proto})", "",
-            "M[i][j]: queries embedded by model i, gallery by model j. ✓/✗: ECC "
-            "(M[i][j] > M[j][j]).", "",
+            f"## Compatibility matrix: {_TITLES.get(proto, proto)} (`{proto}`, {metric})", "",
+            f"M[i][j]: queries embedded by model i, gallery by model j. ✓/✗: ECC "
+            f"({_rule(result)}).{note}", "",
             matrix_markdown(M, s["ecc"]), "",
             f"AC={_fmt(s['ac'])} AM={_fmt(s['am'])} BC={_fmt(s['bc'])} FC={_fmt(s['fc'])} "
             f"compatible pairs {s['n_compatible']}/{s['n_pairs']}", "",
             f"![{proto}]({png})", "",
         ]  # fmt: skip
     stale = result["stale_gallery"]
-    keys = [k for k in stale[0] if k.startswith(("cmc@", "map", "recall@"))]
+    keys = list(
+        dict.fromkeys(
+            k for r in stale for k in r if k == "map" or k.startswith(("cmc@", "map@", "recall@"))
+        )
+    )
+    kind = stale[0].get("map_kind", "exact")
     parts += [
         "## Stale gallery (deployment case)",
+        "",
+        f"`map` is {'exact mAP' if kind == 'exact' else kind + ' (top-k lists)'}.",
         "",
         "| task | gallery | " + " | ".join(keys) + " |",
         "|" + "---|" * (len(keys) + 2),
     ]
     for r in stale:
-        parts.append(
-            f"| {r['task'] + 1} | {r['gallery']} | " + " | ".join(_fmt(r[k]) for k in keys) + " |"
-        )
-    parts.append(
-        "| mean | | " + " | ".join(_fmt(np.mean([r[k] for r in stale])) for k in keys) + " |"
-    )
+        cells = " | ".join(_fmt(r.get(k)) for k in keys)
+        parts.append(f"| {r['task'] + 1} | {r['gallery']} | {cells} |")
+    means = [
+        _fmt(np.mean([r[k] for r in stale])) if all(k in r for r in stale) else "" for k in keys
+    ]
+    parts.append("| mean | | " + " | ".join(means) + " |")
     plot_curves(result, run_dir / "curves.png")
     parts += ["", "![curves](curves.png)", ""]
     text = "\n".join(parts)
-    (run_dir / "report.md").write_text(text)
+    atomic_write(run_dir / "report.md", text)
     return text
 
 
@@ -152,10 +179,10 @@ def print_summary(result: dict, log=print) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    metric = result["metric"]
     console = Console()
-    for proto in ("all", "seen"):
-        block = result["protocols"][proto]
+    console.print(f"ECC tie rule: {result.get('ties', 'strict')} ({_rule(result)})")
+    for proto, block in result["protocols"].items():
+        metric = block.get("metric", result["metric"])
         M = np.asarray(block["matrices"][metric], dtype=float)
         s = block["summary"]
         T = len(M)
@@ -182,5 +209,6 @@ def print_summary(result: dict, log=print) -> None:
             f"[{proto}] AC={_fmt(s['ac'])} AM={_fmt(s['am'])} BC={_fmt(s['bc'])} FC={_fmt(s['fc'])}"
         )
     stale = result["stale_gallery"]
-    mean = {k: np.mean([r[k] for r in stale]) for k in ("cmc@1", "map") if k in stale[0]}
+    keys = [k for k in ("cmc@1", "map") if all(k in r for r in stale)]
+    mean = {k: np.mean([r[k] for r in stale]) for k in keys}
     console.print("stale gallery mean: " + " ".join(f"{k}={v:.3f}" for k, v in mean.items()))

@@ -1,0 +1,142 @@
+"""Which items each evaluation protocol uses: pure, seeded selections (docs/metrics.md).
+
+Every function takes arrays in the evaluation set's canonical order (items sorted by id) and
+returns masks or index arrays in that order, so a selection does not depend on how many
+ranks wrote the Parquet parts. No file I/O, Ray or faiss.
+
+- ``closed_subset``: the closed-set evaluation items, at most ``items_per_class`` per class.
+- ``open_split``: held-out classes -> probes, gallery items and distractor classes.
+- ``verification_pairs``: N genuine and N impostor pairs, shuffled together.
+- ``metric_names``: the matrices each protocol reports.
+
+Test: ``.venv/bin/python -m pytest tests/test_protocols.py -q``
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+PROTOCOLS = ("closed", "open", "verification", "identification")
+# Seeds of the selections: [seed, stream] so that each draws from its own stream.
+_CLOSED_STREAM, _OPEN_STREAM, _PAIRS_STREAM = 5, 14, 15
+
+
+def closed_subset(labels: np.ndarray, closed: np.ndarray, items_per_class: int | None, seed: int):
+    """(N,) bool: the items of ``closed`` (N,) bool kept, at most ``items_per_class`` of each
+    class (seeded; None keeps all). Same selection as distcl before held-out classes existed."""
+    keep = closed.copy()
+    if items_per_class is None:
+        return keep
+    idx = np.flatnonzero(closed)
+    lab = labels[idx]
+    rng = np.random.default_rng([seed, _CLOSED_STREAM])
+    chosen = [rng.permutation(np.flatnonzero(lab == c))[:items_per_class] for c in np.unique(lab)]
+    keep[:] = False
+    keep[idx[np.concatenate(chosen)]] = True
+    return keep
+
+
+@dataclass(frozen=True)
+class OpenSplit:
+    """Probes and gallery of the open-set protocols, as (N,) bool masks over the items."""
+
+    probes: np.ndarray  # (N,) bool: one side of identification / open retrieval
+    gallery: np.ndarray  # (N,) bool: the other side (probe classes' other items + distractors)
+    distractor_classes: tuple[int, ...]  # classes with gallery items only
+
+
+def open_split(
+    labels: np.ndarray, pool: np.ndarray, probes_per_class: int, distractor_classes: int, seed: int
+) -> OpenSplit:
+    """Split the items of ``pool`` (N,) bool into probes and gallery.
+
+    Of the pool's classes, ``distractor_classes`` (seeded) are distractors: all their items
+    are gallery. Of every other class, ``min(probes_per_class, n - 1)`` items (seeded) are
+    probes and the rest gallery, so each probe's class keeps >= 1 gallery item (a class of one
+    item has no probe).
+    """
+    if probes_per_class < 1:
+        raise ValueError(f"eval.probes_per_class must be >= 1, got {probes_per_class}")
+    classes = np.unique(labels[pool])
+    if not 0 <= distractor_classes < len(classes):
+        raise ValueError(
+            f"eval.distractor_classes: {distractor_classes} of {len(classes)} evaluated classes "
+            "leaves no class to probe"
+        )
+    rng = np.random.default_rng([seed, _OPEN_STREAM])
+    distract = np.sort(rng.choice(classes, distractor_classes, replace=False))
+    probes = np.zeros(len(labels), bool)
+    for c in classes:
+        if c in distract:
+            continue
+        idx = np.flatnonzero(pool & (labels == c))
+        probes[rng.permutation(idx)[: min(probes_per_class, len(idx) - 1)]] = True
+    if not probes.any():
+        raise ValueError("open split: no class has two items, so there is no probe")
+    return OpenSplit(probes, pool & ~probes, tuple(int(c) for c in distract))
+
+
+def verification_pairs(
+    labels: np.ndarray, pool: np.ndarray, n_pairs: int, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``n_pairs`` genuine and ``n_pairs`` impostor pairs of items of ``pool`` (N,) bool.
+
+    Genuine: a class drawn uniformly among the classes with >= 2 items, then two distinct
+    items of it. Impostor: two items drawn uniformly, redrawn until their classes differ.
+    The 2 n_pairs pairs are shuffled together (seeded), so every cross-validation fold holds
+    both kinds. Returns (a (2P,), b (2P,) item indices, same (2P,) bool).
+    """
+    idx = np.flatnonzero(pool)
+    lab = labels[idx]
+    classes, counts = np.unique(lab, return_counts=True)
+    multi = classes[counts >= 2]
+    if len(multi) == 0 or len(classes) < 2:
+        raise ValueError("verification needs a class with two items and at least two classes")
+    rng = np.random.default_rng([seed, _PAIRS_STREAM])
+    members = {c: idx[lab == c] for c in multi}
+    pos = np.empty((n_pairs, 2), np.int64)
+    for r, c in enumerate(rng.choice(multi, n_pairs)):
+        pos[r] = rng.choice(members[c], 2, replace=False)
+    neg = rng.choice(idx, (n_pairs, 2))
+    while (bad := labels[neg[:, 0]] == labels[neg[:, 1]]).any():
+        neg[bad] = rng.choice(idx, (int(bad.sum()), 2))
+    pairs = np.concatenate([pos, neg])  # (2P, 2)
+    same = np.concatenate([np.ones(n_pairs, bool), np.zeros(n_pairs, bool)])
+    order = rng.permutation(2 * n_pairs)
+    return pairs[order, 0], pairs[order, 1], same[order]
+
+
+def far_name(far: float) -> str:
+    """The matrix name of TAR at ``far``: 1e-3 -> "tar@far=1e-3"."""
+    mantissa, exp = f"{far:.0e}".split("e")
+    return f"tar@far={mantissa}e{int(exp)}"
+
+
+def retrieval_names(topk: Sequence[int], recall_ks: Sequence[int], metric: str) -> list[str]:
+    """Matrices of the retrieval protocols (closed all/seen, open): CMC, Recall@K, mAP."""
+    names = [f"cmc@{k}" for k in topk] + [f"recall@{k}" for k in recall_ks] + ["map"]
+    return list(dict.fromkeys([*names, metric]))
+
+
+def metric_names(protocol: str, topk: Sequence[int], recall_ks: Sequence[int], metric: str,
+                 fars: Sequence[float]) -> list[str]:  # fmt: skip
+    """The matrix names of ``protocol`` ("all", "seen", "open", "verification",
+    "identification")."""
+    if protocol == "verification":
+        return ["verif_acc", *(far_name(f) for f in fars)]
+    if protocol == "identification":
+        return [f"ident_cmc@{k}" for k in topk]
+    return retrieval_names(topk, recall_ks, metric)
+
+
+def main_metric(protocol: str, metric: str, topk: Sequence[int]) -> str:
+    """The matrix that AC/AM/BC/FC of ``protocol`` are read from."""
+    if protocol == "verification":
+        return "verif_acc"
+    if protocol == "identification":
+        k = int(metric.split("@")[1]) if metric.startswith("cmc@") else min(topk)
+        return f"ident_cmc@{k if k in topk else min(topk)}"
+    return metric
