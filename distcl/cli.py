@@ -7,7 +7,7 @@ distcl eval runs/quickstart                 # recompute metrics + report from a 
 distcl compare jobs/fashion_mnist/*.yaml    # methods side by side
 distcl tune jobs/fashion_mnist/tune_cl2r.yaml
 distcl submit JOB --address http://HOST:8265 [--wait]
-distcl bench {train,search,eval,memory}
+distcl bench {train,search,eval,memory,sequence,data}
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ import sys
 import time
 from pathlib import Path
 
+from distcl.bench import BENCHES
 from distcl.config import ConfigError, JobConfig, load_job
+from distcl.rundir import RunDirBusy
 
 
 def _job(args) -> JobConfig:
@@ -36,12 +38,23 @@ def _add_job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--smoke", action="store_true", help="shrink the job to seconds")
 
 
+def _add_token_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--token", help="auth token (visible in ps: prefer --token-file or $RAY_JOB_TOKEN)"
+    )
+    p.add_argument("--token-file", metavar="FILE", help="file holding the auth token")
+
+
 def cmd_data_build(args) -> int:
     from rich.progress import Progress
 
     from distcl.data.shards import build_shards, verify_shards
 
     job = _job(args)
+    if not args.local:  # one Ray task per shard
+        from distcl.localray import init_ray
+
+        init_ray()
     t0 = time.perf_counter()
     with Progress(transient=True) as bar:
         tid = bar.add_task("writing shards", total=None)
@@ -108,7 +121,9 @@ def cmd_compare(args) -> int:
 def cmd_tune(args) -> int:
     from distcl.tune.search import tune_job
 
-    tune_job(_job(args), report_only=args.report)
+    if args.report and args.confirm:
+        raise ValueError("--report runs nothing; --confirm runs 2K jobs: use one of them")
+    tune_job(_job(args), report_only=args.report, confirm=args.confirm, pick=args.pick)
     return 0
 
 
@@ -143,7 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_job_args(p)
     p.set_defaults(func=cmd_data_build)
-    p = dsub.add_parser("verify", help="check every shard's sha256 against the manifest")
+    p.add_argument("--local", action="store_true", help="write shards in this process, no Ray")
+    p = dsub.add_parser(
+        "verify", help="check shard sizes against the manifest (--deep: sha256, decode, count)"
+    )
     _add_job_args(p)
     p.add_argument("--deep", action="store_true", help="also decode and count every sample")
     p.set_defaults(func=cmd_data_verify)
@@ -187,6 +205,19 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run nothing: tabulate the trials stored so far (a running or interrupted search)",
     )
+    p.add_argument(
+        "--confirm",
+        type=int,
+        metavar="K",
+        help="after the search, rerun the best trial and the job's own values on K seeds "
+        "each; report mean and spread (default: tune.confirm_seeds)",
+    )
+    p.add_argument(
+        "--pick",
+        metavar="METRIC|W1,W2",
+        help="Pareto search: the trade-off best.yaml is written for, e.g. am, ac or 0.7,0.3 "
+        "(weights in the order of tune.objectives; default: tune.pick, else equal weights)",
+    )
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("submit", help="submit a job to a Ray cluster (Ray Jobs API)")
@@ -195,20 +226,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tune", action="store_true", help="run `distcl tune` instead of run")
     p.add_argument("--wait", action="store_true", help="stream logs, exit with job status")
     p.add_argument("--working-dir", default=".", help="project folder shipped to the cluster")
-    p.add_argument("--token", help="auth token (default: $RAY_JOB_TOKEN)")
+    _add_token_args(p)
     p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("jobs", help="list submitted jobs, show logs, stop one")
     p.add_argument("action", choices=["list", "logs", "stop", "status"])
     p.add_argument("job_id", nargs="?")
     p.add_argument("--address", required=True)
-    p.add_argument("--token")
+    _add_token_args(p)
     p.set_defaults(func=cmd_jobs)
 
     p = sub.add_parser(
         "bench", help="benchmarks, reported as ratios against a baseline measured in the same run"
     )
-    p.add_argument("name", choices=["train", "search", "eval", "memory"])
+    p.add_argument("name", choices=sorted(BENCHES))
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark")
     p.set_defaults(func=cmd_bench)
     return parser
@@ -218,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, ValueError, FileNotFoundError, RunDirBusy) as e:
         print(f"distcl: error: {e}", file=sys.stderr)
         return 2
 

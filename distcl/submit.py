@@ -1,182 +1,86 @@
-"""Submit jobs to a Ray cluster through the Ray Jobs API, and manage them.
+"""Submit jobs to a Ray cluster through the Ray Jobs API (``distcl jobs``: distcl.jobctl).
 
-    distcl submit jobs/templates/imagenet100.yaml --address http://HEAD:8265 --wait
+    distcl submit jobs/templates/imagenet100.yaml --address https://HEAD:8265 --wait
     distcl submit JOB --address http://127.0.0.1:8265 --smoke --set output.root=/tmp/runs
-    distcl jobs list --address http://HEAD:8265
-    distcl jobs logs distcl-imagenet100-20260101-120000-ab12 --address http://HEAD:8265
-    distcl jobs stop ID --address http://HEAD:8265
+    RAY_JOB_TOKEN=... distcl submit JOB --address ...      # or --token-file ~/.ray/job-token
 
 How a job travels (no copy of the project is made):
-  1. the job file is validated here, with ``--set`` and ``--smoke`` applied, so a bad file
-     fails before the cluster is contacted (exit 2, the message names the field);
-  2. the dashboard is probed with a short timeout, so a wrong address or token fails within
-     seconds (exit 3) instead of hanging on the OS connect timeout;
+  1. the job file is validated here (``--set``, ``--smoke`` applied): a bad file fails
+     before the cluster is contacted (exit 2, the message names the field);
+  2. the dashboard is probed with a short timeout: a wrong address or token fails within
+     seconds (exit 3);
   3. ``runtime_env.working_dir`` ships the project folder (Ray honours ``.gitignore`` and
-     ``.rayignore``, skips ``.git``/``.venv``; we exclude ``runs/`` and caches too), so
-     the driver and every Train worker import the shipped ``distcl``; pip dependencies are
-     expected on the cluster image (see ``cluster/README.md``);
-  4. the resolved job travels as YAML text in ``runtime_env.env_vars[DISTCL_JOB_YAML]``;
-     the entrypoint ``python -m distcl.submit run --job-name NAME`` (this module's
-     :func:`main`, run on the head) writes it to a private temp file and calls
-     ``distcl run FILE --no-progress`` (or ``distcl tune FILE``). The driver connects to
-     the cluster through the ``RAY_ADDRESS`` that Ray Jobs sets.
+     ``.rayignore``); :data:`WORKING_DIR_EXCLUDES` also keeps run outputs, caches, ``.env``
+     files and credential files (keys, tokens, cloud configs) off the cluster;
+  4. the resolved job travels as YAML in ``runtime_env.env_vars[DISTCL_JOB_YAML]``; the
+     entrypoint ``python -m distcl.submit run --job-name NAME`` (:func:`main`, on the head)
+     hands it to ``distcl run FILE --no-progress`` (or ``distcl tune FILE``).
 
-Paths in the job are paths *on the cluster*: ``output.root`` (and ``data.shards_dir`` if
-set) must be absolute paths on storage that every node mounts (NFS, EFS, Filestore, a
-PersistentVolume). A relative path would land in the job's temporary working-dir copy on
-the head and be lost; an object-store URI (``s3://...``) is refused because the driver
-writes with local file APIs (mount the bucket instead). Both are rejected here, with a hint.
+Paths in the job are paths *on the cluster*: ``output.root`` (and ``data.shards_dir``) must
+be absolute paths on storage every node mounts (NFS, a RWX volume; cluster/README.md).
 
-Token authentication (Ray's ``RAY_AUTH_MODE=token``): the token comes from ``--token``,
-else ``$RAY_JOB_TOKEN``, else ``$RAY_AUTH_TOKEN``, and is sent as ``Authorization: Bearer``
-on every request (submit, logs, the log websocket). Without one, Ray's own client adds the
-token it finds when ``RAY_AUTH_MODE=token`` is set locally.
+Token (Ray's ``RAY_AUTH_MODE=token``): ``--token``, else ``--token-file``, else
+``$RAY_JOB_TOKEN``, else ``$RAY_AUTH_TOKEN``; sent as ``Authorization: Bearer``. A token on
+the command line is visible to other users (``ps``, shell history): prefer the file or the
+environment. A token sent over plain ``http://`` to a host that is not loopback gets a
+warning: use ``https://`` or a tunnel (``ray dashboard``, ``kubectl port-forward``).
 
 Exit codes: 0 submitted (or SUCCEEDED with ``--wait``), 1 the job FAILED or was STOPPED,
 2 bad job file or arguments, 3 the cluster cannot be reached or refused the request,
-130 interrupted while following (the job keeps running).
-
-Tested by ``tests/test_submit.py`` (unit tests, and an end-to-end test against a real Ray
-head under the ``ray``/``slow`` markers).
+130 interrupted while following (the job keeps running). Tests: ``tests/test_submit.py``.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import re
 import secrets
 import shlex
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, TextIO
-from urllib.parse import urlparse
 
 import yaml
 
 from distcl.config import ConfigError, JobConfig, dump_job, load_job, parse_job
+from distcl.jobctl import (  # noqa: F401  (re-exported: the CLI and tests use them here)
+    CONNECT_TIMEOUT_S,
+    EXIT_CLUSTER,
+    EXIT_INTERRUPTED,
+    EXIT_JOB_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    TOKEN_ENV,
+    ClusterError,
+    auth_headers,
+    check_dashboard,
+    connect,
+    format_job_table,
+    is_loopback_host,
+    jobs_command,
+    normalize_address,
+    resolve_token,
+    token_transport_warning,
+    wait_for_job,
+)
 
 #: The runtime-env variable that carries the resolved job YAML to the cluster.
 ENV_JOB = "DISTCL_JOB_YAML"
-#: Environment variables read for the auth token, in order (after ``--token``).
-TOKEN_ENV = ("RAY_JOB_TOKEN", "RAY_AUTH_TOKEN")
-EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE, EXIT_CLUSTER, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
-#: Added to Ray's own excludes (.git, .venv, venv, __pycache__) and the ignore files:
-#: run outputs and caches never belong in the shipped project.
+#: Added to Ray's own excludes (.git, .venv, __pycache__) and the ignore files: run
+#: outputs and caches, and secrets that must never be uploaded to a cluster.
 WORKING_DIR_EXCLUDES = [
     "runs/", "data_cache/", "*.egg-info/", ".pytest_cache/", ".ruff_cache/", "build/",
     "dist/", "*.pyc",
+    ".env", ".env.*", "*.env", ".envrc", ".netrc", ".git-credentials", ".pypirc",
+    "*.pem", "*.key", "*.p12", "*.pfx", "id_rsa*", "id_ecdsa*", "id_ed25519*",
+    "credentials", "credentials.*", "*credentials*.json", "*.token", "auth_token",
+    "token", ".aws/", ".ssh/", ".docker/", ".kube/", ".gnupg/", ".ray/", "gcloud/",
 ]  # fmt: skip
-TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
-#: Seconds to wait for the dashboard to accept a connection / to answer.
-CONNECT_TIMEOUT_S = 5.0
-
-
-class ClusterError(RuntimeError):
-    """The cluster cannot be reached, or it refused the request or the token."""
-
-
-# ------------------------------------------------------------------------ addresses, auth
-def normalize_address(address: str) -> str:
-    """``HOST:8265`` -> ``http://HOST:8265``; reject what is not a dashboard URL."""
-    address = (address or "").strip().rstrip("/")
-    if not address:
-        raise ValueError("--address: empty; expected the dashboard URL, http://HOST:8265")
-    if address.startswith("ray://"):
-        raise ValueError(
-            f"--address: {address} is a Ray Client address; jobs are submitted to the "
-            "dashboard's HTTP port instead, e.g. http://HOST:8265"
-        )
-    if "://" not in address:
-        address = f"http://{address}"
-    url = urlparse(address)
-    if url.scheme not in ("http", "https") or not url.hostname:
-        raise ValueError(f"--address: {address!r} is not an http(s)://HOST:PORT URL")
-    return address
-
-
-def resolve_token(token: str | None = None) -> str | None:
-    """The auth token: ``token``, else ``$RAY_JOB_TOKEN``, else ``$RAY_AUTH_TOKEN``."""
-    if token:
-        return token.strip()
-    for name in TOKEN_ENV:
-        if os.environ.get(name, "").strip():
-            return os.environ[name].strip()
-    return None
-
-
-def auth_headers(token: str | None) -> dict[str, str]:
-    """HTTP headers that carry ``token`` (empty without one)."""
-    return {"Authorization": f"Bearer {token}"} if token else {}
-
-
-def check_dashboard(
-    address: str, token: str | None = None, timeout_s: float = CONNECT_TIMEOUT_S
-) -> str:
-    """Probe ``address``/api/version quickly; return the cluster's Ray version.
-
-    Raises :class:`ClusterError` with a message naming the address for an unreachable
-    host, a missing or rejected token, or a server that is not a Ray dashboard.
-    """
-    import requests
-
-    url = f"{address}/api/version"
-    try:
-        r = requests.get(url, headers=auth_headers(token), timeout=(timeout_s, 2 * timeout_s))
-    except requests.exceptions.RequestException as e:
-        if isinstance(e, requests.exceptions.Timeout):
-            reason = f"no answer within {timeout_s:g}s"
-        else:  # "[Errno 111] Connection refused", "[Errno -2] Name or service not known"
-            found = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", str(e))
-            reason = found.group(1).strip() if found else type(e).__name__
-        raise ClusterError(
-            f"cannot reach the Ray dashboard at {address} ({reason}). Is the head running, "
-            "and is this its dashboard port (8265 by default; not the GCS port 6379)? For "
-            "a remote cluster forward the port first: `ray dashboard cluster/ray-cluster."
-            "yaml` or `kubectl port-forward svc/distcl-head-svc 8265:8265`"
-        ) from None
-    if r.status_code == 401:
-        raise ClusterError(
-            f"the cluster at {address} requires a token: pass --token or set RAY_JOB_TOKEN "
-            "(on the head, `ray get-auth-token` prints it)"
-        )
-    if r.status_code == 403:
-        raise ClusterError(
-            f"the cluster at {address} rejected the token "
-            "(from --token, $RAY_JOB_TOKEN or $RAY_AUTH_TOKEN)"
-        )
-    try:
-        r.raise_for_status()
-        return str(r.json()["ray_version"])
-    except (ValueError, KeyError, requests.exceptions.HTTPError):
-        raise ClusterError(
-            f"{url} answered HTTP {r.status_code} without a Ray version: "
-            "not a Ray dashboard (is the port right?)"
-        ) from None
-
-
-def connect(address: str, token: str | None = None, log: TextIO = sys.stderr):
-    """A ``JobSubmissionClient`` for ``address``, after a fast reachability probe."""
-    import ray
-    from ray.job_submission import JobSubmissionClient
-
-    address = normalize_address(address)
-    token = resolve_token(token)
-    cluster_version = check_dashboard(address, token)
-    if cluster_version.split(".")[:2] != ray.__version__.split(".")[:2]:
-        print(
-            f"distcl: note: the cluster runs Ray {cluster_version}, this client "
-            f"Ray {ray.__version__}",
-            file=log,
-        )
-    try:
-        return JobSubmissionClient(address, headers=auth_headers(token) or None)
-    except Exception as e:  # auth/version errors raised by Ray's own checks
-        raise ClusterError(f"{address}: {e}") from None
 
 
 # ------------------------------------------------------------------------ what is shipped
@@ -200,10 +104,25 @@ def check_cluster_paths(job: JobConfig) -> None:
             )
 
 
+def check_job_name(name: str) -> None:
+    """Refuse a job name that could escape a folder or read as an option (ConfigError)."""
+    if (
+        not name
+        or name in (".", "..")
+        or any(c in name for c in "/\\\0")
+        or name.startswith(("-", "."))
+    ):
+        raise ConfigError(
+            f"name: {name!r} is not a plain name (no '/', '\\', '..', leading '.' or '-'): "
+            "it names the run folder"
+        )
+
+
 def build_entrypoint(job: JobConfig, command: str = "run") -> str:
     """The shell command Ray Jobs runs on the head (see :func:`main`)."""
     if command not in ("run", "tune"):
         raise ValueError(f"command: must be 'run' or 'tune', got {command!r}")
+    check_job_name(job.name)
     return f"python -m distcl.submit {command} --job-name {shlex.quote(job.name)}"
 
 
@@ -233,8 +152,10 @@ def submit(
     working_dir: str | Path = ".",
     token: str | None = None,
     log: TextIO = sys.stderr,
+    token_file: str | None = None,
 ) -> tuple[Any, str]:
     """Submit a validated ``job``; return ``(client, submission_id)``."""
+    check_job_name(job.name)
     check_cluster_paths(job)
     if command == "tune" and job.tune is None:
         raise ConfigError(f"{job.name}: --tune needs a tune: section in the job")
@@ -245,7 +166,7 @@ def submit(
             "cluster's Python must have distcl installed",
             file=log,
         )
-    client = connect(address, token, log=log)
+    client = connect(address, token, log=log, token_file=token_file)
     # Ray logs every ignore file it honours at INFO; keep its "Uploading package" line only.
     logging.getLogger("ray._private.runtime_env.packaging").setLevel(logging.WARNING)
     metadata = {
@@ -268,51 +189,23 @@ def submit(
     return client, sid
 
 
-# ------------------------------------------------------------------------ following
-def _tail(client: Any, sid: str, out: TextIO) -> None:
-    async def follow() -> None:
-        async for chunk in client.tail_job_logs(sid):
-            out.write(chunk)
-            out.flush()
-
-    asyncio.run(follow())
-
-
-def wait_for_job(
-    client: Any,
-    sid: str,
-    *,
-    follow: bool = True,
-    out: TextIO = sys.stdout,
-    poll_s: float = 1.0,
-    timeout_s: float | None = None,
-) -> str:
-    """Stream the job's logs (``follow``) until it ends; return its final status name."""
-    if follow:
-        try:
-            _tail(client, sid, out)
-        except Exception as e:  # websocket dropped: keep polling the status instead
-            print(f"distcl: log stream ended early ({e}); polling the status", file=sys.stderr)
-    start = time.monotonic()
-    while True:
-        status = _status_name(client.get_job_status(sid))
-        if status in TERMINAL:
-            return status
-        if timeout_s is not None and time.monotonic() - start > timeout_s:
-            raise TimeoutError(f"job {sid} still {status} after {timeout_s:.0f}s")
-        time.sleep(poll_s)
-
-
-# ------------------------------------------------------------------------ CLI: submit, jobs
+# ------------------------------------------------------------------------ CLI: submit
 def submit_job(args: argparse.Namespace) -> int:
     """``distcl submit``: validate, submit, and with ``--wait`` follow to the end."""
     t0 = time.perf_counter()
+    if args.token:
+        print(
+            "distcl: note: a token on the command line is visible to other users (ps, shell "
+            "history); prefer --token-file FILE or $RAY_JOB_TOKEN",
+            file=sys.stderr,
+        )
     try:
         job = load_job(args.job, overrides=args.set or (), smoke=True if args.smoke else None)
         command = "tune" if args.tune else "run"
         client, sid = submit(
-            job, args.address, command=command, working_dir=args.working_dir, token=args.token
-        )
+            job, args.address, command=command, working_dir=args.working_dir,
+            token=args.token, token_file=getattr(args, "token_file", None),
+        )  # fmt: skip
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"distcl: error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -344,73 +237,6 @@ def submit_job(args: argparse.Namespace) -> int:
     return EXIT_OK if status == "SUCCEEDED" else EXIT_JOB_FAILED
 
 
-def jobs_command(args: argparse.Namespace) -> int:
-    """``distcl jobs {list,status,logs,stop}``."""
-    if args.action != "list" and not args.job_id:
-        print(
-            f"distcl: error: jobs {args.action}: a submission id is required "
-            "(see `distcl jobs list`)",
-            file=sys.stderr,
-        )
-        return EXIT_USAGE
-    try:
-        client = connect(args.address, args.token)
-        if args.action == "list":
-            print(format_job_table(client.list_jobs()))
-        elif args.action == "status":
-            info = client.get_job_info(args.job_id)
-            print(
-                f"{args.job_id}: {_status(info)}" + (f" ({info.message})" if info.message else "")
-            )
-        elif args.action == "logs":
-            sys.stdout.write(client.get_job_logs(args.job_id))
-        else:
-            stopped = client.stop_job(args.job_id)
-            print(f"{args.job_id}: {'stop requested' if stopped else 'already finished'}")
-    except ValueError as e:
-        print(f"distcl: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except (ClusterError, RuntimeError) as e:  # Ray raises RuntimeError for unknown ids
-        what = f"jobs {args.action}" + (f" {args.job_id}" if args.job_id else "")
-        print(f"distcl: error: {what}: {e}", file=sys.stderr)
-        return EXIT_CLUSTER
-    return EXIT_OK
-
-
-def _status_name(status: Any) -> str:
-    return str(getattr(status, "value", status))  # JobStatus is a str Enum
-
-
-def _status(info: Any) -> str:
-    return _status_name(info.status)
-
-
-def format_job_table(jobs: list[Any]) -> str:
-    """One line per job, oldest first: id, status, distcl job, start time, entrypoint."""
-    rows = [("SUBMISSION ID", "STATUS", "JOB", "STARTED", "ENTRYPOINT")]
-    for info in sorted(jobs, key=lambda j: j.start_time or 0):
-        started = (
-            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.start_time / 1000))
-            if info.start_time
-            else "-"
-        )
-        name = (info.metadata or {}).get("distcl_job", "-")
-        rows.append(
-            (
-                info.submission_id or info.job_id or "-",
-                _status(info),
-                name,
-                started,
-                (info.entrypoint or "")[:60],
-            )
-        )
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4]
-        for r in rows
-    )
-
-
 # ------------------------------------------------------------------------ cluster side
 def main(argv: list[str] | None = None) -> int:
     """The entrypoint on the cluster: ``python -m distcl.submit {run,tune} --job-name N``.
@@ -418,8 +244,6 @@ def main(argv: list[str] | None = None) -> int:
     Reads the job from ``$DISTCL_JOB_YAML``, writes it to a private temp file and hands it
     to ``distcl run`` (no live progress bar: logs are not a terminal) or ``distcl tune``.
     """
-    from distcl import cli
-
     parser = argparse.ArgumentParser(prog="python -m distcl.submit", description=main.__doc__)
     parser.add_argument("command", choices=["run", "tune"])
     parser.add_argument("--job-name", required=True, help="must match the shipped job")
@@ -434,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         job = parse_job(yaml.safe_load(text), source=f"${ENV_JOB}")
         if job.name != args.job_name:
             raise ConfigError(f"${ENV_JOB} holds job {job.name!r}, not {args.job_name!r}")
+        check_job_name(job.name)
         job.run_dir.parent.mkdir(parents=True, exist_ok=True)
     except (ConfigError, ValueError) as e:
         print(f"distcl: error: {e}", file=sys.stderr)
@@ -451,10 +276,12 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     with tempfile.TemporaryDirectory(prefix="distcl-job-") as d:
-        path = Path(d) / f"{job.name}.yaml"
+        path = Path(d) / "job.yaml"  # never a path built from the job's name
         path.write_text(text)
         extra = ["--no-progress"] if args.command == "run" else []
-        return cli.main([args.command, str(path), *extra])
+        # A child process rather than cli.main(): the CLI imports this module (no cycle).
+        cmd = [sys.executable, "-m", "distcl.cli", args.command, str(path), *extra]
+        return subprocess.run(cmd, check=False).returncode
 
 
 if __name__ == "__main__":

@@ -138,13 +138,23 @@ def test_changed_config_rebuilds(synthetic_job, tmp_path):
     assert a.shards_dir != b.shards_dir and a.shards_dir.parent == b.shards_dir.parent
 
 
-def test_damaged_shard_is_rebuilt(synthetic_job):
+def test_damaged_shard_is_named_and_only_it_rebuilt(synthetic_job):
     job = synthetic_job(data=SMALL, scenario={"tasks": 2, "max_tasks": 1})
     out, _, _ = build_shards(job)
+    manifest = load_manifest(out)
     victim = out / "task00-train-00003.tar"
     victim.write_bytes(victim.read_bytes()[:1000])
-    _, _, rebuilt = build_shards(job)
+    before = {k: v for k, v in file_state(out).items() if k != victim.name}
+    said: list[str] = []
+    _, _, rebuilt = build_shards(job, log=said.append)
     assert rebuilt is True
+    assert said == [f"{victim}: size differs from manifest (1000 bytes, manifest says "
+                    f"{victim.stat().st_size}); rebuilding"]  # fmt: skip
+    after = file_state(out)
+    assert {k: after[k] for k in before if k != MANIFEST} == {
+        k: v for k, v in before.items() if k != MANIFEST
+    }  # every other shard untouched
+    assert load_manifest(out) == manifest  # same bytes again: the same entries
     verify_shards(out, deep=True)
 
 
@@ -163,8 +173,10 @@ def test_truncated_shard_named_by_verify_and_iter(small_shards):
     victim = out / "task00-train-00001.tar"
     data = victim.read_bytes()
     victim.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ShardError, match="task00-train-00001.tar: size differs from manifest"):
+        verify_shards(out)  # quick: sizes
     with pytest.raises(ShardError, match="task00-train-00001.tar: sha256 differs"):
-        verify_shards(out)
+        verify_shards(out, deep=True)
     with pytest.raises(ShardError, match="task00-train-00001.tar: cannot read shard"):
         list(iter_shard(victim))
 
@@ -330,9 +342,9 @@ def test_train_batches_errors(tmp_path, built):
 def test_cli_data_build_and_verify(tmp_path, synthetic_raw_job, capsys):
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(synthetic_raw_job(tmp_path, data=TINY, scenario={"tasks": 2})))
-    assert main(["data", "build", str(path)]) == 0
+    assert main(["data", "build", str(path), "--local"]) == 0
     assert "built; 6 shards, 80 samples" in capsys.readouterr().out
-    assert main(["data", "build", str(path)]) == 0
+    assert main(["data", "build", str(path), "--local"]) == 0
     assert "up to date (nothing rewritten)" in capsys.readouterr().out
     assert main(["data", "verify", str(path), "--deep"]) == 0
     assert "OK (6 shards, 80 samples)" in capsys.readouterr().out
@@ -345,10 +357,10 @@ def test_cli_bad_job_exit_2(tmp_path, synthetic_raw_job, capsys):
     raw["train"]["epoch"] = 3
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(raw))
-    assert main(["data", "build", str(path)]) == 2
+    assert main(["data", "build", str(path), "--local"]) == 2
     err = capsys.readouterr().err
     assert "distcl: error:" in err and str(path) in err and "train.epoch" in err
-    assert main(["data", "build", str(path), "--set", "train.epoch"]) == 2
+    assert main(["data", "build", str(path), "--local", "--set", "train.epoch"]) == 2
     assert "expected key=value" in capsys.readouterr().err
 
 
@@ -361,7 +373,7 @@ def test_cli_missing_fashion_mnist_exit_2(tmp_path, capsys):
         "output": {"root": str(tmp_path)},
     }
     path.write_text(json.dumps(job))
-    assert main(["data", "build", str(path)]) == 2
+    assert main(["data", "build", str(path), "--local"]) == 2
     err = capsys.readouterr().err
     assert "apt-get install dataset-fashion-mnist" in err and str(nowhere) in err
 

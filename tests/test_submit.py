@@ -18,12 +18,9 @@ import http.server
 import json
 import os
 import re
-import shutil
-import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -96,6 +93,63 @@ def test_token_order_flag_then_job_token_then_ray_token(monkeypatch):
     assert sub.auth_headers("flag-tok") == {"Authorization": "Bearer flag-tok"}
 
 
+def test_token_from_a_file_before_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAY_JOB_TOKEN", "env-tok")
+    path = tmp_path / "tok"
+    path.write_text("file-tok\n")
+    assert sub.resolve_token(None, str(path)) == "file-tok"
+    assert sub.resolve_token("flag-tok", str(path)) == "flag-tok"
+    path.write_text("  \n")
+    with pytest.raises(ValueError, match=rf"--token-file: {path} is empty"):
+        sub.resolve_token(None, str(path))
+    with pytest.raises(ValueError, match=r"--token-file: cannot read .*missing"):
+        sub.resolve_token(None, str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize("address, token, warned", [
+    ("http://10.0.0.5:8265", "t", True),
+    ("http://head.example.com:8265", "t", True),
+    ("http://[2001:db8::1]:8265", "t", True),
+    ("https://head.example.com:8265", "t", False),
+    ("http://127.0.0.1:8265", "t", False),
+    ("http://localhost:8265", "t", False),
+    ("http://[::1]:8265", "t", False),
+    ("http://10.0.0.5:8265", None, False),
+])  # fmt: skip
+def test_plain_http_token_to_another_host_is_warned(address, token, warned):
+    warning = sub.token_transport_warning(address, token)
+    assert (warning is not None) is warned
+    if warned:
+        assert "plain http://" in warning and "https://" in warning
+
+
+def test_warning_and_token_file_reach_the_dashboard(tmp_path, fake_dashboard, capsys):
+    address, dash = fake_dashboard
+    dash.answers["/api/version"] = (200, '{"ray_version": "0.0.0"}')
+    path = tmp_path / "tok"
+    path.write_text("file-tok")
+    job = _write_job(tmp_path / "job.yaml", "/mnt/shared/runs")
+    args = SimpleNamespace(
+        job=str(job),
+        set=None,
+        smoke=False,
+        tune=False,
+        address=address,
+        wait=False,
+        working_dir=str(ROOT),
+        token=None,
+        token_file=str(path),
+    )  # fmt: skip (the parsed `distcl submit ... --token-file PATH`)
+    # Loopback: no warning; the token from the file is the one sent.
+    sub.submit_job(args)
+    err = capsys.readouterr().err
+    assert "plain http://" not in err and "on the command line" not in err
+    assert "Bearer file-tok" in dash.seen_auth
+    sub.submit_job(SimpleNamespace(**{**vars(args), "token": "flag-tok", "token_file": None}))
+    assert "on the command line is visible" in capsys.readouterr().err
+    assert "Bearer flag-tok" in dash.seen_auth
+
+
 # ------------------------------------------------------------------------ what is shipped
 @pytest.mark.parametrize("override, field, words", [
     ({"output": {"root": "runs"}}, "output.root", "relative"),
@@ -116,10 +170,17 @@ def test_absolute_paths_pass():
     )
 
 
+@pytest.mark.parametrize("name", ["..", "../escape", "/abs", "a/b", "a\\b", ".hidden", "-x", ""])
+def test_job_names_that_escape_are_refused(name):
+    with pytest.raises(ConfigError, match="name: "):
+        sub.check_job_name(name)
+
+
 def test_entrypoint_round_trips_through_the_cluster_side_parser():
-    job = parse_job({**E2E_JOB, "name": "my job", "output": {"root": "/r"}})
+    # Names are plain (config: [A-Za-z0-9][A-Za-z0-9._-]*), so quoting never changes them.
+    job = parse_job({**E2E_JOB, "name": "my-job.v2", "output": {"root": "/r"}})
     entry = sub.build_entrypoint(job, "tune")
-    assert entry == "python -m distcl.submit tune --job-name 'my job'"
+    assert entry == "python -m distcl.submit tune --job-name my-job.v2"
     with pytest.raises(ValueError, match="command"):
         sub.build_entrypoint(job, "eval")
 
@@ -143,6 +204,12 @@ def test_ray_packages_the_project_without_ignored_files(tmp_path):
     from ray._private.runtime_env.packaging import create_package
 
     proj = tmp_path / "proj"
+    secrets_ = (
+        ".env", ".env.local", "deploy/prod.env", ".netrc", ".git-credentials", "tls/server.pem",
+        "tls/server.key", "id_rsa", "id_ed25519.pub", ".aws/credentials", ".ssh/config",
+        ".kube/config", ".docker/config.json", "keys/gcp-credentials.json", "credentials",
+        "ray.token", "auth_token", ".ray/auth_token",
+    )  # fmt: skip
     for rel in (
         "distcl/__init__.py",
         "jobs/a.yaml",
@@ -150,6 +217,8 @@ def test_ray_packages_the_project_without_ignored_files(tmp_path):
         "data_cache/x.bin",
         "notes/secret.txt",
         "distcl.egg-info/PKG-INFO",
+        "distcl/data/tokens.py",  # a name near a secret pattern: still shipped
+        *secrets_,
     ):
         (proj / rel).parent.mkdir(parents=True, exist_ok=True)
         (proj / rel).write_text("x")
@@ -159,14 +228,14 @@ def test_ray_packages_the_project_without_ignored_files(tmp_path):
         env["working_dir"], tmp_path / "pkg.zip", include_gitignore=True, excludes=env["excludes"]
     )
     names = {n for n in ZipFile(tmp_path / "pkg.zip").namelist() if not n.endswith("/")}
-    assert names == {"distcl/__init__.py", "jobs/a.yaml", ".gitignore"}
+    assert names == {"distcl/__init__.py", "distcl/data/tokens.py", "jobs/a.yaml", ".gitignore"}
 
 
 def test_submission_ids_are_readable_and_unique():
-    job = parse_job({**E2E_JOB, "name": "im net:100", "output": {"root": "/r"}})
+    job = parse_job({**E2E_JOB, "name": "im_net.100", "output": {"root": "/r"}})
     ids = {sub.submission_id_for(job) for _ in range(20)}
     assert len(ids) == 20
-    assert all(re.fullmatch(r"distcl-im-net-100-\d{8}-\d{6}-[0-9a-f]{4}", i) for i in ids)
+    assert all(re.fullmatch(r"distcl-im_net\.100-\d{8}-\d{6}-[0-9a-f]{4}", i) for i in ids)
 
 
 # ------------------------------------------------------------------------ a fake dashboard
@@ -343,12 +412,13 @@ def test_cluster_side_hands_the_shipped_job_to_distcl_run(monkeypatch, capsys, t
     job = _job(str(tmp_path / "runs"))
     seen = {}
 
-    def fake_main(argv):
-        seen["argv"] = argv
+    def fake_run(cmd, **kw):  # `python -m distcl.cli ARGV...`
+        assert cmd[:3] == [sys.executable, "-m", "distcl.cli"]
+        seen["argv"] = argv = cmd[3:]
         seen["job"] = parse_job(yaml.safe_load(Path(argv[1]).read_text()))
-        return 0
+        return SimpleNamespace(returncode=0)
 
-    monkeypatch.setattr(cli, "main", fake_main)
+    monkeypatch.setattr(sub.subprocess, "run", fake_run)
     monkeypatch.setenv(sub.ENV_JOB, sub.build_runtime_env(job, tmp_path)["env_vars"][sub.ENV_JOB])
     assert sub.main(["run", "--job-name", "e2e"]) == 0
     assert seen["argv"][0] == "run" and seen["argv"][2:] == ["--no-progress"]
@@ -362,105 +432,6 @@ def test_cluster_side_hands_the_shipped_job_to_distcl_run(monkeypatch, capsys, t
 
 
 # ------------------------------------------------------------------------ a live Ray head
-def _pids_naming(text: str) -> list[int]:
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit() and int(proc.name) != os.getpid():
-            try:
-                if text in (proc / "cmdline").read_bytes().decode(errors="replace"):
-                    pids.append(int(proc.name))
-            except OSError:
-                pass
-    return pids
-
-
-def _stop_head(proc: subprocess.Popen, temp_dir: str) -> None:
-    """Stop only the head this test started (never `ray stop`: it stops every Ray here)."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)  # `ray start --block` shuts its processes down
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # its own session: only what it started
-    except (ProcessLookupError, PermissionError):
-        pass
-    for pid in _pids_naming(temp_dir):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait(timeout=10)
-
-
-@pytest.fixture(scope="module")
-def ray_head():
-    ray_bin = Path(sys.executable).with_name("ray")
-    if not ray_bin.exists():
-        pytest.skip("the `ray` command is not installed next to this Python")
-    temp_dir = tempfile.mkdtemp(prefix="dclray", dir="/tmp")  # short: unix socket paths
-    token = os.urandom(16).hex()
-    ports = {
-        name: _free_port()
-        for name in (
-            "port",
-            "dashboard-port",
-            "ray-client-server-port",
-            "dashboard-agent-listen-port",
-            "dashboard-agent-grpc-port",
-            "runtime-env-agent-port",
-            "metrics-export-port",
-        )
-    }
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(
-        RAY_AUTH_MODE="token",
-        RAY_AUTH_TOKEN=token,
-        RAY_USAGE_STATS_ENABLED="0",
-        # The entrypoint runs the cluster's `python`: this interpreter's.
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-    )
-    cmd = [
-        str(ray_bin),
-        "start",
-        "--head",
-        "--block",
-        "--node-ip-address=127.0.0.1",
-        "--dashboard-host=127.0.0.1",
-        "--num-cpus=2",
-        "--num-gpus=0",
-        f"--temp-dir={temp_dir}",
-        "--disable-usage-stats",
-        "--include-log-monitor=false",
-        *(f"--{k}={v}" for k, v in ports.items()),
-    ]
-    log = open(Path(temp_dir) / "head.log", "w")  # noqa: SIM115 (closed in teardown)
-    proc = subprocess.Popen(
-        cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    address = f"http://127.0.0.1:{ports['dashboard-port']}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                sub.check_dashboard(address, token, timeout_s=2)
-                break
-            except sub.ClusterError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(
-                        "the Ray head did not start:\n"
-                        + (Path(temp_dir) / "head.log").read_text()[-3000:]
-                    ) from None
-                time.sleep(1)
-        yield SimpleNamespace(address=address, token=token, temp_dir=temp_dir)
-    finally:
-        _stop_head(proc, temp_dir)
-        log.close()
-        assert _pids_naming(temp_dir) == []
-        shutil.rmtree(temp_dir, ignore_errors=True)
-
-
 def _distcl(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run the CLI as a user would, with no token or Ray address from this environment."""
     clean = {
@@ -476,6 +447,37 @@ def _distcl(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
         text=True,
         timeout=300,
     )
+
+
+def _session_pids(sid: int) -> list[int]:
+    """Processes of the session ``sid`` (the head's ``start_new_session``)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if (
+                proc.name.isdigit()
+                and int((proc / "stat").read_text().rsplit(")", 1)[1].split()[3]) == sid
+            ):
+                pids.append(int(proc.name))
+        except (OSError, IndexError, ValueError):
+            pass
+    return pids
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_e2e_head_listens_on_loopback_only(ray_head):
+    from distcl.localray import is_loopback, listening_sockets
+
+    deadline = time.monotonic() + 60
+    while True:  # the raylet and agents come up after the dashboard answers
+        socks = listening_sockets(_session_pids(ray_head.pid))
+        names = {name for _, name, _, _ in socks}
+        if {"gcs_server", "raylet", "ray::DashboardA"} <= names or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert {"gcs_server", "raylet"} <= names, socks
+    assert [s for s in socks if not is_loopback(s[2])] == []
 
 
 @pytest.mark.ray

@@ -1,29 +1,33 @@
-"""WebDataset shards per task and split, a manifest, and readers safe under DDP.
+"""WebDataset shards per task and split: building (plan, one Ray task per shard, the
+manifest last), and the readers and checks of :mod:`distcl.data.shardio`, re-exported here.
 
-    distcl data build jobs/quickstart.yaml    # writes <shards_dir>/task00-train-00000.tar ...
-    distcl data verify jobs/quickstart.yaml   # re-hashes every shard against manifest.json
+    distcl data build jobs/quickstart.yaml          # <shards_dir>/task00-train-00000.tar ...
+    distcl data verify jobs/quickstart.yaml [--deep]
+    distcl bench data                               # throughput: 1, 2, 4 Ray tasks vs one process
 
-One sample: ``__key__`` (stable global id ``<split>-<index>``), ``png`` (uint8 image),
-``cls`` (int label), ``json`` ({task, split, index}). Splits: ``train`` (the task's training
-items) and ``gallery`` (the test items that arrive with the task; see scenario.py).
+One sample: ``__key__`` (``<split>-<index>``), ``png`` or ``jpg`` (``data.image_format``),
+``cls``, ``json`` ({task, split, index}); held-out classes: ``heldout-gallery-*.tar``, task -1.
 
-Every write goes to a temp name and is renamed into place; the manifest is written last,
-so a half-built folder never looks complete. A rebuild with the same inputs compares the
-manifest's fingerprint and the shards' sha256 and rewrites nothing.
-
-Readers:
-- :func:`train_batches`: every DDP rank yields exactly the same number of batches (DDP
-  would hang otherwise); each epoch shards are shuffled and dealt to ranks, streams cycle.
-- :func:`exact_split`: every sample to exactly one (rank, loader worker), for embedding.
+:func:`plan_shards` lists every shard with its source indices. Each shard is then written
+by one Ray task (in this process when Ray is not initialised), which opens the source itself
+(once per worker process) and reads images by index. A shard's bytes depend only on its plan
+(fixed tar mtime, owner and member order), never on which task or node wrote it. Every file
+goes to a temp name, is fsynced and renamed into place; the manifest is written last, so a
+half-built folder never looks complete. A rebuild with the same inputs rewrites nothing; a
+shard found damaged at start (size differs from the manifest, or a reader's note) is named
+and only it is rebuilt. Cleanup deletes only files that a previous manifest listed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import io
 import json
 import os
-from collections.abc import Iterator, Sequence
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,294 +36,357 @@ import webdataset as wds
 
 from distcl.config import JobConfig
 from distcl.data.scenario import Scenario, build_scenario
-from distcl.data.sources import DataError, Source, open_source
+from distcl.data.shardio import (  # noqa: F401  (re-exported: the public shard API)
+    FORMAT_VERSION,
+    MANIFEST,
+    ShardError,
+    _damage_mark,
+    _quick_problem,
+    _tmp_name,
+    atomic_write_bytes,
+    batches_per_epoch,
+    decode_image,
+    decode_png,
+    encode_image,
+    encode_png,
+    exact_split,
+    iter_shard,
+    load_arrays,
+    load_manifest,
+    manifest_count,
+    mark_damaged,
+    sha256_file,
+    shard_counts,
+    shard_paths,
+    train_batches,
+    verify_shards,
+)
+from distcl.data.sources import Source, fashion_mnist_root, open_source
 
-MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+#: Names listed by the manifest a rebuild replaced, kept until that rebuild's cleanup ran.
+PREVIOUS = ".manifest-previous.json"
+_SHARD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)*\.tar")
+Progress = Callable[[int, int], None]
+Log = Callable[[str], None]
 
 
 @dataclass(frozen=True)
-class ShardInfo:
+class ShardPlan:
+    """One output shard: its name, task (-1: held-out classes), split and source items."""
+
     name: str
     task: int
-    split: str
-    count: int
-    sha256: str
+    split: str  # "train" | "gallery"
+    indices: np.ndarray  # (n,) indices into the source's train (train) or test split
+
+    @property
+    def source_split(self) -> str:
+        return "train" if self.split == "train" else "test"
 
 
-class ShardError(DataError):
-    """A shard is missing, truncated or does not match its manifest."""
+def _log_stderr(msg: str) -> None:
+    print(f"distcl: {msg}", file=sys.stderr, flush=True)
 
 
-def encode_png(image: np.ndarray) -> bytes:
-    """uint8 (C, H, W) -> PNG bytes (deterministic)."""
-    from PIL import Image
-
-    arr = image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(arr)).save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
-
-
-def decode_png(data: bytes) -> np.ndarray:
-    """PNG bytes -> uint8 (C, H, W)."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as im:
-        arr = np.asarray(im, dtype=np.uint8)
-    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+# ------------------------------------------------------------------------ planning
+def plan_shards(scenario: Scenario, shard_size: int) -> list[ShardPlan]:
+    """Every shard of ``scenario`` in manifest order (pure). A task's empty split still
+    gets one empty shard, so every (task, split) is listed."""
+    if shard_size < 1:
+        raise ValueError(f"data.shard_size: must be >= 1, got {shard_size}")
+    groups = [
+        (f"task{t.index:02d}-{split}", t.index, split, items)
+        for t in scenario.tasks
+        for split, items in (("train", t.train_items), ("gallery", t.gallery_items))
+    ]
+    heldout = np.asarray(getattr(scenario, "heldout_items", ()), np.int64)
+    if len(heldout):
+        groups.append(("heldout-gallery", -1, "gallery", heldout))
+    plans = []
+    for prefix, task, split, items in groups:
+        items = np.asarray(items, np.int64)
+        for k, start in enumerate(range(0, max(len(items), 1), shard_size)):
+            plans.append(
+                ShardPlan(f"{prefix}-{k:05d}.tar", task, split, items[start : start + shard_size])
+            )
+    return plans
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file + rename: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+# ------------------------------------------------------------------------ writing
+class _HashingWriter:
+    """File wrapper that hashes and counts what the tar stream writes."""
+
+    def __init__(self, f):
+        self.f, self.sha, self.bytes = f, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        self.bytes += len(data)
+        return self.f.write(data)
 
 
-def _write_shard(path: Path, samples: list[dict]) -> str:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        with wds.TarWriter(f, mtime=0) as writer:  # 0: same bytes on rebuild; int: no pax headers
-            for s in samples:
-                writer.write(s)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return sha256_file(path)
+_source_cache: dict = {}
 
 
-def _samples(src: Source, scenario_split: str, indices: np.ndarray, task: int) -> Iterator[dict]:
-    split = "train" if scenario_split == "train" else "test"
+def _cached_source(data, seed: int) -> Source:
+    """One open source per process (Ray reuses worker processes across shard tasks)."""
+    key = (data, seed)
+    if key not in _source_cache:
+        _source_cache.clear()  # keep one: a source may hold a whole split in memory
+        _source_cache[key] = open_source(data, seed)
+    return _source_cache[key]
+
+
+def write_shard(
+    plan: ShardPlan, out_dir: str, data, seed: int, image_format: str = "png", quality: int = 95
+) -> dict:
+    """Write one planned shard atomically; return its manifest entry."""
+    src = _cached_source(data, seed)
+    split = plan.source_split
     labels = src.labels(split)
-    for i in indices:
-        yield {
-            "__key__": f"{split}-{int(i):07d}",
-            "png": encode_png(src.image(split, int(i))),
-            "cls": int(labels[i]),
-            "json": {"task": task, "split": scenario_split, "index": int(i)},
-        }
-
-
-def load_manifest(shards_dir: str | Path) -> dict:
-    path = Path(shards_dir) / MANIFEST
-    if not path.is_file():
-        raise ShardError(f"{path}: no manifest (run `distcl data build JOB` first)")
+    ext = "png" if image_format == "png" else "jpg"
+    path = Path(out_dir) / plan.name
+    tmp = _tmp_name(path)
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ShardError(f"{path}: corrupt manifest ({e})") from None
+        with open(tmp, "wb") as f:
+            hashing = _HashingWriter(f)
+            # mtime 0 (an int: no pax headers), wds's fixed owner and mode, sorted members:
+            # the same bytes on every rebuild, whoever writes them.
+            with wds.TarWriter(hashing, mtime=0) as writer:
+                for i in plan.indices:
+                    i = int(i)
+                    writer.write(
+                        {
+                            "__key__": f"{split}-{i:07d}",
+                            ext: encode_image(src.image(split, i), image_format, quality),
+                            "cls": int(labels[i]),
+                            "json": {"task": plan.task, "split": plan.split, "index": i},
+                        }
+                    )
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _damage_mark(path).unlink(missing_ok=True)
+    return {
+        "name": plan.name,
+        "task": plan.task,
+        "split": plan.split,
+        "count": len(plan.indices),
+        "sha256": hashing.sha.hexdigest(),
+        "bytes": hashing.bytes,
+    }
 
 
-def build_shards(job: JobConfig, progress=None) -> tuple[Path, Scenario, bool]:
-    """Build (or reuse) the job's shards; returns (dir, scenario, rewritten?)."""
-    out = job.shards_dir
-    out.mkdir(parents=True, exist_ok=True)
-    fingerprint = job.data_fingerprint()
+def write_shards_serial(
+    plans: Sequence[ShardPlan], out_dir: str, data, seed: int, image_format: str = "png",
+    quality: int = 95, progress: Progress | None = None,
+) -> list[dict]:  # fmt: skip
+    """The single-process writer (no Ray): the baseline of ``distcl bench data``."""
+    entries, done, total = [], 0, sum(len(p.indices) for p in plans)
+    for plan in plans:
+        entries.append(write_shard(plan, out_dir, data, seed, image_format, quality))
+        done += len(plan.indices)
+        if progress:
+            progress(done, total)
+    return entries
+
+
+def _write_shard_where(*args) -> tuple[dict, str, float]:
+    """:func:`write_shard` in a Ray task, with the id of the node that ran it and the CPU
+    seconds it took."""
+    import ray
+
+    cpu = time.process_time()
+    entry = write_shard(*args)
+    return entry, ray.get_runtime_context().get_node_id(), time.process_time() - cpu
+
+
+def write_shards_ray(
+    plans: Sequence[ShardPlan], out_dir: str, data, seed: int, image_format: str = "png",
+    quality: int = 95, progress: Progress | None = None, parallel: int | None = None,
+    placement: dict[str, str] | None = None, task_cpu: dict[str, float] | None = None,
+) -> list[dict]:  # fmt: skip
+    """One Ray task per shard, at most ``parallel`` in flight (None: as the cluster's CPUs
+    allow); entries in plan order. ``placement`` (if given) receives {shard: node id},
+    ``task_cpu`` {shard: CPU seconds of its task}."""
+    import ray
+
+    # SPREAD: shards are I/O on the source and the output; spread that over the nodes.
+    task = ray.remote(num_cpus=1, max_retries=3, scheduling_strategy="SPREAD")(_write_shard_where)
+    if parallel is None:
+        parallel = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    data_ref = ray.put(data)
+    pending: dict = {}
+    entries: dict[str, dict] = {}
+    done, total, queue = 0, sum(len(p.indices) for p in plans), list(plans)[::-1]
+    while queue or pending:
+        while queue and len(pending) < parallel:
+            plan = queue.pop()
+            ref = task.remote(plan, out_dir, data_ref, seed, image_format, quality)
+            pending[ref] = plan
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        plan = pending.pop(ready[0])
+        entries[plan.name], node, cpu = ray.get(ready[0])
+        if placement is not None:
+            placement[plan.name] = node
+        if task_cpu is not None:
+            task_cpu[plan.name] = cpu
+        done += len(plan.indices)
+        if progress:
+            progress(done, total)
+    return [entries[p.name] for p in plans]
+
+
+def _portable_data(data):
+    """``data`` with its root made absolute: Ray workers run in another cwd (or node)."""
+    root = data.root
+    if data.source == "fashion-mnist":
+        root = str(fashion_mnist_root(root).resolve())
+    elif root:
+        root = str(Path(root).expanduser().resolve())
+    if root == data.root:
+        return data
+    if hasattr(data, "model_copy"):
+        return data.model_copy(update={"root": root})
+    return dataclasses.replace(data, root=root)
+
+
+def _write(plans, out: Path, job: JobConfig, progress, parallel, placement=None) -> list[dict]:
+    """Write ``plans`` with Ray tasks when Ray is initialised, else in this process."""
+    data = _portable_data(job.data)
+    fmt = getattr(job.data, "image_format", "png")
+    quality = getattr(job.data, "jpeg_quality", 95)
+    args = (plans, str(out.resolve()), data, job.seed, fmt, quality, progress)
     try:
-        old = load_manifest(out)
+        import ray
+
+        use_ray = ray.is_initialized()
+    except ImportError:
+        use_ray = False
+    if use_ray:
+        return write_shards_ray(*args, parallel=parallel, placement=placement)
+    return write_shards_serial(*args)
+
+
+def _try_manifest(out: Path) -> dict | None:
+    try:
+        return load_manifest(out)
     except ShardError:
-        old = None
-    if old and old.get("fingerprint") == fingerprint:
-        try:
-            verify_shards(out)
-            return out, Scenario.from_json(old["scenario"]), False
-        except ShardError:
-            pass  # damaged: rebuild below
-    src = open_source(job.data, job.seed)
-    # A folder being rewritten must not look complete: the old manifest goes first.
-    (out / MANIFEST).unlink(missing_ok=True)
-    scenario = build_scenario(
-        src.train_labels, src.test_labels, job.scenario, job.seed,
-        job.data.train_per_class, job.data.test_per_class,
-    )  # fmt: skip
-    shards: list[ShardInfo] = []
-    size = job.data.shard_size
-    total = sum(len(t.train_items) + len(t.gallery_items) for t in scenario.tasks)
-    done = 0
-    for task in scenario.tasks:
-        for split, items in (("train", task.train_items), ("gallery", task.gallery_items)):
-            for k, start in enumerate(range(0, max(len(items), 1), size)):
-                chunk = items[start : start + size]
-                name = f"task{task.index:02d}-{split}-{k:05d}.tar"
-                digest = _write_shard(out / name, list(_samples(src, split, chunk, task.index)))
-                shards.append(ShardInfo(name, task.index, split, len(chunk), digest))
-                done += len(chunk)
-                if progress:
-                    progress(done, total)
+        return None
+
+
+def _plan_matches(manifest: dict, plans: Sequence[ShardPlan]) -> bool:
+    listed = [(s["name"], s["task"], s["split"], s["count"]) for s in manifest["shards"]]
+    return listed == [(p.name, p.task, p.split, len(p.indices)) for p in plans]
+
+
+def _write_manifest(out: Path, fingerprint: str, src_info: dict, entries, scenario) -> None:
     manifest = {
         "format": FORMAT_VERSION,
         "fingerprint": fingerprint,
+        **src_info,
+        "shards": list(entries),
+        "scenario": scenario.to_json(),
+    }
+    atomic_write_bytes(out / MANIFEST, json.dumps(manifest).encode())
+
+
+def _cleanup(out: Path, keep: set[str], listed: set[str]) -> None:
+    """Delete files a previous manifest listed that the new one does not, and our temp
+    files and damage notes of listed names; never anything else."""
+    for name in sorted(listed - keep):
+        if _SHARD_NAME.fullmatch(name):  # a plain shard file name, never a path
+            (out / name).unlink(missing_ok=True)
+    ours = keep | listed | {MANIFEST, PREVIOUS}
+    for entry in os.listdir(out):
+        if not entry.startswith("."):
+            continue
+        base = entry[1:].split(".tmp-")[0] if ".tmp-" in entry else None
+        if base and base.endswith(".damaged"):
+            base = base[: -len(".damaged")]
+        stale_mark = entry.endswith(".damaged") and entry[1 : -len(".damaged")] in listed - keep
+        if (base in ours) or stale_mark:
+            (out / entry).unlink(missing_ok=True)
+    (out / PREVIOUS).unlink(missing_ok=True)
+
+
+def build_shards(
+    job: JobConfig,
+    progress: Progress | None = None,
+    log: Log | None = None,
+    parallel: int | None = None,
+    placement: dict[str, str] | None = None,
+) -> tuple[Path, Scenario, bool]:
+    """Build (or reuse) the job's shards; returns (dir, scenario, rewritten?).
+
+    Reuse checks sizes and counts, not hashes. ``log`` (default: stderr) hears which
+    damaged shard is rebuilt; ``progress(done, total)`` counts samples written;
+    ``parallel`` caps the Ray tasks in flight (None: the cluster's CPUs); ``placement``
+    receives {shard name: id of the Ray node that wrote it}.
+    """
+    log = log or _log_stderr
+    out = job.shards_dir
+    out.mkdir(parents=True, exist_ok=True)
+    fingerprint = job.data_fingerprint()
+    size = job.data.shard_size
+    old = _try_manifest(out)
+    same = bool(old) and old.get("fingerprint") == fingerprint and "scenario" in old
+    if same:
+        scenario = Scenario.from_json(old["scenario"])
+        plans = plan_shards(scenario, size)
+        if _plan_matches(old, plans):
+            damaged = {}
+            for entry in old["shards"]:
+                problem = _quick_problem(out / entry["name"], entry)
+                if problem:
+                    damaged[entry["name"]] = problem
+            if not damaged and old.get("format") == FORMAT_VERSION:
+                _cleanup(out, {p.name for p in plans}, set())  # temp files of a killed build
+                return out, scenario, False
+            for name, problem in damaged.items():
+                log(f"{out / name}: {problem}; rebuilding")
+            redo = [p for p in plans if p.name in damaged]
+            fresh = {e["name"]: e for e in _write(redo, out, job, progress, parallel, placement)}
+            entries = [fresh.get(e["name"], e) for e in old["shards"]]
+            if old.get("format") != FORMAT_VERSION:  # upgrade: record sizes
+                entries = [{**e, "bytes": (out / e["name"]).stat().st_size} for e in entries]
+            src_info = {k: old[k] for k in ("source", "num_classes", "class_names", "image_shape")}
+            _write_manifest(out, fingerprint, src_info, entries, scenario)
+            _cleanup(out, {e["name"] for e in entries}, set())
+            return out, scenario, bool(redo)
+
+    src = open_source(job.data, job.seed)
+    heldout = getattr(job.scenario, "heldout_classes", 0)
+    kw = {"heldout": heldout} if heldout else {}
+    scenario = build_scenario(
+        src.train_labels, src.test_labels, job.scenario, job.seed,
+        job.data.train_per_class, job.data.test_per_class, **kw,
+    )  # fmt: skip
+    plans = plan_shards(scenario, size)
+    # What earlier builds listed, for the cleanup; kept on disk until it ran, so a build
+    # killed half-way still knows which files are ours.
+    listed = set(_read_previous(out))
+    if old:
+        listed |= {s["name"] for s in old.get("shards", [])}
+        atomic_write_bytes(out / PREVIOUS, json.dumps(sorted(listed)).encode())
+        (out / MANIFEST).unlink()  # a folder being rewritten must not look complete
+    entries = _write(plans, out, job, progress, parallel, placement)
+    src_info = {
         "source": src.name,
         "num_classes": src.num_classes,
         "class_names": list(src.class_names),
         "image_shape": list(src.image_shape),
-        "shards": [s.__dict__ for s in shards],
-        "scenario": scenario.to_json(),
     }
-    atomic_write_bytes(out / MANIFEST, json.dumps(manifest).encode())
-    # Shards of a previous config (more tasks, smaller shard_size) would linger otherwise.
-    current = {s.name for s in shards}
-    for stale in out.glob("task*-*.tar"):
-        if stale.name not in current:
-            stale.unlink()
+    _write_manifest(out, fingerprint, src_info, entries, scenario)
+    _cleanup(out, {p.name for p in plans}, listed)
     return out, scenario, True
 
 
-def verify_shards(shards_dir: str | Path, deep: bool = False) -> dict:
-    """Check every shard of the manifest exists with its sha256 (``deep``: also decode
-    every sample and count them). Raises ShardError naming the first bad shard."""
-    shards_dir = Path(shards_dir)
-    manifest = load_manifest(shards_dir)
-    n = 0
-    for s in manifest["shards"]:
-        path = shards_dir / s["name"]
-        if not path.is_file():
-            raise ShardError(f"{path}: missing shard listed in manifest")
-        if sha256_file(path) != s["sha256"]:
-            raise ShardError(f"{path}: sha256 differs from manifest (truncated or modified)")
-        if deep:
-            count = sum(1 for _ in iter_shard(path))
-            if count != s["count"]:
-                raise ShardError(f"{path}: {count} samples, manifest says {s['count']}")
-        n += s["count"]
-    return {"shards": len(manifest["shards"]), "samples": n}
-
-
-def shard_paths(shards_dir: str | Path, task: int | Sequence[int], split: str) -> list[Path]:
-    """Shards of ``split`` for one task or several, with their manifest counts checked."""
-    tasks = {task} if isinstance(task, int) else set(task)
-    manifest = load_manifest(shards_dir)
-    return [
-        Path(shards_dir) / s["name"]
-        for s in manifest["shards"]
-        if s["task"] in tasks and s["split"] == split and s["count"] > 0
-    ]
-
-
-def shard_counts(shards_dir: str | Path) -> dict[str, int]:
-    return {s["name"]: s["count"] for s in load_manifest(shards_dir)["shards"]}
-
-
-def _all_shards(src):  # nodesplitter / workersplitter that keep everything (we split)
-    yield from src
-
-
-def iter_shard(path: Path) -> Iterator[tuple[str, np.ndarray, int, dict]]:
-    """Samples of one shard as (key, uint8 (C, H, W), label, meta); errors name the shard."""
-    ds = wds.WebDataset(
-        [str(path)], shardshuffle=False, nodesplitter=_all_shards,
-        workersplitter=_all_shards, empty_check=False,
-    )  # fmt: skip
+def _read_previous(out: Path) -> list[str]:
     try:
-        for sample in ds:
-            meta = json.loads(sample["json"])
-            yield sample["__key__"], decode_png(sample["png"]), int(sample["cls"]), meta
-    except Exception as e:  # tarfile.ReadError, KeyError on a half sample, PIL errors
-        raise ShardError(f"{path}: cannot read shard ({type(e).__name__}: {e})") from None
-    # A cut between two samples reads as a shorter, well-formed archive; only the missing
-    # end-of-archive marker (two zero blocks, written by every complete tar) tells.
-    with open(path, "rb") as f:
-        f.seek(max(0, os.path.getsize(path) - 1024))
-        if f.read() != bytes(1024):
-            raise ShardError(f"{path}: cannot read shard (truncated: no end-of-archive marker)")
-
-
-def exact_split(
-    paths: Sequence[Path], rank: int, world: int, worker: int = 0, num_workers: int = 1
-) -> list[Path]:
-    """Shards of (rank, loader worker) so that every shard goes to exactly one of them."""
-    flat = rank * num_workers + worker
-    return list(paths[flat :: world * num_workers])
-
-
-def batches_per_epoch(total: int, world: int, batch_size: int) -> int:
-    """The same number of batches for every rank: floor(total / (world * batch)), >= 1."""
-    return max(1, total // (world * batch_size))
-
-
-def _rank_stream(paths: Sequence[Path], rank: int, world: int, seed: int, epoch: int):
-    """Endless stream of one rank's samples: shards dealt per epoch, sample-split if too few."""
-    cycle = 0
-    while True:
-        rng = np.random.default_rng([seed, epoch, cycle])
-        order = [paths[i] for i in rng.permutation(len(paths))]
-        n = 0
-        if len(order) >= world:
-            for p in order[rank::world]:
-                for s in iter_shard(p):
-                    n += 1
-                    yield s
-        else:  # fewer shards than ranks: every rank reads all, keeps every world-th sample
-            k = 0
-            for p in order:
-                for s in iter_shard(p):
-                    if k % world == rank:
-                        n += 1
-                        yield s
-                    k += 1
-        if n == 0:  # cycling would spin forever
-            names = ", ".join(p.name for p in order)
-            raise ShardError(f"rank {rank} of {world}: no samples in the shards ({names})")
-        cycle += 1
-
-
-def train_batches(
-    paths: Sequence[Path],
-    total: int,
-    rank: int,
-    world: int,
-    batch_size: int,
-    seed: int,
-    epoch: int,
-    shuffle_buffer: int = 1000,
-) -> Iterator[tuple[np.ndarray, np.ndarray, list[str]]]:
-    """Exactly ``batches_per_epoch(total, world, batch_size)`` batches for this rank:
-    (images uint8 (B, C, H, W), labels int64 (B,), keys)."""
-    if not paths:
-        raise ShardError("train_batches: no shards given")
-    n_batches = batches_per_epoch(total, world, batch_size)
-    rng = np.random.default_rng([seed, epoch, rank, 99])
-    stream = _rank_stream(list(paths), rank, world, seed, epoch)
-    buf: list = []
-    # Pull exactly the samples this epoch uses: a buffer filled past them would wrap the
-    # stream into its next cycle and mix repeats into the epoch while dropping others.
-    to_pull = n_batches * batch_size
-    for _ in range(n_batches):
-        batch = []
-        while len(batch) < batch_size:
-            while len(buf) < shuffle_buffer and to_pull > 0:
-                buf.append(next(stream))
-                to_pull -= 1
-            j = int(rng.integers(len(buf)))
-            buf[j], buf[-1] = buf[-1], buf[j]
-            batch.append(buf.pop())
-        keys = [s[0] for s in batch]
-        images = np.stack([s[1] for s in batch])
-        labels = np.asarray([s[2] for s in batch], np.int64)
-        yield images, labels, keys
-
-
-def load_arrays(paths: Sequence[Path]) -> tuple[list[str], np.ndarray, np.ndarray, list[dict]]:
-    """Every sample of ``paths`` as (keys, images (N, C, H, W) uint8, labels, metas)."""
-    keys, images, labels, metas = [], [], [], []
-    for p in paths:
-        for key, img, lab, meta in iter_shard(p):
-            keys.append(key)
-            images.append(img)
-            labels.append(lab)
-            metas.append(meta)
-    if not images:
-        return [], np.zeros((0, 1, 1, 1), np.uint8), np.zeros(0, np.int64), []
-    return keys, np.stack(images), np.asarray(labels, np.int64), metas
+        names = json.loads((out / PREVIOUS).read_text())
+    except (OSError, json.JSONDecodeError):
+        return []
+    return [n for n in names if isinstance(n, str)]

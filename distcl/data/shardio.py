@@ -1,0 +1,344 @@
+"""Shard I/O: the manifest, image encoding, checks, and readers safe under DDP.
+
+Import these from :mod:`distcl.data.shards` (which builds the shards and re-exports them):
+
+    distcl data verify jobs/quickstart.yaml         # sizes against manifest.json
+    distcl data verify jobs/quickstart.yaml --deep  # + sha256, decode and count every sample
+
+One sample: ``__key__`` (stable global id ``<split>-<index>``), ``png`` or ``jpg`` (the
+image, ``data.image_format``), ``cls`` (int label), ``json`` ({task, split, index}). Splits:
+``train`` (the task's training items) and ``gallery`` (the test items that arrive with the
+task; see scenario.py); the held-out classes' test items are ``heldout-gallery-*.tar``
+shards of task -1. Building (one Ray task per shard, atomic, the manifest last):
+:mod:`distcl.data.shards`.
+
+Readers:
+- :func:`iter_shard` checks the sample count read against the manifest (a tar damaged
+  mid-file can read as a clean, shorter archive), names the shard on any error, and leaves
+  a note so that the next build (which checks sizes, not hashes) rewrites that shard.
+- :func:`train_batches`: every DDP rank yields exactly the same number of batches (DDP
+  would hang otherwise); each epoch shards are shuffled and dealt to ranks, streams cycle.
+- :func:`exact_split`: every sample to exactly one (rank, loader worker), for embedding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import secrets
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+
+from distcl.data.sources import DataError
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 2  # 2: per-shard ``bytes``, image format, held-out shards
+
+
+class ShardError(DataError):
+    """A shard is missing, truncated or does not match its manifest."""
+
+
+# ------------------------------------------------------------------------ encoding
+def encode_image(image: np.ndarray, fmt: str = "png", quality: int = 95) -> bytes:
+    """uint8 (C, H, W) -> PNG or JPEG bytes (deterministic for a given Pillow)."""
+    from PIL import Image
+
+    arr = image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
+    buf = io.BytesIO()
+    im = Image.fromarray(np.ascontiguousarray(arr))
+    if fmt == "png":
+        im.save(buf, format="PNG", compress_level=1)
+    elif fmt == "jpeg":
+        im.save(buf, format="JPEG", quality=quality)
+    else:
+        raise ValueError(f"data.image_format: {fmt!r} is not png or jpeg")
+    return buf.getvalue()
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """uint8 (C, H, W) -> PNG bytes (deterministic)."""
+    return encode_image(image, "png")
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """PNG or JPEG bytes -> uint8 (C, H, W)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        arr = np.asarray(im, dtype=np.uint8)
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+decode_png = decode_image
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _tmp_name(path: Path) -> Path:
+    # pid + random: two writers of one name (a retried task, another node) never collide.
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(3)}")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file + rename: readers never see half a file."""
+    tmp = _tmp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------ manifest
+def load_manifest(shards_dir: str | Path) -> dict:
+    path = Path(shards_dir) / MANIFEST
+    if not path.is_file():
+        raise ShardError(f"{path}: no manifest (run `distcl data build JOB` first)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ShardError(f"{path}: corrupt manifest ({e})") from None
+
+
+def _quick_problem(path: Path, entry: dict) -> str | None:
+    """Why ``path`` does not match its manifest entry by existence and size (None: fine)."""
+    if not path.is_file():
+        return "missing shard listed in manifest"
+    mark = _damage_mark(path)
+    if mark.is_file():
+        return f"found damaged by a reader ({mark.read_text(errors='replace')[:200]})"
+    if "bytes" not in entry:  # a format-1 manifest: only the hash tells
+        if sha256_file(path) != entry["sha256"]:
+            return "sha256 differs from manifest (truncated or modified)"
+        return None
+    size = path.stat().st_size
+    if size != entry["bytes"]:
+        return f"size differs from manifest ({size} bytes, manifest says {entry['bytes']})"
+    return None
+
+
+# ------------------------------------------------------------------------ checking
+def verify_shards(shards_dir: str | Path, deep: bool = False) -> dict:
+    """Check every shard of the manifest: by default that it exists with the manifest's
+    byte size (quick); ``deep`` also re-hashes (sha256), decodes and counts every sample.
+    Raises ShardError naming the first bad shard; returns {"shards", "samples"}."""
+    shards_dir = Path(shards_dir)
+    manifest = load_manifest(shards_dir)
+    n = 0
+    for s in manifest["shards"]:
+        path = shards_dir / s["name"]
+        if deep:
+            if not path.is_file():
+                raise ShardError(f"{path}: missing shard listed in manifest")
+            if sha256_file(path) != s["sha256"]:
+                mark_damaged(path, "sha256 differs from manifest")
+                raise ShardError(f"{path}: sha256 differs from manifest (truncated or modified)")
+            sum(1 for _ in iter_shard(path, expected=s["count"]))
+        else:
+            problem = _quick_problem(path, s)
+            if problem:
+                raise ShardError(f"{path}: {problem}")
+        n += s["count"]
+    return {"shards": len(manifest["shards"]), "samples": n}
+
+
+# ------------------------------------------------------------------------ reading
+def shard_paths(shards_dir: str | Path, task: int | Sequence[int], split: str) -> list[Path]:
+    """Non-empty shards of ``split`` for one task or several (-1: held-out classes)."""
+    tasks = {task} if isinstance(task, int) else set(task)
+    manifest = load_manifest(shards_dir)
+    return [
+        Path(shards_dir) / s["name"]
+        for s in manifest["shards"]
+        if s["task"] in tasks and s["split"] == split and s["count"] > 0
+    ]
+
+
+def shard_counts(shards_dir: str | Path) -> dict[str, int]:
+    return {s["name"]: s["count"] for s in load_manifest(shards_dir)["shards"]}
+
+
+_counts_cache: dict[Path, tuple[tuple[int, int], dict[str, int]]] = {}
+
+
+def manifest_count(path: Path) -> int | None:
+    """The sample count the manifest beside ``path`` lists for it (None: not listed).
+    Cached per process while the manifest file is unchanged."""
+    folder = path.parent
+    try:
+        st = (folder / MANIFEST).stat()
+    except OSError:
+        return None
+    stamp = (st.st_mtime_ns, st.st_size)
+    cached = _counts_cache.get(folder)
+    if cached is None or cached[0] != stamp:
+        try:
+            counts = shard_counts(folder)
+        except (ShardError, KeyError, TypeError):
+            return None
+        _counts_cache[folder] = cached = (stamp, counts)
+    return cached[1].get(path.name)
+
+
+def _damage_mark(path: Path) -> Path:
+    return path.with_name(f".{path.name}.damaged")
+
+
+def mark_damaged(path: Path, why: str) -> None:
+    """Leave a note beside a shard a reader found damaged, so that the next build (which
+    checks sizes, not hashes) rewrites it. Best effort: a read-only folder is skipped."""
+    if manifest_count(path) is None:  # not a listed shard of a manifest folder
+        return
+    try:
+        atomic_write_bytes(_damage_mark(path), why.encode())
+    except OSError:
+        pass
+
+
+def _all_shards(src):  # nodesplitter / workersplitter that keep everything (we split)
+    yield from src
+
+
+def iter_shard(
+    path: Path, expected: int | None = None
+) -> Iterator[tuple[str, np.ndarray, int, dict]]:
+    """Samples of one shard as (key, uint8 (C, H, W), label, meta); errors name the shard.
+
+    Read to the end, the number of samples must equal ``expected`` (None: the count the
+    manifest beside the shard lists, if any): a tar damaged mid-file can read as a clean,
+    shorter archive, and only the count tells.
+    """
+    path = Path(path)
+    if expected is None:
+        expected = manifest_count(path)
+    ds = wds.WebDataset(
+        [str(path)], shardshuffle=False, nodesplitter=_all_shards,
+        workersplitter=_all_shards, empty_check=False,
+    )  # fmt: skip
+    n = 0
+    try:
+        for sample in ds:
+            meta = json.loads(sample["json"])
+            image = sample["png"] if "png" in sample else sample["jpg"]
+            n += 1
+            yield sample["__key__"], decode_image(image), int(sample["cls"]), meta
+    except Exception as e:  # tarfile.ReadError, KeyError on a half sample, PIL errors
+        mark_damaged(path, f"{type(e).__name__}: {e}")
+        raise ShardError(f"{path}: cannot read shard ({type(e).__name__}: {e})") from None
+    # A cut between two samples reads as a shorter, well-formed archive; only the missing
+    # end-of-archive marker (two zero blocks, written by every complete tar) tells.
+    with open(path, "rb") as f:
+        f.seek(max(0, os.path.getsize(path) - 1024))
+        if f.read() != bytes(1024):
+            raise ShardError(f"{path}: cannot read shard (truncated: no end-of-archive marker)")
+    if expected is not None and n != expected:
+        why = f"short read, {n} samples but the manifest lists {expected}"
+        mark_damaged(path, why)
+        raise ShardError(
+            f"{path}: {why} (damaged mid-file; marked: the next `distcl run` or `distcl "
+            "data build` rewrites it)"
+        )
+
+
+def exact_split(
+    paths: Sequence[Path], rank: int, world: int, worker: int = 0, num_workers: int = 1
+) -> list[Path]:
+    """Shards of (rank, loader worker) so that every shard goes to exactly one of them."""
+    flat = rank * num_workers + worker
+    return list(paths[flat :: world * num_workers])
+
+
+def batches_per_epoch(total: int, world: int, batch_size: int) -> int:
+    """The same number of batches for every rank: floor(total / (world * batch)), >= 1."""
+    return max(1, total // (world * batch_size))
+
+
+def _rank_stream(paths: Sequence[Path], rank: int, world: int, seed: int, epoch: int):
+    """Endless stream of one rank's samples: shards dealt per epoch, sample-split if too few."""
+    cycle = 0
+    while True:
+        rng = np.random.default_rng([seed, epoch, cycle])
+        order = [paths[i] for i in rng.permutation(len(paths))]
+        n = 0
+        if len(order) >= world:
+            for p in order[rank::world]:
+                for s in iter_shard(p):
+                    n += 1
+                    yield s
+        else:  # fewer shards than ranks: every rank reads all, keeps every world-th sample
+            k = 0
+            for p in order:
+                for s in iter_shard(p):
+                    if k % world == rank:
+                        n += 1
+                        yield s
+                    k += 1
+        if n == 0:  # cycling would spin forever
+            names = ", ".join(p.name for p in order)
+            raise ShardError(f"rank {rank} of {world}: no samples in the shards ({names})")
+        cycle += 1
+
+
+def train_batches(
+    paths: Sequence[Path],
+    total: int,
+    rank: int,
+    world: int,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    shuffle_buffer: int = 1000,
+) -> Iterator[tuple[np.ndarray, np.ndarray, list[str]]]:
+    """Exactly ``batches_per_epoch(total, world, batch_size)`` batches for this rank:
+    (images uint8 (B, C, H, W), labels int64 (B,), keys)."""
+    if not paths:
+        raise ShardError("train_batches: no shards given")
+    n_batches = batches_per_epoch(total, world, batch_size)
+    rng = np.random.default_rng([seed, epoch, rank, 99])
+    stream = _rank_stream(list(paths), rank, world, seed, epoch)
+    buf: list = []
+    # Pull exactly the samples this epoch uses: a buffer filled past them would wrap the
+    # stream into its next cycle and mix repeats into the epoch while dropping others.
+    to_pull = n_batches * batch_size
+    for _ in range(n_batches):
+        batch = []
+        while len(batch) < batch_size:
+            while len(buf) < shuffle_buffer and to_pull > 0:
+                buf.append(next(stream))
+                to_pull -= 1
+            j = int(rng.integers(len(buf)))
+            buf[j], buf[-1] = buf[-1], buf[j]
+            batch.append(buf.pop())
+        keys = [s[0] for s in batch]
+        images = np.stack([s[1] for s in batch])
+        labels = np.asarray([s[2] for s in batch], np.int64)
+        yield images, labels, keys
+
+
+def load_arrays(paths: Sequence[Path]) -> tuple[list[str], np.ndarray, np.ndarray, list[dict]]:
+    """Every sample of ``paths`` as (keys, images (N, C, H, W) uint8, labels, metas)."""
+    keys, images, labels, metas = [], [], [], []
+    for p in paths:
+        for key, img, lab, meta in iter_shard(p):
+            keys.append(key)
+            images.append(img)
+            labels.append(lab)
+            metas.append(meta)
+    if not images:
+        return [], np.zeros((0, 1, 1, 1), np.uint8), np.zeros(0, np.int64), []
+    return keys, np.stack(images), np.asarray(labels, np.int64), metas

@@ -1,0 +1,135 @@
+"""A real Ray head for the tests that need a cluster: ``ray start --head --block`` on
+127.0.0.1 (dashboard on loopback, free ports, token authentication with a token made up by
+the test, a private ``--temp-dir`` so no other Ray on the machine sees it or is seen).
+Teardown stops that head only: SIGTERM to the ``ray start`` process, then SIGKILL to its
+process group and to any process whose command line names the private temp dir. ``ray
+stop`` is never used: it would kill every Ray on the machine.
+
+    from rayhead import ray_head  # noqa: F401  (in a test module: the fixture)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from distcl import submit as sub
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pids_naming(text: str) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            try:
+                if text in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                    pids.append(int(proc.name))
+            except OSError:
+                pass
+    return pids
+
+
+def _stop_head(proc: subprocess.Popen, temp_dir: str) -> None:
+    """Stop only the head this test started (never `ray stop`: it stops every Ray here)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)  # `ray start --block` shuts its processes down
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # its own session: only what it started
+    except (ProcessLookupError, PermissionError):
+        pass
+    for pid in _pids_naming(temp_dir):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """A Ray head on 127.0.0.1 (see the module docstring): address, token, temp_dir, pid."""
+    ray_bin = Path(sys.executable).with_name("ray")
+    if not ray_bin.exists():
+        pytest.skip("the `ray` command is not installed next to this Python")
+    temp_dir = tempfile.mkdtemp(prefix="dclray", dir="/tmp")  # short: unix socket paths
+    token = os.urandom(16).hex()
+    ports = {
+        name: _free_port()
+        for name in (
+            "port",
+            "dashboard-port",
+            "ray-client-server-port",
+            "dashboard-agent-listen-port",
+            "dashboard-agent-grpc-port",
+            "runtime-env-agent-port",
+            "metrics-export-port",
+        )
+    }
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN=token,
+        RAY_USAGE_STATS_ENABLED="0",
+        # Ray's single-machine mode: without it a head given --node-ip-address=127.0.0.1
+        # still binds the GCS/raylet to every interface (distcl.localray explains).
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+        # The entrypoint runs the cluster's `python`: this interpreter's.
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+    )
+    cmd = [
+        str(ray_bin),
+        "start",
+        "--head",
+        "--block",
+        "--node-ip-address=127.0.0.1",
+        "--dashboard-host=127.0.0.1",
+        "--num-cpus=2",
+        "--num-gpus=0",
+        f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
+        "--include-log-monitor=false",
+        *(f"--{k}={v}" for k, v in ports.items()),
+    ]
+    log = open(Path(temp_dir) / "head.log", "w")  # noqa: SIM115 (closed in teardown)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    address = f"http://127.0.0.1:{ports['dashboard-port']}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                sub.check_dashboard(address, token, timeout_s=2)
+                break
+            except sub.ClusterError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(
+                        "the Ray head did not start:\n"
+                        + (Path(temp_dir) / "head.log").read_text()[-3000:]
+                    ) from None
+                time.sleep(1)
+        yield SimpleNamespace(address=address, token=token, temp_dir=temp_dir, pid=proc.pid)
+    finally:
+        _stop_head(proc, temp_dir)
+        log.close()
+        assert _pids_naming(temp_dir) == []
+        shutil.rmtree(temp_dir, ignore_errors=True)
