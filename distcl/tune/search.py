@@ -4,27 +4,40 @@
     RAY_ADDRESS=auto distcl tune JOB                     # an existing cluster
     distcl submit JOB --tune --address http://HOST:8265  # the same, as a Ray job
 
+    distcl tune JOB --pick am            # Pareto search: best.yaml for the best AM on the front
+    distcl tune JOB --confirm 3          # then best and baseline again on 3 seeds each
+
 The job's ``tune:`` block (``distcl.config.TuneConfig``) names the space (dotted config
 paths: ``method.params.lambda``, ``train.lr``, ...), the search (optuna TPE, random, grid),
-the objective (``ac``, ``am``, ``am_if_ac``; see ``distcl.tune.space``), trials, concurrency
-and ASHA. Each trial runs the full task sequence of its job with ``train.workers`` Ray Train
-workers (``tune.workers_per_trial`` overrides) and reports after every task, so ASHA stops
-poor trials by task index (``time_attr="task"``, rungs at ``grace_tasks * rf**k`` tasks).
+the objective (``ac``, ``am``, ``am_if_ac``) or, for a Pareto search, ``objectives`` (two or
+more of ``ac``, ``am``, ``bc``, ``fc``, all maximised, searched with Optuna's multi-objective
+TPE), the protocol whose matrix they are read from, trials, concurrency and ASHA.
+
+A trial is ONE Ray Train run over its whole task sequence (``distcl.tune.trial``): the
+workers report after every task, Tune hears those reports, and ASHA stops poor trials
+between tasks (``time_attr="tasks_done"``, rungs at ``grace_tasks * rf**k`` tasks; a Pareto
+search ranks the trials at a rung by non-dominated fronts, ``distcl.tune.pareto``). When no
+tuned key acts on the first task, the first task is trained once for the whole search and
+every trial starts from it (``distcl.tune.base``).
 
 Everything lives in ``<output.root>/<job>-tune/``: ``tune_job.yaml`` (the job the folder
 belongs to), ``experiment/`` (Tune's state), ``trials/<job>-trial-<id>/`` (normal run dirs),
-``trials.csv``, ``trials.md``, ``objective_vs_<param>.png`` and ``best.yaml``.
+``trials/<job>-base/`` (the shared first task), ``trials.csv``, ``trials.md``,
+``objective_vs_<param>.png`` (or ``pareto.png``), ``best.yaml`` and, with ``--confirm``,
+``confirm.md``/``confirm.json`` and ``confirm/`` (run dirs ``<job>-{best,baseline}-seed<s>``).
 
 Resources: a trial holds ``tune.driver_cpus`` (Tune refuses 0) plus, while it trains,
-``workers * cpus_per_worker`` CPUs (and one GPU per worker on GPU clusters) in its Train
-placement group; ``max_concurrent_trials`` is lowered, with a message, so that the trials
-running together fit the cluster (more would leave Train runs waiting for workers forever).
+``workers * cpus_per_worker`` CPUs (fractions allowed: pack small models) and one GPU per
+worker on GPU clusters, in its Train placement group. ``max_concurrent_trials: auto`` runs as
+many trials as the cluster holds; a number is lowered, with a message, to what fits (more
+would leave Train runs waiting for workers forever). A failed trial is retried
+``tune.max_trial_failures`` times, then reported as a row with status ``error``.
 
 Resume: starting the same command again restores the experiment (``Tuner.restore``):
-finished trials are kept, interrupted ones continue after their last reported task
+finished trials are kept, interrupted ones continue after their last finished task
 (finished models on disk are never retrained), errored ones are retried. Tune does not
-save scheduler state, so :class:`TaskASHA` re-reads the reported objectives of restored
-trials (Tune's ``result.json``) into its rungs.
+save scheduler state, so :class:`TaskASHA` / ``ParetoASHA`` re-read the reported objectives
+of restored trials (Tune's ``result.json``) into their rungs.
 
 Test: ``.venv/bin/python -m pytest tests/test_tune.py -q`` (real Ray, a few minutes).
 """
@@ -40,7 +53,16 @@ from typing import Any
 from ray.tune.schedulers import ASHAScheduler
 
 from distcl.config import ConfigError, JobConfig, TuneConfig, dump_job, parse_job, to_dict
-from distcl.tune.space import base_dict, job_point, param_space, trial_job, validate_tune
+from distcl.tune.base import prepare_bases
+from distcl.tune.groups import ReleaseTrialGroups
+from distcl.tune.space import (
+    base_dict,
+    job_point,
+    param_space,
+    search_metrics,
+    trial_job,
+    validate_tune,
+)
 
 
 # ------------------------------------------------------------------ scheduling helpers
@@ -78,15 +100,17 @@ class TaskASHA(ASHAScheduler):
 
 
 def max_concurrency(
-    requested: int,
+    requested: int | str,
     driver_cpus: float,
     workers: int,
     cpus_per_worker: float,
     gpus: bool,
     cluster: Mapping[str, float],
+    gpus_per_worker: float = 1.0,
 ) -> int:
-    """How many trials can run together: ``requested``, lowered so that every running
-    trial's driver and Train workers fit ``cluster`` (``ray.cluster_resources()``).
+    """How many trials can run together: ``requested`` ("auto": no limit of its own),
+    lowered so that every running trial's driver and Train workers fit ``cluster``
+    (``ray.cluster_resources()``); fractional CPUs and GPUs per worker pack trials.
 
     ValueError when not even one trial fits (its Train run would wait forever).
     """
@@ -94,7 +118,8 @@ def max_concurrency(
     cpus = float(cluster.get("CPU", 0.0))
     fit = math.floor(cpus / per_trial + 1e-9)
     if gpus:
-        fit = min(fit, math.floor(float(cluster.get("GPU", 0.0)) / workers + 1e-9))
+        gpu_fit = float(cluster.get("GPU", 0.0)) / (workers * gpus_per_worker)
+        fit = min(fit, math.floor(gpu_fit + 1e-9))
     if fit < 1:
         raise ValueError(
             f"one trial needs {per_trial:g} CPUs (tune.driver_cpus {driver_cpus:g} + "
@@ -104,22 +129,31 @@ def max_concurrency(
             + (f", {cluster.get('GPU', 0):g} GPUs" if gpus else "")
             + ": lower tune.workers_per_trial or train.cpus_per_worker"
         )
-    return min(requested, fit)
+    return fit if requested == "auto" else min(int(requested), fit)
 
 
 def _trial_name(trial: Any) -> str:
     return f"trial-{trial.trial_id}"
 
 
+def _searched(raw: dict) -> dict:
+    """A job dict without the tune fields that only read a search's results (pick, the
+    confirm seeds, concurrency): changing them between runs resumes the same search."""
+    tune = dict(raw.get("tune") or {})
+    for key in ("pick", "confirm_seeds", "max_concurrent_trials"):
+        tune.pop(key, None)
+    return {**raw, "tune": tune}
+
+
 def _check_same_tuning(job: JobConfig, tune_dir: Path) -> None:
     """A tuning folder belongs to one job: restoring it under a changed job would mix
     trials of two searches (Tune restores its old space, the trials would get the new base)."""
     path = tune_dir / "tune_job.yaml"
-    mine = to_dict(job)
+    mine = _searched(to_dict(job))
     if path.is_file() and (tune_dir / "experiment").exists():
         import yaml
 
-        theirs = to_dict(parse_job(yaml.safe_load(path.read_text()), str(path)))
+        theirs = _searched(to_dict(parse_job(yaml.safe_load(path.read_text()), str(path))))
         diff = [k for k in mine if mine[k] != theirs.get(k)]
         if diff:
             raise ConfigError(
@@ -129,29 +163,61 @@ def _check_same_tuning(job: JobConfig, tune_dir: Path) -> None:
     path.write_text(dump_job(job))
 
 
-# ------------------------------------------------------------------ the tuning run
+def _cluster_concurrency(tc: TuneConfig, probe: JobConfig, log) -> tuple[int, bool]:
+    """(trials at once, GPUs?) for this cluster."""
+    import ray
+
+    use_gpu = {"yes": True, "no": False}.get(probe.train.use_gpu)
+    if use_gpu is None:
+        use_gpu = ray.cluster_resources().get("GPU", 0) >= probe.train.workers
+    gpw = float(getattr(probe.train, "gpus_per_worker", 1.0))
+    cluster = ray.cluster_resources()
+    concurrency = max_concurrency(tc.max_concurrent_trials, tc.driver_cpus, probe.train.workers,
+                                  probe.train.cpus_per_worker, use_gpu, cluster, gpw)  # fmt: skip
+    per = tc.driver_cpus + probe.train.workers * probe.train.cpus_per_worker
+    if tc.max_concurrent_trials != "auto" and concurrency < tc.max_concurrent_trials:
+        log(f"tune.max_concurrent_trials lowered from {tc.max_concurrent_trials} to "
+            f"{concurrency}: each trial needs {per:g} CPUs, the cluster has "
+            f"{cluster.get('CPU', 0):g}")  # fmt: skip
+    else:
+        log(f"{concurrency} trial(s) at once ({per:g} CPUs each, the cluster has "
+            f"{cluster.get('CPU', 0):g})")  # fmt: skip
+    return concurrency, use_gpu
+
+
 def tune_job(
-    job: JobConfig, num_cpus: int | None = None, log=print, report_only: bool = False
+    job: JobConfig,
+    num_cpus: int | None = None,
+    log=print,
+    report_only: bool = False,
+    confirm: int | None = None,
+    pick: str | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume) the search of ``job.tune``; write the table, plots and best job.
+    """Run (or resume) the search of ``job.tune``; write the table, plots and best job;
+    then (``confirm`` K, default ``tune.confirm_seeds``) rerun best and baseline on K seeds.
 
     ``report_only``: run nothing; write the table, plots and best job of the trials stored so
     far (a tuning run that is still going, or was interrupted). Trials that have not reached
-    the last task are then "stopped early or unfinished".
+    the last task are then "stopped early or unfinished". ``pick`` overrides ``tune.pick``.
 
-    Returns ``{"tune_dir", "rows", "best" (row or None), "best_job" (path or None)}``.
-    Failed trials are rows with status ``error``; ValueError if every trial failed.
+    Returns ``{"tune_dir", "rows", "best" (row or None), "best_job" (path or None),
+    "confirm" (dict or None)}``. Failed trials are rows with status ``error``; ValueError if
+    every trial failed.
     """
-    import ray
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler
     from ray.tune.search import BasicVariantGenerator
 
     from distcl.data.shards import build_shards
     from distcl.train.driver import init_ray
+    from distcl.tune.pareto import ParetoASHA, pick_weights
     from distcl.tune.trial import run_trial
 
+    if pick is not None:
+        job = job.model_copy(update={"tune": job.tune.model_copy(update={"pick": pick})})
     tc: TuneConfig = validate_tune(job)
+    if tc.objectives:
+        pick_weights(tc.pick, tc.objectives)  # a bad --pick fails before anything runs
     tune_dir = Path(job.output.root).resolve() / f"{job.name}-tune"
     tune_dir.mkdir(parents=True, exist_ok=True)
     _check_same_tuning(job, tune_dir)
@@ -163,37 +229,24 @@ def tune_job(
     probe = trial_job(base, {}, f"{job.name}-trial", str(trials_root))
     _, scenario, _ = build_shards(probe)
     num_tasks = scenario.num_tasks
-
-    use_gpu = {"yes": True, "no": False}.get(probe.train.use_gpu)
-    if use_gpu is None:
-        use_gpu = ray.cluster_resources().get("GPU", 0) >= probe.train.workers
-    concurrency = max_concurrency(
-        tc.max_concurrent_trials,
-        tc.driver_cpus,
-        probe.train.workers,
-        probe.train.cpus_per_worker,
-        use_gpu,
-        ray.cluster_resources(),
-    )
-    if concurrency < tc.max_concurrent_trials:
-        log(
-            f"tune.max_concurrent_trials lowered from {tc.max_concurrent_trials} to "
-            f"{concurrency}: each trial needs {tc.driver_cpus:g} + {probe.train.workers} x "
-            f"{probe.train.cpus_per_worker:g} CPUs, the cluster has "
-            f"{ray.cluster_resources().get('CPU', 0):g}"
-        )
-
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=base, trials_root=str(trials_root),
-                             job_name=job.name, tc=tc),
-        tune.PlacementGroupFactory([{"CPU": tc.driver_cpus}]),
-    )  # fmt: skip
+    metrics = search_metrics(tc)
     exp_dir = tune_dir / "experiment"
     if report_only:
+        trainable = tune.with_parameters(run_trial, base=base, trials_root=str(trials_root),
+                                         job_name=job.name, tc=tc)  # fmt: skip
         if not tune.Tuner.can_restore(str(exp_dir)):
             raise ValueError(f"{exp_dir}: no tuning run to report on; run `distcl tune` first")
         grid = tune.Tuner.restore(str(exp_dir), trainable=trainable).get_results()
         return _write_results(job, tc, grid, num_tasks, tune_dir, log, partial=True)
+
+    concurrency, _ = _cluster_concurrency(tc, probe, log)
+    shared_base, later = prepare_bases(job, tc, base, trials_root, [job.seed], log)
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base=base, trials_root=str(trials_root),
+                             job_name=job.name, tc=tc, shared_base=shared_base,
+                             later_keys=later, groups_dir=str(tune_dir / "groups")),
+        tune.PlacementGroupFactory([{"CPU": tc.driver_cpus}]),
+    )  # fmt: skip
     if tune.Tuner.can_restore(str(exp_dir)):
         log(f"resuming the tuning run in {exp_dir}")
         tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=True)
@@ -201,10 +254,16 @@ def tune_job(
         points = [job_point(job)] if tc.start_with_job else None
         if points:
             log(f"trial 1 runs the job's own values: {points[0]}")
+        modes = ["max"] * len(metrics)
         if tc.search == "optuna":
             from ray.tune.search.optuna import OptunaSearch
 
-            search_alg = OptunaSearch(seed=job.seed, points_to_evaluate=points)
+            # Several metrics: Optuna's multi-objective TPE (one study, one direction each).
+            search_alg = OptunaSearch(
+                metric=metrics if len(metrics) > 1 else None,
+                mode=modes if len(metrics) > 1 else None,
+                seed=job.seed, points_to_evaluate=points,
+            )  # fmt: skip
             limit = concurrency  # Tune wraps a Searcher in a ConcurrencyLimiter
         else:
             # A SearchGenerator ignores Tune's max_concurrent_trials: it limits itself.
@@ -214,22 +273,30 @@ def tune_job(
             limit = None
         if tc.asha:
             if tc.grace_tasks >= num_tasks:
-                log(
-                    f"ASHA: grace_tasks={tc.grace_tasks} >= {num_tasks} tasks, "
-                    f"no trial can stop early"
+                log(f"ASHA: grace_tasks={tc.grace_tasks} >= {num_tasks} tasks, "
+                    f"no trial can stop early")  # fmt: skip
+            grace = min(tc.grace_tasks, num_tasks)
+            if len(metrics) > 1:
+                scheduler = ParetoASHA("tasks_done", metrics, num_tasks, grace,
+                                       tc.reduction_factor)  # fmt: skip
+            else:
+                scheduler = TaskASHA(
+                    time_attr="tasks_done",
+                    max_t=num_tasks,
+                    grace_period=grace,
+                    reduction_factor=tc.reduction_factor,
                 )
-            scheduler = TaskASHA(time_attr="task", max_t=num_tasks,
-                                 grace_period=min(tc.grace_tasks, num_tasks),
-                                 reduction_factor=tc.reduction_factor)  # fmt: skip
         else:
             scheduler = FIFOScheduler()
         if tc.search == "grid":
             log("search: grid runs every combination once (tune.num_samples is not used)")
+        single = len(metrics) == 1
         tuner = tune.Tuner(
             trainable,
             param_space=param_space(tc),
             tune_config=tune.TuneConfig(
-                metric="objective", mode="max", search_alg=search_alg, scheduler=scheduler,
+                metric=metrics[0] if single else None, mode="max" if single else None,
+                search_alg=search_alg, scheduler=scheduler,
                 num_samples=1 if tc.search == "grid" else tc.num_samples,
                 max_concurrent_trials=limit, reuse_actors=False,
                 trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
@@ -238,25 +305,40 @@ def tune_job(
                 name=exp_dir.name, storage_path=str(tune_dir),
                 failure_config=tune.FailureConfig(max_failures=tc.max_trial_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                callbacks=[ReleaseTrialGroups(tune_dir / "groups")],
             ),
         )  # fmt: skip
-    return _write_results(job, tc, tuner.fit(), num_tasks, tune_dir, log)
+    out = _write_results(job, tc, tuner.fit(), num_tasks, tune_dir, log)
+    k = tc.confirm_seeds if confirm is None else confirm
+    if k:
+        from distcl.tune.confirm import confirm_best
+
+        out["confirm"] = confirm_best(job, tc, out["best"], k, tune_dir, concurrency, log)
+    return out
 
 
 def _write_results(job, tc, grid, num_tasks, tune_dir, log, partial=False) -> dict[str, Any]:
     """Rows of every trial in ``grid``; the table, plots and best job written to tune_dir."""
-    from distcl.tune.results import best_row, make_row, plot_objective, write_best, write_table
+    from distcl.tune.base import base_status
+    from distcl.tune.results import (
+        best_row,
+        make_row,
+        mark_front,
+        plot_objective,
+        plot_pareto,
+        write_best,
+        write_table,
+    )
 
     params = list(tc.space)
     rows = []
     for r in grid:
         metrics = r.metrics or {}
         trial_id = metrics.get("trial_id") or Path(r.path).name.removeprefix("trial-")
-        rows.append(
-            make_row(
-                trial_id, {p: (r.config or {}).get(p) for p in params}, metrics, r.error, num_tasks
-            )
-        )
+        row = make_row(trial_id, {p: (r.config or {}).get(p) for p in params}, metrics, r.error,
+                       num_tasks, tc.objectives)  # fmt: skip
+        row["base"] = base_status(tune_dir / "trials" / f"{job.name}-trial-{trial_id}")
+        rows.append(row)
     if partial:
         for row in rows:
             if row["status"] == "stopped early":
@@ -266,15 +348,23 @@ def _write_results(job, tc, grid, num_tasks, tune_dir, log, partial=False) -> di
         for row in rows:
             if all(row.get(k) == v for k, v in point.items()):
                 row["trial"] = f"{row['trial']} (job values)"
-    text = write_table(rows, params, tune_dir)
+    if len(tc.objectives) > 1:
+        mark_front(rows, tc.objectives, tc.pick)
+    text = write_table(rows, params, tune_dir, tc.objectives)
     log_params = [p for p, s in tc.space.items() if s.type == "loguniform"]
     plot_objective(rows, params, log_params, tune_dir)
-    log(
-        f"\n{job.name}: {len(rows)} trials, objective '{tc.objective}' on {job.eval.metric} "
-        f"(protocol '{tc.protocol}'), {num_tasks} tasks\n{text}"
+    if len(tc.objectives) >= 2:
+        plot_pareto(rows, tc.objectives, tune_dir)
+    what = (
+        f"objectives {', '.join(tc.objectives)} (Pareto)"
+        if len(tc.objectives) > 1
+        else f"objective '{tc.objectives[0] if tc.objectives else tc.objective}'"
     )
-    best = best_row(rows)
-    out = {"tune_dir": str(tune_dir), "rows": rows, "best": best, "best_job": None}
+    log(f"\n{job.name}: {len(rows)} trials, {what} on {job.eval.metric} "
+        f"(protocol '{tc.protocol}'), {num_tasks} tasks\n{text}")  # fmt: skip
+    best = best_row(rows, tc.objectives, tc.pick)
+    out = {"tune_dir": str(tune_dir), "rows": rows, "best": best, "best_job": None,
+           "confirm": None}  # fmt: skip
     if best is None:
         raise ValueError(
             f"all {len(rows)} trials failed before a report; see {tune_dir / 'trials.md'}"

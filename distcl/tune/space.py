@@ -5,7 +5,8 @@ the base job with the sampled values set at those paths. Everything here is chec
 any trial starts: a key that is not a config field, or a value the config refuses, is a
 :class:`~distcl.config.ConfigError` naming the key.
 
-Objective (``tune.objective``), read from the compatibility matrix of tasks 0..t:
+Objective (``tune.objective``), read from the compatibility matrix of tasks 0..t (of the
+protocol ``tune.protocol``; its main metric, ``eval.metric`` for retrieval protocols):
     ac        AC
     am        AM
     am_if_ac  AM if AC >= ac_floor, else AM - 1 (any trial meeting the floor beats every
@@ -14,6 +15,10 @@ With one model (after the first task) AC has no pair to judge: it is reported as
 objective treats it as vacuously met (AC = 1), so ``ac`` ties every trial at task 1 and
 ``am_if_ac`` equals AM there. ASHA should then grade ``ac`` objectives from task 2 on
 (``grace_tasks >= 2``).
+
+Pareto search (``tune.objectives``: two or more of ac, am, bc, fc; all maximised): each is
+reported as ``obj_<m>``, with the one-model NaN read as AC = 1 and BC = FC = 0 (no pair
+yet). ``tune.pick`` (or ``--pick``) names the trade-off ``best.yaml`` is written for.
 
 Pure Python (imports Ray Tune only inside :func:`param_space`).
 Test: ``.venv/bin/python -m pytest tests/test_tune.py -q -k "not ray"``.
@@ -108,7 +113,8 @@ def validate_tune(job: JobConfig) -> TuneConfig:
         raise ConfigError("tune.space: no parameter to search")
     checks = {
         "tune.num_samples": tc.num_samples >= 1,
-        "tune.max_concurrent_trials": tc.max_concurrent_trials >= 1,
+        "tune.max_concurrent_trials": tc.max_concurrent_trials == "auto"
+        or tc.max_concurrent_trials >= 1,
         "tune.grace_tasks": tc.grace_tasks >= 1,
         "tune.reduction_factor": tc.reduction_factor >= 2,
         "tune.driver_cpus": tc.driver_cpus > 0,
@@ -150,9 +156,24 @@ def validate_tune(job: JobConfig) -> TuneConfig:
                 trial_job(base, {key: value}, f"{job.name}-probe")
             except ConfigError as e:
                 raise ConfigError(f"tune.space.{key} = {value!r}: {e}") from None
+    if tc.pick is not None:
+        if len(tc.objectives) < 2:
+            raise ConfigError("tune.pick: chooses a trade-off of tune.objectives (two or more)")
+        from distcl.tune.pareto import pick_weights
+
+        try:
+            pick_weights(tc.pick, tc.objectives)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if tc.start_with_job:
         job_point(job)
     return tc
+
+
+def search_metrics(tc: TuneConfig) -> list[str]:
+    """The reported keys the search maximises: ``objective``, or ``obj_<m>`` per metric of
+    ``tune.objectives`` (a Pareto search when there are two or more)."""
+    return [f"obj_{m}" for m in tc.objectives] if tc.objectives else ["objective"]
 
 
 def job_point(job: JobConfig) -> dict[str, Any]:

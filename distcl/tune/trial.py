@@ -1,27 +1,36 @@
-"""One tuning trial: the full task sequence of a trial job, scored after every task.
+"""One tuning trial: ONE Ray Train run over the trial job's whole task sequence.
 
-The Tune trainable (:func:`run_trial`) is a thin shell in Tune's placement group (a
-fraction of a CPU). The work runs in a :class:`TrialRunner` actor scheduled *outside* that
-group: the task-sequence driver launches embedding tasks (1 CPU each) and a Train run with
-its own placement group, and inside the trial's group the embedding tasks would wait
-forever for a CPU the group does not hold.
+The Tune function trainable (:func:`run_trial`) holds a fraction of a CPU (Tune's placement
+group); it prepares the trial's run dir, adopts the search's shared base task when there is
+one (``distcl.tune.base``), and calls ``Run.train`` once with
 
-After task t the runner scores the compatibility matrix of models 0..t (the rows of models
-before t are kept, only row t is new) and the trainable reports
-``{"task": t + 1, "objective", "ac", "am", "bc", "fc"}`` with a small checkpoint
-(``tasks_done``). Reports fall *between* Train runs, so when ASHA stops a trial no Train run
-is alive: its worker placement group was already released (Ray Train's own cleaner needs
-the State API, which is not there when the dashboard is off or several Ray instances share
-a machine). A restored trial continues after its last reported task; finished tasks on disk
-are never retrained (``is_model_done``).
+- ``score_fn`` (:func:`score_and_report`): after task t, rank 0 of the Train workers scores
+  row t of the compatibility matrix from the Parquet embeddings on disk (``distcl.eval.
+  evaluate.score_task``, cached in ``eval/rows/<t>.json``: earlier rows are never
+  recomputed): ``tasks_done = t + 1``, ``objective``, ``ac``, ``am``, ``bc``, ``fc`` and the
+  Pareto objectives ``obj_<metric>``; it sends them to the Tune trial (:class:`TuneLink`,
+  the queue Ray's ``TuneReportCallback`` uses; the per-epoch reports stay in Train) and
+  waits for Tune to ask for more, so ASHA grades the trial after every task and a stopped
+  trial ends exactly between two tasks. Stopping ends the trial actor; its Train controller
+  and workers die with it (they are owned by it). Their placement group would stay: Ray
+  Train's own cleaner needs the State API, which fails when the dashboard is off or, as
+  seen here, when several Ray instances share a machine (it connects to the latest one).
+  So a recorder callback writes each worker group's placement-group id to
+  ``<tune_dir>/groups/<trial>.txt`` and the search's driver removes those groups when the
+  trial ends (checked in tests/test_tune.py: no placement group is left after a search).
+
+A restored or retried trial runs the same code: finished tasks on disk (``RunDir.done``)
+are never retrained, a task cut mid-way resumes at its last epoch checkpoint, and the last
+finished task is reported again first, so Tune and ASHA see where the trial stands.
 
 Test: ``.venv/bin/python -m pytest tests/test_tune.py -q``.
 """
 
 from __future__ import annotations
 
+import functools
 import json
-import tempfile
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from distcl.config import JobConfig, TuneConfig
+from distcl.tune.scoring import _run_inputs, score_rows, tune_settings  # noqa: F401
 from distcl.tune.space import objective, trial_job
 
 
@@ -103,31 +113,96 @@ def score_run(
     return metrics, M
 
 
-class TrialRunner:
-    """The task sequence of one trial job (a Ray actor outside the trial's placement group)."""
+# ------------------------------------------------------------------ scoring on the workers
+def tune_metrics(rows: Sequence[dict], tc: TuneConfig, job: JobConfig) -> dict:
+    """Task count, AC/AM/BC/FC of the objective's matrix, the objective and, for a Pareto
+    search, ``obj_<m>`` (NaN of a one-model matrix read as AC 1, BC/FC 0: no pair yet)."""
+    from distcl.eval import compat
+    from distcl.eval import protocols as pr
 
-    def __init__(self, job: JobConfig, tc: TuneConfig):
-        from distcl.train.driver import Run
-
-        self.tc = tc
-        self.run = Run(job, progress=False, log=lambda m: print(f"[{job.name}] {m}", flush=True))
-        self.scenario = self.run.prepare()
-        self.M: np.ndarray | None = None
-
-    def num_tasks(self) -> int:
-        return self.scenario.num_tasks
-
-    def task(self, t: int) -> dict[str, float]:
-        """Train task t (unless its model is on disk), embed, score models 0..t."""
-        from distcl.train.modeling import is_model_done
-
-        if not is_model_done(self.run.dir, t):
-            self.run.train_task(t)
-        self.run.end_task(t)
-        metrics, self.M = score_run(self.run.dir, self.tc, t + 1, self.M)
-        return metrics
+    T = len(rows)
+    name = pr.main_metric(tc.protocol, job.eval.metric, tuple(job.eval.topk))
+    M = np.full((T, T), np.nan)
+    for i, row in enumerate(rows):
+        M[i, : i + 1] = row["protocols"][tc.protocol]["values"][name]
+    s = compat.summarize(M, job.eval.ties)
+    out = {"tasks_done": T, **{k: float(s[k]) for k in ("ac", "am", "bc", "fc")}}
+    out["objective"] = objective(out["ac"], out["am"], tc.objective, tc.ac_floor)
+    for m in tc.objectives:
+        v = out[m]
+        out[f"obj_{m}"] = v if not math.isnan(v) else {"ac": 1.0}.get(m, 0.0)
+    return out
 
 
+def score_tune(run_dir: str, t: int, *, tc: TuneConfig) -> dict:
+    """``Run.train``'s ``score_fn`` in a trial: the tuning metrics after task t."""
+    from distcl.tune.base import base_status
+
+    job, _ = _run_inputs(str(Path(run_dir).resolve()))
+    rows = score_rows(run_dir, t, tc.protocol)
+    return {**tune_metrics(rows, tc, job),
+            "base": base_status(run_dir)}  # fmt: skip
+
+
+class TuneLink:
+    """The trial's per-task reports, sent by rank 0 of the Train workers straight to the
+    Tune trial (the queue Ray's ``TuneReportCallback`` uses), and a wait for Tune's answer.
+
+    ``send`` puts the metrics, then an empty item that the trial reads only when Tune asks it
+    for its next result, i.e. after the scheduler decided to continue. So the workers (the
+    other ranks wait at the task's ``ray.train.report`` barrier) start the next task only
+    once ASHA let the trial continue; a stopped trial ends exactly between two tasks, and no
+    worker trains a task that will be thrown away. The per-epoch reports stay in Train.
+    """
+
+    def __init__(self, queue):
+        self.queue = queue  # ray.util.queue.Queue(maxsize=1) of the trial's session
+
+    @classmethod
+    def from_session(cls) -> TuneLink:
+        from ray.train._internal.session import get_session
+
+        return cls(get_session()._get_or_create_inter_actor_queue())
+
+    def send(self, metrics: Mapping[str, Any], poll_s: float = 0.1) -> None:
+        import time
+
+        self.queue.put(dict(metrics))  # waits while an earlier item is unread
+        self.queue.put({})  # falsy: read and dropped when Tune asks for the next result
+        while not self.queue.empty():
+            time.sleep(poll_s)
+
+
+def score_and_report(run_dir: str, t: int, *, tc: TuneConfig, link: TuneLink | None) -> dict:
+    """``Run.train``'s ``score_fn`` in a trial: score task t, report it to Tune, wait."""
+    metrics = score_tune(run_dir, t, tc=tc)
+    if link is not None:
+        link.send(metrics)
+    return metrics
+
+
+def _group_recorder(path: str):
+    """A Ray Train worker-group callback (runs in the Train controller) that appends the id
+    of every placement group its worker groups get to ``path``: the search's driver removes
+    them when the trial ends (:class:`distcl.tune.groups.ReleaseTrialGroups`), with or
+    without Ray's State API."""
+    from ray.train.v2._internal.execution.callback import WorkerGroupCallback
+
+    class PlacementGroupRecorder(WorkerGroupCallback):
+        def after_worker_group_start(self, worker_group) -> None:
+            try:
+                state = worker_group.get_worker_group_state()
+                pg = state.placement_group_handle.placement_group
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                with open(path, "a") as f:
+                    f.write(pg.id.hex() + "\n")
+            except Exception as e:  # never fail a run for its bookkeeping
+                print(f"could not record the worker placement group: {e}", flush=True)
+
+    return PlacementGroupRecorder()
+
+
+# ------------------------------------------------------------------ the trainable
 def run_trial(
     config: Mapping[str, Any],
     *,
@@ -135,32 +210,40 @@ def run_trial(
     trials_root: str,
     job_name: str,
     tc: TuneConfig,
+    shared_base: Mapping[int, str] | None = None,
+    later_keys: Sequence[str] = (),
+    groups_dir: str | None = None,
 ) -> None:
-    """The Tune function trainable: ``config`` holds the sampled values (dotted keys)."""
-    import ray
+    """The Tune function trainable: ``config`` holds the sampled values (dotted keys). The
+    confirm runs pass ``{"point": {key: value, "seed": s}, "variant": "best"}`` instead:
+    their run dirs are named ``<job>-<variant>-seed<s>`` (found again on a rerun)."""
     from ray import tune
 
-    trial_id = tune.get_context().get_trial_id()
-    job = trial_job(base, config, f"{job_name}-trial-{trial_id}", trials_root)
-    start = 0
-    ckpt = tune.get_checkpoint()
-    if ckpt is not None:  # a restored trial: continue after its last report
-        with ckpt.as_directory() as d:
-            start = int(json.loads((Path(d) / "progress.json").read_text())["tasks_done"])
-    runner = (
-        ray.remote(TrialRunner)
-        .options(
-            num_cpus=0,
-            scheduling_strategy="DEFAULT",  # out of the trial's placement group
-        )
-        .remote(job, tc)
-    )
-    try:
-        for t in range(start, ray.get(runner.num_tasks.remote())):
-            metrics = ray.get(runner.task.remote(t))
-            with tempfile.TemporaryDirectory() as d:
-                (Path(d) / "progress.json").write_text(json.dumps({"tasks_done": t + 1}))
-                # Blocks until Tune asks for more; a stopped trial exits here, between tasks.
-                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
-    finally:
-        ray.kill(runner)
+    from distcl.train.driver import Run
+    from distcl.tune.base import adopt_base
+
+    params = {k: v for k, v in config.items() if k not in ("point", "variant")}
+    params.update(config.get("point") or {})
+    if config.get("variant"):
+        name = f"{job_name}-{config['variant']}-seed{params.get('seed', base['seed'])}"
+    else:
+        name = f"{job_name}-trial-{tune.get_context().get_trial_id()}"
+    job = trial_job(base, params, name, trials_root)
+    run = Run(job, progress=False, log=lambda m: print(f"[{job.name}] {m}", flush=True))
+    callbacks = []
+    if groups_dir:
+        trial_id = tune.get_context().get_trial_id()
+        callbacks.append(_group_recorder(str(Path(groups_dir) / f"{trial_id}.txt")))
+    with run.rd.lock():
+        run.prepare()
+        base_dir = (shared_base or {}).get(job.seed)
+        if base_dir and not run.rd.done(0):
+            status = adopt_base(base_dir, run, list(later_keys))
+            print(f"[{job.name}] base task: {status}", flush=True)
+        first = run.rd.finished_tasks()
+        if first > 0:  # a restored trial, or the shared base: where it stands
+            tune.report(score_tune(str(run.dir), first - 1, tc=tc))
+        if first < run.scenario.num_tasks:
+            link = TuneLink.from_session()
+            run.train(score_fn=functools.partial(score_and_report, tc=tc, link=link),
+                      callbacks=callbacks)  # fmt: skip
