@@ -126,6 +126,8 @@ globals().update({v.__name__: v for v in _VARIANTS})  # importable by name: pick
 
 def _variant(name: str) -> type[_MethodBase]:
     return globals()[f"Method_{name}"]
+
+
 MethodConfig = Annotated[Union[tuple(_VARIANTS)], Field(discriminator="name")]  # noqa: UP007
 
 

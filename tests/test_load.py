@@ -45,10 +45,25 @@ def test_three_jobs_at_once_on_one_head_finish_with_disjoint_outputs(ray_head, t
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "DISTCL_"))}
     procs = {
         name: subprocess.Popen(
-            [sys.executable, "-m", "distcl.cli", "submit", str(path), "--address",
-             ray_head.address, "--working-dir", str(ROOT), "--wait", "--token-file",
-             str(_token_file(tmp_path, ray_head.token))],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [
+                sys.executable,
+                "-m",
+                "distcl.cli",
+                "submit",
+                str(path),
+                "--address",
+                ray_head.address,
+                "--working-dir",
+                str(ROOT),
+                "--wait",
+                "--token-file",
+                str(_token_file(tmp_path, ray_head.token)),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )  # fmt: skip
         for name, path in jobs.items()
     }

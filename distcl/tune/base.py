@@ -35,7 +35,6 @@ Test: ``.venv/bin/python -m pytest tests/test_tune.py -q -k base``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -45,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from distcl.config import ConfigError, JobConfig, SearchSpace, TuneConfig, to_dict
+from distcl.data.shardio import sha256_file
 
 #: Method params that act only when an old model / old classes exist (from task 1 on).
 LATER_PARAMS: dict[str, frozenset[str]] = {
@@ -128,14 +128,6 @@ def base_job(job_base: Mapping[str, Any], trials_root: str, name: str, seed: int
     return trial_job(job_base, params, name, trials_root)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _files(root: Path) -> list[Path]:
     out = []
     for rel in BASE_PATHS:
@@ -174,7 +166,7 @@ def train_base(job: JobConfig, later_keys: list[str], protocol: str = "seen", lo
                 _stop_actors(run)
         score_rows(run.dir, 0, protocol)  # eval/rows/0.json, so trials do not recompute it
         meta = json.loads((run.rd.model(0) / "meta.json").read_text())
-        files = {str(p.relative_to(run.dir)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+        files = {str(p.relative_to(run.dir)): {"size": p.stat().st_size, "sha256": sha256_file(p)}
                  for p in _files(run.dir)}  # fmt: skip
         for rel in files:  # read-only: an in-place write through a link would fail loudly
             p = run.dir / rel
@@ -231,7 +223,7 @@ def adopt_base(base_dir: str | Path, run, later_keys: list[str]) -> str:
     for rel, want in info["files"].items():
         src = base_dir / rel
         same = src.is_file() and src.stat().st_size == want["size"]
-        if not same or _sha256(src) != want["sha256"]:
+        if not same or sha256_file(src) != want["sha256"]:
             return f"own: {rel} of the base changed since it was trained"
     # done.json last: until it is in place the trial's task 0 does not count as finished.
     rels = sorted(info["files"], key=lambda r: r.endswith("models/0/done.json"))

@@ -96,7 +96,7 @@ def keep_at_rung(point: Sequence[float], recorded: Sequence[Sequence[float]], rf
     return fronts[-1] <= sorted(fronts)[k - 1]
 
 
-def _reported(trial: Any, time_attr: str, metrics: Sequence[str]) -> Iterator[tuple]:
+def reported_results(trial: Any, time_attr: str, metrics: Sequence[str]) -> Iterator[tuple]:
     """(time, (m1, m2, ...)) of every result a restored trial reported (Tune's result.json)."""
     if not getattr(trial, "has_reported_at_least_once", False):
         return
@@ -150,7 +150,7 @@ class ParetoASHA(_scheduler_base()):
         self._rungs = [(m, {}) for m in asha_milestones(max_t, grace_period, reduction_factor)]
 
     def on_trial_add(self, tune_controller, trial) -> None:
-        for t, values in _reported(trial, self._time_attr, self._metrics):
+        for t, values in reported_results(trial, self._time_attr, self._metrics):
             self._decide(trial.trial_id, t, values)
 
     def _decide(self, trial_id: str, t: float, values: tuple) -> str:

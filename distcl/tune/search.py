@@ -44,9 +44,8 @@ Test: ``.venv/bin/python -m pytest tests/test_tune.py -q`` (real Ray, a few minu
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +54,7 @@ from ray.tune.schedulers import ASHAScheduler
 from distcl.config import ConfigError, JobConfig, TuneConfig, dump_job, parse_job, to_dict
 from distcl.tune.base import prepare_bases
 from distcl.tune.groups import ReleaseTrialGroups
+from distcl.tune.pareto import reported_results
 from distcl.tune.space import (
     base_dict,
     job_point,
@@ -66,28 +66,6 @@ from distcl.tune.space import (
 
 
 # ------------------------------------------------------------------ scheduling helpers
-def _reported(trial: Any, time_attr: str, metric: str) -> Iterator[tuple[float, float]]:
-    """(time, metric) of every result a (restored) trial reported, from Tune's result.json."""
-    if not trial.has_reported_at_least_once:  # a new trial (it has no folder yet)
-        return
-    for attr in ("path", "local_path"):
-        try:
-            path = Path(getattr(trial, attr)) / "result.json"
-        except (RuntimeError, TypeError):
-            continue
-        if not path.is_file():
-            continue
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # a line cut by a kill
-                continue
-            value = row.get(metric)
-            if row.get(time_attr) is not None and value is not None and not math.isnan(value):
-                yield row[time_attr], value
-        return
-
-
 class TaskASHA(ASHAScheduler):
     """ASHA whose rungs survive ``Tuner.restore``: Tune re-adds restored trials but does not
     save the scheduler, so each restored trial's reports are recorded again on add."""
@@ -95,7 +73,7 @@ class TaskASHA(ASHAScheduler):
     def on_trial_add(self, tune_controller, trial) -> None:
         super().on_trial_add(tune_controller, trial)
         bracket = self._trial_info[trial.trial_id]
-        for t, value in _reported(trial, self._time_attr, self._metric):
+        for t, (value,) in reported_results(trial, self._time_attr, (self._metric,)):
             bracket.on_result(trial, t, self._metric_op * value)
 
 
