@@ -153,10 +153,23 @@ class TrainConfig(Section):
     weight_decay: Annotated[StrictFloat, Field(ge=0)] = 5e-4
     workers: Pos = 2
     use_gpu: Literal["auto", "yes", "no"] = "auto"
-    threads_per_worker: Pos | None = None  #: torch threads; None: CPUs per worker
+    threads_per_worker: Pos | None = None  #: torch threads; None: the CPUs loaders leave
     cpus_per_worker: Annotated[StrictFloat, Field(gt=0)] = 1.0
+    #: DataLoader processes per worker that read and decode shards; "auto": the worker's
+    #: CPUs beyond its own process (cpus_per_worker - 1, at most 8; 0 reads in-process)
+    loader_workers: NonNeg | Literal["auto"] = "auto"
     max_failures: NonNeg = 2  #: worker-group restarts (Ray Train FailureConfig)
     augment: Bool = True  #: random crop + flip
+
+    def loaders(self) -> int:
+        """Loader processes per Train worker (``loader_workers`` resolved)."""
+        if self.loader_workers != "auto":
+            return self.loader_workers
+        return min(8, max(0, int(self.cpus_per_worker) - 1))
+
+    def threads(self) -> int:
+        """torch threads per Train worker: set, or the worker's CPUs the loaders leave."""
+        return self.threads_per_worker or max(1, int(self.cpus_per_worker) - self.loaders())
 
     def epochs_for(self, task: int) -> int:
         return self.first_task_epochs if task == 0 and self.first_task_epochs else self.epochs

@@ -113,6 +113,21 @@ def test_per_task_epochs_and_lr():
     assert [t.lr_for(i) for i in range(2)] == [0.1, 0.1]
 
 
+def test_loader_workers_and_threads_share_the_worker_cpus():
+    from distcl.config import TrainConfig
+
+    assert (TrainConfig().loaders(), TrainConfig().threads()) == (0, 1)  # 1 CPU: in-process
+    t = TrainConfig(cpus_per_worker=6.0)  # auto: 5 loaders + 1 compute thread
+    assert (t.loaders(), t.threads()) == (5, 1)
+    t = TrainConfig(cpus_per_worker=16.0, loader_workers=4)  # 4 loaders, 12 threads
+    assert (t.loaders(), t.threads()) == (4, 12)
+    assert TrainConfig(cpus_per_worker=32.0).loaders() == 8  # auto caps at 8
+    assert TrainConfig(cpus_per_worker=6.0, threads_per_worker=2).threads() == 2
+    assert TrainConfig(cpus_per_worker=0.9).loaders() == 0  # a fraction: in-process
+    with pytest.raises(ValidationError):
+        TrainConfig(loader_workers=-1)
+
+
 def test_smoke_shrinks_any_job(tmp_path):
     path = write(tmp_path, QUICK)
     job = load_job(path, smoke=True)

@@ -142,10 +142,11 @@ METHOD_JOBS = {
 METHOD_JOBS["finetune+align"] = {"method": {"name": "finetune", "align": [
     {"name": "l2"}, {"name": "projection"}, {"name": "layerwise", "weight": 0.5},
     {"name": "adversarial", "weight": 0.1}, {"name": "kd"}]}}  # fmt: skip
-METHOD_JOBS["cvs-herding-blurry"] = {
+METHOD_JOBS["cvs-herding-blurry"] = {  # and shards decoded in a DataLoader process per rank
     "method": {"name": "cvs"},
     "memory": {"selection": "herding"},
     "scenario": {"setup": "blurry"},
+    "train": {"loader_workers": 1},
 }
 
 
@@ -165,6 +166,7 @@ def test_finetune_smoke_run(finetune_run):
 def test_two_task_smoke_run_of_every_method(variant, synthetic_job):
     overrides = {**TINY, **METHOD_JOBS[variant]}
     overrides["scenario"] = {**TINY["scenario"], **METHOD_JOBS[variant].get("scenario", {})}
+    overrides["train"] = {**TINY.get("train", {}), **METHOD_JOBS[variant].get("train", {})}
     job = synthetic_job(name=f"smoke-{variant}".replace("+", "-"), **overrides)
     out = run_job(job, progress=False, log=lambda *a: None)
     _check_smoke_run(variant, job, out)
@@ -175,6 +177,7 @@ def _check_smoke_run(variant, job, out):
     for t in (0, 1):
         meta = json.loads((run_dir / "models" / str(t) / "meta.json").read_text())
         assert meta["task"] == t and meta["method"] == job.method.name
+        assert meta["loader_workers"] == job.train.loaders()  # 1 in the cvs variant
         hist = json.loads((run_dir / "models" / str(t) / "history.json").read_text())
         assert all(np.isfinite(v) for h in hist for k, v in h.items() if k.startswith("loss/"))
     assert (run_dir / "report.md").is_file() and (run_dir / "compat_all.png").is_file()

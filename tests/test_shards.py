@@ -26,6 +26,7 @@ from distcl.data.shards import (
     ShardError,
     batches_per_epoch,
     build_shards,
+    decode_image,
     exact_split,
     iter_shard,
     load_arrays,
@@ -240,25 +241,31 @@ def test_batches_per_epoch_golden():
     assert batches_per_epoch(10, 4, 16) == 1  # never zero
 
 
-def rank_keys(paths, total, rank, world, batch, epoch=0, seed=0):
+def rank_keys(paths, total, rank, world, batch, epoch=0, seed=0, loaders=0):
     out = []
-    for images, labels, keys in train_batches(paths, total, rank, world, batch, seed, epoch):
+    for images, labels, keys in train_batches(paths, total, rank, world, batch, seed, epoch,
+                                              loader_workers=loaders):  # fmt: skip
+        images, labels = np.asarray(images), np.asarray(labels)  # tensors from a DataLoader
         assert images.shape == (len(keys), 1, 16, 16) and images.dtype == np.uint8
         assert labels.shape == (len(keys),) and labels.dtype == np.int64
-        out.append(keys)
+        out.append(list(keys))
     return out
 
 
 @pytest.mark.parametrize(
-    ("case", "world", "batch"),
+    ("case", "world", "batch", "loaders"),
     [
-        ("equal", 2, 16),  # 8 shards of 16
-        ("equal", 3, 8),  # 8 shards dealt 3/3/2: unequal shares per rank
-        ("one-shard", 3, 4),  # fewer shards than ranks: sample-level split
-        ("unequal", 2, 10),  # shards of 16, 16, 5, 16, 3
+        ("equal", 2, 16, 0),  # 8 shards of 16
+        ("equal", 3, 8, 0),  # 8 shards dealt 3/3/2: unequal shares per rank
+        ("one-shard", 3, 4, 0),  # fewer shards than ranks: sample-level split
+        ("unequal", 2, 10, 0),  # shards of 16, 16, 5, 16, 3
+        ("equal", 2, 16, 2),  # 4 readers (2 ranks x 2 loader workers), 2 shards each
+        ("equal", 3, 8, 2),  # 6 readers, 8 shards: 5 batches per rank split 3 + 2
+        ("one-shard", 2, 4, 3),  # 6 readers, 1 shard: split by sample in the loaders
+        ("unequal", 2, 10, 2),
     ],
 )
-def test_train_batches_equal_counts_per_rank(built, case, world, batch):
+def test_train_batches_equal_counts_per_rank(built, case, world, batch, loaders):
     _, out, _, _ = built
     paths = shard_paths(out, 0, "train")
     counts = shard_counts(out)
@@ -277,12 +284,64 @@ def test_train_batches_equal_counts_per_rank(built, case, world, batch):
                  paths[3], paths[4].with_name(f"cut-3-{paths[4].name}")]  # fmt: skip
     total = sum(counts[p.name] for p in paths)
     expected = batches_per_epoch(total, world, batch)
-    per_rank = [rank_keys(paths, total, r, world, batch) for r in range(world)]
+    per_rank = [rank_keys(paths, total, r, world, batch, loaders=loaders) for r in range(world)]
     assert [len(b) for b in per_rank] == [expected] * world
     assert all(len(keys) == batch for batches in per_rank for keys in batches)
     if case == "one-shard":  # ranks split the shard's samples: no sample on two ranks
         sets = [{k for keys in b for k in keys} for b in per_rank]
-        assert not (sets[0] & sets[1]) and not (sets[1] & sets[2])
+        assert all(not (a & b) for i, a in enumerate(sets) for b in sets[i + 1 :])
+    # Seeded: the same batches again with the same number of loader workers.
+    assert per_rank[0] == rank_keys(paths, total, 0, world, batch, loaders=loaders)
+
+
+def test_loader_workers_epoch_has_no_repeats_when_shares_suffice(built):
+    # 8 equal shards over 2 ranks x 2 loader workers: 2 shards (32 samples, 2 batches) per
+    # reader, so the epoch shows every sample once, decoded in the loader processes.
+    _, out, _, _ = built
+    paths = shard_paths(out, 0, "train")
+    keys = [k for r in range(2) for b in rank_keys(paths, 128, r, 2, 16, loaders=2) for k in b]
+    assert len(keys) == len(set(keys)) == 128
+
+
+def test_loader_quotas():
+    from distcl.data.shardio import loader_quotas
+
+    assert loader_quotas(5, 2) == [3, 2] and loader_quotas(4, 4) == [1, 1, 1, 1]
+    assert sum(loader_quotas(17, 3)) == 17 and loader_quotas(1, 1) == [1]
+
+
+def test_sample_split_decodes_only_kept_samples(built, monkeypatch):
+    """With fewer shards than readers, a reader decodes its own samples only."""
+    from distcl.data import shardio
+
+    _, out, _, _ = built
+    calls = []
+    monkeypatch.setattr(shardio, "decode_image", lambda b: calls.append(1) or decode_image(b))
+    rank_keys(shard_paths(out, 0, "train")[:1], 16, 1, 4, 2)  # 16 samples, 4 ranks: 2 batches
+    assert len(calls) == 4  # this rank's 4 samples, not all 16
+
+
+def test_embed_shards_same_with_loader_workers(built):
+    """The end-of-task embedding pass gives the same rows decoded in loader processes."""
+    import torch
+
+    from distcl.train.endtask import embed_shards
+
+    class Mean(torch.nn.Module):  # a fixed "model": the image's mean per row block
+        embedding_dim = 4
+
+        def embed(self, x):
+            return torch.nn.functional.normalize(x.flatten(1).view(len(x), 4, -1).mean(2) + 1)
+
+    _, out, _, _ = built
+    counts = shard_counts(out)
+    shards = [(str(p), counts[p.name]) for p in shard_paths(out, [0, 1], "train")]
+    a = embed_shards(Mean(), shards, torch.device("cpu"))
+    b = embed_shards(Mean(), shards, torch.device("cpu"), loader_workers=2)
+    assert len(a["keys"]) == 256 and sorted(a["keys"]) == sorted(b["keys"])
+    ia, ib = np.argsort(a["keys"]), np.argsort(b["keys"])
+    for f in ("labels", "tasks", "emb"):
+        np.testing.assert_array_equal(a[f][ia], b[f][ib])
 
 
 def test_train_epoch_has_no_repeats_when_shares_suffice(built):

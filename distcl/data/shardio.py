@@ -17,7 +17,8 @@ Readers:
   mid-file can read as a clean, shorter archive), names the shard on any error, and leaves
   a note so that the next build (which checks sizes, not hashes) rewrites that shard.
 - :func:`train_batches`: every DDP rank yields exactly the same number of batches (DDP
-  would hang otherwise); each epoch shards are shuffled and dealt to ranks, streams cycle.
+  would hang otherwise); each epoch shards are shuffled and dealt to the readers (ranks x
+  loader workers), streams cycle; decoding runs in ``DataLoader`` workers where asked.
 - :func:`exact_split`: every sample to exactly one (rank, loader worker), for embedding.
 """
 
@@ -32,6 +33,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 import webdataset as wds
 
 from distcl.data.sources import DataError
@@ -215,13 +217,14 @@ def _all_shards(src):  # nodesplitter / workersplitter that keep everything (we 
 
 
 def iter_shard(
-    path: Path, expected: int | None = None
-) -> Iterator[tuple[str, np.ndarray, int, dict]]:
+    path: Path, expected: int | None = None, decode: bool = True
+) -> Iterator[tuple[str, np.ndarray | bytes, int, dict]]:
     """Samples of one shard as (key, uint8 (C, H, W), label, meta); errors name the shard.
 
     Read to the end, the number of samples must equal ``expected`` (None: the count the
     manifest beside the shard lists, if any): a tar damaged mid-file can read as a clean,
-    shorter archive, and only the count tells.
+    shorter archive, and only the count tells. ``decode=False`` yields the encoded image
+    bytes (a reader that keeps only some samples decodes only those: :func:`decode_image`).
     """
     path = Path(path)
     if expected is None:
@@ -236,7 +239,8 @@ def iter_shard(
             meta = json.loads(sample["json"])
             image = sample["png"] if "png" in sample else sample["jpg"]
             n += 1
-            yield sample["__key__"], decode_image(image), int(sample["cls"]), meta
+            yield sample["__key__"], decode_image(image) if decode else image, int(
+                sample["cls"]), meta  # fmt: skip
     except Exception as e:  # tarfile.ReadError, KeyError on a half sample, PIL errors
         mark_damaged(path, f"{type(e).__name__}: {e}")
         raise ShardError(f"{path}: cannot read shard ({type(e).__name__}: {e})") from None
@@ -268,30 +272,82 @@ def batches_per_epoch(total: int, world: int, batch_size: int) -> int:
     return max(1, total // (world * batch_size))
 
 
-def _rank_stream(paths: Sequence[Path], rank: int, world: int, seed: int, epoch: int):
-    """Endless stream of one rank's samples: shards dealt per epoch, sample-split if too few."""
+def _reader_stream(paths: Sequence[Path], reader: int, readers: int, seed: int, epoch: int):
+    """Endless stream of one reader's samples (a reader: one loader worker of one rank).
+
+    Each cycle the shards are shuffled with a seed every reader shares, then dealt to the
+    ``readers``; with fewer shards than readers, every reader reads all of them and keeps
+    every ``readers``-th sample, decoding only those it keeps.
+    """
     cycle = 0
     while True:
         rng = np.random.default_rng([seed, epoch, cycle])
         order = [paths[i] for i in rng.permutation(len(paths))]
         n = 0
-        if len(order) >= world:
-            for p in order[rank::world]:
+        if len(order) >= readers:
+            for p in order[reader::readers]:
                 for s in iter_shard(p):
                     n += 1
                     yield s
-        else:  # fewer shards than ranks: every rank reads all, keeps every world-th sample
+        else:  # fewer shards than readers: split by sample, before decoding
             k = 0
             for p in order:
-                for s in iter_shard(p):
-                    if k % world == rank:
+                for key, data, label, meta in iter_shard(p, decode=False):
+                    if k % readers == reader:
                         n += 1
-                        yield s
+                        yield key, decode_image(data), label, meta
                     k += 1
         if n == 0:  # cycling would spin forever
             names = ", ".join(p.name for p in order)
-            raise ShardError(f"rank {rank} of {world}: no samples in the shards ({names})")
+            raise ShardError(f"reader {reader} of {readers}: no samples in the shards ({names})")
         cycle += 1
+
+
+def _shuffled_batches(stream, n_batches: int, batch_size: int, buffer: int, rng):
+    """``n_batches`` batches drawn through a shuffle buffer from ``stream``."""
+    buf: list = []
+    # Pull exactly the samples these batches use: a buffer filled past them would wrap the
+    # stream into its next cycle and mix repeats into the epoch while dropping others.
+    to_pull = n_batches * batch_size
+    for _ in range(n_batches):
+        batch = []
+        while len(batch) < batch_size:
+            while len(buf) < buffer and to_pull > 0:
+                buf.append(next(stream))
+                to_pull -= 1
+            j = int(rng.integers(len(buf)))
+            buf[j], buf[-1] = buf[-1], buf[j]
+            batch.append(buf.pop())
+        keys = [s[0] for s in batch]
+        images = np.stack([s[1] for s in batch])
+        labels = np.asarray([s[2] for s in batch], np.int64)
+        yield images, labels, keys
+
+
+def loader_quotas(n_batches: int, workers: int) -> list[int]:
+    """Batches per loader worker: ``n_batches`` dealt as evenly as possible."""
+    return [n_batches // workers + (w < n_batches % workers) for w in range(workers)]
+
+
+class TrainStream(torch.utils.data.IterableDataset):
+    """One rank's epoch for a ``DataLoader``: each loader worker reads and decodes its own
+    shards (or its own samples) into whole batches; the DataLoader takes the workers'
+    batches in turn, so the order is fixed by (seed, epoch, rank, number of workers)."""
+
+    def __init__(self, paths, total, rank, world, batch_size, seed, epoch, shuffle_buffer,
+                 workers):  # fmt: skip
+        self.args = (list(paths), rank, world, batch_size, seed, epoch, shuffle_buffer)
+        self.quotas = loader_quotas(batches_per_epoch(total, world, batch_size), workers)
+
+    def __iter__(self):
+        paths, rank, world, batch_size, seed, epoch, buffer = self.args
+        info = torch.utils.data.get_worker_info()
+        w, n = (info.id, info.num_workers) if info is not None else (0, 1)
+        stream = _reader_stream(paths, rank * n + w, world * n, seed, epoch)
+        rng = np.random.default_rng([seed, epoch, rank, 99, w, n])
+        yield from _shuffled_batches(
+            stream, self.quotas[w], batch_size, max(batch_size, buffer // n), rng
+        )
 
 
 def train_batches(
@@ -303,31 +359,28 @@ def train_batches(
     seed: int,
     epoch: int,
     shuffle_buffer: int = 1000,
+    loader_workers: int = 0,
+    pin_memory: bool = False,
 ) -> Iterator[tuple[np.ndarray, np.ndarray, list[str]]]:
     """Exactly ``batches_per_epoch(total, world, batch_size)`` batches for this rank:
-    (images uint8 (B, C, H, W), labels int64 (B,), keys)."""
+    (images uint8 (B, C, H, W), labels int64 (B,), keys).
+
+    ``loader_workers=0`` reads and decodes in this process; N > 0 in N ``DataLoader``
+    worker processes (tensors then, pinned if asked), each with a share of the batches."""
     if not paths:
         raise ShardError("train_batches: no shards given")
     n_batches = batches_per_epoch(total, world, batch_size)
-    rng = np.random.default_rng([seed, epoch, rank, 99])
-    stream = _rank_stream(list(paths), rank, world, seed, epoch)
-    buf: list = []
-    # Pull exactly the samples this epoch uses: a buffer filled past them would wrap the
-    # stream into its next cycle and mix repeats into the epoch while dropping others.
-    to_pull = n_batches * batch_size
-    for _ in range(n_batches):
-        batch = []
-        while len(batch) < batch_size:
-            while len(buf) < shuffle_buffer and to_pull > 0:
-                buf.append(next(stream))
-                to_pull -= 1
-            j = int(rng.integers(len(buf)))
-            buf[j], buf[-1] = buf[-1], buf[j]
-            batch.append(buf.pop())
-        keys = [s[0] for s in batch]
-        images = np.stack([s[1] for s in batch])
-        labels = np.asarray([s[2] for s in batch], np.int64)
-        yield images, labels, keys
+    if loader_workers == 0:
+        stream = _reader_stream(list(paths), rank, world, seed, epoch)
+        rng = np.random.default_rng([seed, epoch, rank, 99])
+        yield from _shuffled_batches(stream, n_batches, batch_size, shuffle_buffer, rng)
+        return
+    workers = min(loader_workers, n_batches)  # a worker with no batch would only start
+    ds = TrainStream(paths, total, rank, world, batch_size, seed, epoch, shuffle_buffer, workers)
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=None, num_workers=workers, pin_memory=pin_memory, prefetch_factor=2
+    )
+    yield from loader
 
 
 def load_arrays(paths: Sequence[Path]) -> tuple[list[str], np.ndarray, np.ndarray, list[dict]]:

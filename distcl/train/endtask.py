@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from distcl import faults
-from distcl.data.shards import exact_split, iter_shard
+from distcl.data.shards import decode_image, exact_split, iter_shard
 from distcl.gallery.store import write_embeddings
 from distcl.memory.selection import per_class_budget
 from distcl.methods.base import TaskContext
@@ -50,31 +50,61 @@ def task_context(w, t: int) -> TaskContext:
     return ctx
 
 
-@torch.no_grad()
-def embed_shards(model, shards: Sequence[tuple[str, int]], device) -> dict[str, np.ndarray]:
-    """Every sample of ``shards`` ((path, manifest count) pairs) embedded by ``model``;
-    a shard that yields fewer samples than its manifest count is an error naming it."""
-    keys, labels, tasks, embs, batch = [], [], [], [], []
-
-    def flush() -> None:
-        x = torch.from_numpy(np.stack(batch)).to(device).float().div_(255.0)
-        embs.append(model.embed(x).cpu().numpy().astype(np.float32))  # (B, D), L2-normalised
-        batch.clear()
-
+def _embed_batches(shards: Sequence[tuple[str, int]]):
+    """(images uint8, keys, labels, tasks) batches of ``shards``; a shard that yields fewer
+    samples than its manifest count is an error naming it."""
+    images, keys, labels, tasks = [], [], [], []
     for path, count in shards:
         n = 0
         for key, img, lab, meta in iter_shard(Path(path)):
+            images.append(img)
             keys.append(key)
             labels.append(lab)
             tasks.append(meta["task"])
-            batch.append(img)
             n += 1
-            if len(batch) == EMBED_BATCH:
-                flush()
+            if len(images) == EMBED_BATCH:
+                yield np.stack(images), keys, labels, tasks
+                images, keys, labels, tasks = [], [], [], []
         if n != count:
             raise RuntimeError(f"{path}: read {n} samples, the manifest lists {count}")
-    if batch:
-        flush()
+    if images:
+        yield np.stack(images), keys, labels, tasks
+
+
+class _EmbedStream(torch.utils.data.IterableDataset):
+    """A rank's shards for a DataLoader: each loader worker reads and decodes its own."""
+
+    def __init__(self, shards):
+        self.shards = list(shards)
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        w, n = (info.id, info.num_workers) if info is not None else (0, 1)
+        yield from _embed_batches(exact_split(self.shards, 0, 1, w, n))
+
+
+@torch.no_grad()
+def embed_shards(
+    model, shards: Sequence[tuple[str, int]], device, loader_workers: int = 0
+) -> dict[str, np.ndarray]:
+    """Every sample of ``shards`` ((path, manifest count) pairs) embedded by ``model``,
+    decoded here (``loader_workers=0``) or in that many DataLoader worker processes."""
+    workers = min(loader_workers, len(shards))
+    batches = (
+        _embed_batches(shards)
+        if workers == 0
+        else torch.utils.data.DataLoader(
+            _EmbedStream(shards), batch_size=None, num_workers=workers,
+            pin_memory=getattr(device, "type", str(device)) == "cuda",
+        )
+    )  # fmt: skip
+    keys, labels, tasks, embs = [], [], [], []
+    for images, k, lab, tk in batches:
+        x = torch.as_tensor(images).to(device, non_blocking=True).float().div_(255.0)
+        embs.append(model.embed(x).cpu().numpy().astype(np.float32))  # (B, D), L2-normalised
+        keys += list(k)
+        labels += [int(v) for v in lab]
+        tasks += [int(v) for v in tk]
     d = model.embedding_dim
     return {
         "keys": np.asarray(keys, dtype=str),
@@ -98,7 +128,7 @@ def _class_sums(w, labels: np.ndarray, emb: np.ndarray) -> tuple[np.ndarray, np.
 
 def class_means(w, model, shards) -> tuple[torch.Tensor, torch.Tensor]:
     """(means (K, D), labels (K,)) of the classes present in ``shards``, over all ranks."""
-    out = embed_shards(model, exact_split(shards, w.rank, w.world), w.device)
+    out = embed_shards(model, exact_split(shards, w.rank, w.world), w.device, w.loaders)
     sums, counts = _class_sums(w, out["labels"], out["emb"])
     present = np.flatnonzero(counts > 0)
     means = sums[present] / counts[present, None]
@@ -113,7 +143,7 @@ def finish_task(w, t: int, model) -> dict:
         for root in (rd.eval_embeddings, rd.gallery):
             shutil.rmtree(root / f"model={t}", ignore_errors=True)
     w.barrier()
-    ev = embed_shards(model, exact_split(plan["eval_shards"], w.rank, w.world), w.device)
+    ev = embed_shards(model, exact_split(plan["eval_shards"], w.rank, w.world), w.device, w.loaders)
     part = f"part-{w.rank}"
     if len(ev["keys"]):
         write_embeddings(
@@ -146,7 +176,7 @@ def _update_memory(w, t: int, model) -> None:
     """Class means and exemplars of task t (selection on the memory service)."""
     job, plan, needs = w.job, w.plan, w.plan["needs"]
     shards = exact_split(plan["tasks"][t]["memory_shards"], w.rank, w.world)
-    tr = embed_shards(model, shards, w.device)
+    tr = embed_shards(model, shards, w.device, w.loaders)
     emb = tr["emb"]
     if needs["class_means"]:
         sums, counts = _class_sums(w, tr["labels"], emb)
@@ -176,9 +206,9 @@ def _update_memory(w, t: int, model) -> None:
     wanted = set(keys)
     found = {}
     for path, _count in shards:  # only the chosen items' images are read again
-        for key, img, _lab, _meta in iter_shard(Path(path)):
-            if key in wanted:
-                found[key] = img
+        for key, data, _lab, _meta in iter_shard(Path(path), decode=False):
+            if key in wanted:  # decode only the chosen items
+                found[key] = decode_image(data)
     gathered = [None] * w.world
     if w.distributed:
         dist.all_gather_object(gathered, found)

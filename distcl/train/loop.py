@@ -98,6 +98,7 @@ class Worker:
         self.device = ray.train.torch.get_device()
         self.distributed = dist.is_available() and dist.is_initialized() and self.world > 1
         self.gather = global_gather if self.distributed else None
+        self.loaders = self.job.train.loaders()  # DataLoader processes that read and decode
         self.memory = config.get("memory")  # a MemoryService (its shards' handles) or None
         self.progress = None
         if self.rank == 0 and config.get("progress_actor"):
@@ -110,8 +111,7 @@ class Worker:
     # -- the sequence ----------------------------------------------------------------
     def run(self) -> dict:
         job, plan = self.job, self.plan
-        threads = job.train.threads_per_worker or max(1, int(job.train.cpus_per_worker))
-        torch.set_num_threads(threads)
+        torch.set_num_threads(job.train.threads())
         torch.manual_seed(job.seed)  # the same initial model in every run (DDP: rank 0's)
         model = build_model(job, plan["num_classes"], plan["in_channels"])
         first = self.rd.finished_tasks()
@@ -213,22 +213,26 @@ class Worker:
             for b, (images, labels, _keys) in enumerate(
                 train_batches(
                     task["train_paths"], task["train_count"], self.rank, self.world, bsz,
-                    job.seed * 31 + t, epoch,
+                    job.seed * 31 + t, epoch, loader_workers=self.loaders,
+                    pin_memory=self.device.type == "cuda",
                 )
             ):  # fmt: skip
-                from_memory = np.zeros(len(labels), bool)
+                images, labels = torch.as_tensor(images), torch.as_tensor(labels)
+                from_memory = torch.zeros(len(labels), dtype=torch.bool)
                 if n_mem:
                     rows = sampler.sample(n_mem, sample_rng)
-                    images = np.concatenate([images, snapshot["images"][rows]])
-                    labels = np.concatenate([labels, snapshot["labels"][rows]])
-                    from_memory = np.concatenate([from_memory, np.ones(n_mem, bool)])
-                x = torch.from_numpy(images).to(self.device).float().div_(255.0)
+                    images = torch.cat([images, torch.from_numpy(snapshot["images"][rows])])
+                    labels = torch.cat([labels, torch.from_numpy(snapshot["labels"][rows])])
+                    from_memory = torch.cat([from_memory, torch.ones(n_mem, dtype=torch.bool)])
+                # Augmenting (a flip and a shift of the whole batch, replay rows included) is a
+                # tensor op on the device; decoding, the CPU cost, ran in the loader workers.
+                x = images.to(self.device, non_blocking=True).float().div_(255.0)
                 if job.train.augment:
                     x = _augment(x, gen)
                 batch = Batch(
                     x,
-                    torch.from_numpy(labels).to(self.device),
-                    torch.from_numpy(from_memory).to(self.device),
+                    labels.to(self.device),
+                    from_memory.to(self.device),
                     gather=self.gather,
                 )
                 terms = step(batch)
@@ -257,7 +261,7 @@ class Worker:
             self._report_epoch(record, inner, opt, sched, t, epoch, history)
         if self.rank == 0:
             meta = model_meta(job, model, t, plan["scenario_digest"])
-            meta.update(workers=self.world, device=str(self.device))
+            meta.update(workers=self.world, device=str(self.device), loader_workers=self.loaders)
             with tempfile.TemporaryDirectory() as d:
                 torch.save(model.state_dict(), Path(d) / "model.pt")
                 save_model_dir(self.rd.root, t, Path(d) / "model.pt", history, meta)
