@@ -505,14 +505,15 @@ def _leftover_groups(timeout: float = 60.0) -> list:
 def pareto(tmp_path_factory, synthetic_raw_job, local_ray):
     """A two-objective (AM, BC) grid over LwF's alpha, a weight that acts only from the
     second task on: the first task is trained once for the search. Workers of 0.9 CPU pack
-    two trials on 2 CPUs. Then ``--confirm 2``: best and baseline on seeds 0 and 1."""
+    two trials on 2 CPUs. Then ``--confirm 2``: best and baseline on seeds 0 and 1 (seed 0
+    of both read from the search's trials: the grid holds the job's own alpha)."""
     from distcl.tune.search import tune_job
 
     root = tmp_path_factory.mktemp("pareto")
     raw = synthetic_raw_job(root, name="two", **TINY)
     raw["train"].update(cpus_per_worker=0.9, threads_per_worker=1)
     raw["tune"] = {"space": {"method.params.alpha": {"type": "grid",
-                                                     "values": [0.0, 0.5, 2.0]}},
+                                                     "values": [0.0, 1.0, 2.0]}},
                    "search": "grid", "objectives": ["am", "bc"], "pick": "am",
                    "grace_tasks": 1}  # fmt: skip
     job = parse_job(raw)
@@ -587,13 +588,19 @@ def test_confirm_reports_two_seeds_per_configuration(pareto):
             assert entry[v]["mean"] == pytest.approx(np.mean(xs))
             assert entry[v]["spread"] == pytest.approx(np.std(xs, ddof=1))
         assert entry["verdict"]
+    # Seed 0 of both is the search's own trial of that config (the grid holds the job's
+    # alpha = 1.0): read, not run again. Seed 1 of both ran under confirm/.
+    assert sorted(p.name for p in (pareto.tune_dir / "confirm").glob("two-*-seed*")) == [
+        "two-baseline-seed1", "two-best-seed1"]  # fmt: skip
     for v in ("best", "baseline"):
         for seed in (0, 1):
-            d = pareto.tune_dir / "confirm" / f"two-{v}-seed{seed}"
+            d = Path(pareto.out["confirm"]["run_dirs"][f"{v}-seed{seed}"])
             assert (d / "models" / "1" / "done.json").is_file()
+            assert (d.parent.name == "trials") == (seed == 0), d
     text = (pareto.tune_dir / "confirm.md").read_text()
     assert "Confirmation on 2 seeds" in text and "spread" in text
-    print(f"Pareto search (3 trials) + confirm (4 runs): {pareto.seconds:.0f}s")
+    assert "Read from the search's trials" in text
+    print(f"Pareto search (3 trials) + confirm (2 runs): {pareto.seconds:.0f}s")
 
 
 @pytest.mark.ray

@@ -7,7 +7,10 @@ scenario's class order and data subset, so the spread includes them), as one Tun
 2K trials packed like the search's (no early stopping). Run dirs:
 ``<tune_dir>/confirm/<job>-{best,baseline}-seed<s>/``; a rerun finds the finished ones (no
 task is retrained). When the search shares its first task, best and baseline of one seed
-share theirs too (one base per seed).
+share theirs too (one base per seed). A configuration the search already ran to its last
+task on the job's own seed (the best trial; the baseline where ``tune.start_with_job`` or
+the grid holds the job's values) is not run again: that trial's run dir is read instead,
+since the same config and seed train the same models.
 
 Reported per objective metric (``tune.objectives``, or AC and AM): the mean and the spread
 (sample standard deviation over the seeds; 0 for one seed) of each configuration, and the
@@ -105,6 +108,25 @@ def confirm_markdown(summary: Mapping[str, Any], best: Mapping[str, Any],
     return "\n".join(lines) + "\n"
 
 
+def _point_key(point: Mapping[str, Any]) -> str:
+    return json.dumps({k: point[k] for k in sorted(point)}, default=str)
+
+
+def finished_search_runs(
+    job: JobConfig, rows: Sequence[Mapping[str, Any]], params: Sequence[str], tune_dir: Path,
+    num_tasks: int,
+) -> dict[str, Path]:  # fmt: skip
+    """{point key: run dir} of the search's trials that finished every task."""
+    from distcl.rundir import RunDir
+
+    out = {}
+    for r in rows:
+        run_dir = tune_dir / "trials" / f"{job.name}-trial-{str(r['trial']).split()[0]}"
+        if r["status"] != "error" and RunDir(run_dir).finished_tasks() >= num_tasks:
+            out.setdefault(_point_key({p: r[p] for p in params}), run_dir)
+    return out
+
+
 def confirm_best(
     job: JobConfig,
     tc: TuneConfig,
@@ -113,8 +135,10 @@ def confirm_best(
     tune_dir: Path,
     concurrency: int,
     log=print,
+    searched: Mapping[str, Path] | None = None,
 ) -> dict[str, Any]:
-    """Run best and baseline on ``k`` seeds (one Tune run), write ``confirm.md``/``.json``."""
+    """Run best and baseline on ``k`` seeds (one Tune run), write ``confirm.md``/``.json``.
+    ``searched``: :func:`finished_search_runs`, reused for the job's own seed."""
     from ray import tune
 
     from distcl.data.shards import build_shards
@@ -131,14 +155,22 @@ def confirm_best(
     seeds = [job.seed + i for i in range(k)]
     base = base_dict(job)
     root = tune_dir / "confirm"
-    for s in seeds:  # shards before the trials (they would race to build them)
+    run_dirs = {(v, s): root / f"{job.name}-{v}-seed{s}" for v in points for s in seeds}
+    for v in points:  # the search's own run of this config on the job's seed
+        found = (searched or {}).get(_point_key(points[v]))
+        if found is not None:
+            run_dirs[(v, job.seed)] = found
+            log(f"confirm: {v} on seed {job.seed} is the search's {found.name} (not run again)")
+    configs = [{"variant": v, "point": {**points[v], "seed": s}} for v in points for s in seeds
+               if run_dirs[(v, s)].parent == root]  # fmt: skip
+    to_run = sorted({c["point"]["seed"] for c in configs})
+    for s in to_run:  # shards before the trials (they would race to build them)
         build_shards(trial_job(base, {"seed": s}, f"{job.name}-probe", str(root)))
-    shared, later = prepare_bases(job, tc, base, root, seeds, log)
-    configs = [{"variant": v, "point": {**points[v], "seed": s}} for v in points for s in seeds]
+    shared, later = prepare_bases(job, tc, base, root, to_run, log)
     log(f"confirm: best and baseline on seeds {seeds} ({len(configs)} runs)")
     exp = tune_dir / "confirm-experiment"
     shutil.rmtree(exp, ignore_errors=True)  # the runs on disk are what resumes
-    results = tune.Tuner(
+    results = [] if not configs else tune.Tuner(
         tune.with_resources(
             tune.with_parameters(_confirm_trial, base=base, trials_root=str(root),
                                  job_name=job.name, tc=tc, shared_base=shared,
@@ -160,18 +192,23 @@ def confirm_best(
     values: dict[str, dict[int, dict[str, float]]] = {"best": {}, "baseline": {}}
     for v in points:
         for s in seeds:
-            run_dir = root / f"{job.name}-{v}-seed{s}"
+            run_dir = run_dirs[(v, s)]
             T = RunDir(run_dir).finished_tasks()
             m = score_tune(str(run_dir), T - 1, tc=tc)
             values[v][s] = {x: (m[f"obj_{x}"] if f"obj_{x}" in m else m[x]) for x in metrics}
     summary = summarize(values, metrics)
     text = confirm_markdown(summary, points["best"], points["baseline"], seeds)
+    reused = [f"{v} seed {s}: {d.name}" for (v, s), d in run_dirs.items() if d.parent != root]
+    if reused:
+        text += "\nRead from the search's trials (same config and seed): " + "; ".join(reused)
+        text += "\n"
     (tune_dir / "confirm.md").write_text(text)
     (tune_dir / "confirm.json").write_text(
         json.dumps({"seeds": seeds, "points": points, "summary": summary}, indent=1, default=_plain)
     )
     log("\n" + text)
-    return {"seeds": seeds, "points": points, "summary": summary, "values": values}
+    return {"seeds": seeds, "points": points, "summary": summary, "values": values,
+            "run_dirs": {f"{v}-seed{s}": str(d) for (v, s), d in run_dirs.items()}}  # fmt: skip
 
 
 def _plain(o):

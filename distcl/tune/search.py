@@ -289,9 +289,11 @@ def tune_job(
     out = _write_results(job, tc, tuner.fit(), num_tasks, tune_dir, log)
     k = tc.confirm_seeds if confirm is None else confirm
     if k:
-        from distcl.tune.confirm import confirm_best
+        from distcl.tune.confirm import confirm_best, finished_search_runs
 
-        out["confirm"] = confirm_best(job, tc, out["best"], k, tune_dir, concurrency, log)
+        searched = finished_search_runs(job, out["rows"], list(tc.space), tune_dir, num_tasks)
+        out["confirm"] = confirm_best(job, tc, out["best"], k, tune_dir, concurrency, log,
+                                      searched=searched)  # fmt: skip
     return out
 
 
