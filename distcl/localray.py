@@ -226,6 +226,12 @@ def check_loopback(marker: str) -> list[tuple[int, str, str, int]]:
     return socks
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Connect to ``address`` (or $RAY_ADDRESS), else start an embedded local Ray that
     listens on loopback only, with token auth, and ends with this process."""
@@ -246,15 +252,22 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     marker = secrets.token_hex(8)
     _enable_token_auth()
     restore = _loopback_patch()
+    # The dashboard serves the State API that Train/Tune use to clean up placement groups of
+    # stopped runs (stack-notes); it binds 127.0.0.1 too. Its port is chosen here so that the
+    # workers' State API calls name THIS instance: left to find one, Ray Train's placement-
+    # group cleaner fails ("Found multiple active Ray instances") when another Ray runs on
+    # the machine, or asks the newest instance, misses its live controller there, and
+    # removes the placement group of a running Train run (seen here with two runs at once).
+    dashboard_port = _free_port()
+    runtime_env["env_vars"]["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
     try:
         with _scoped_env({_SINGLE_MACHINE_ENV: "0", SESSION_ENV: marker}):
-            # The dashboard serves the State API that Train/Tune use to clean up placement
-            # groups of stopped runs (stack-notes); it binds 127.0.0.1 too.
             ray.init(
                 address="local",  # always a new instance, never a `ray start` left running
                 num_cpus=num_cpus,
                 include_dashboard=True,
                 dashboard_host="127.0.0.1",
+                dashboard_port=dashboard_port,
                 namespace=NAMESPACE,
                 _node_ip_address="127.0.0.1",
                 logging_level="WARNING",

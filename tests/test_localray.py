@@ -10,6 +10,7 @@ Run: ``.venv/bin/python -m pytest tests/test_localray.py -q`` (marker ``ray``; L
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -36,7 +37,16 @@ DRIVER = textwrap.dedent(
     init_ray(num_cpus=1)
     ray.get([ray.remote(lambda: os.getpid()).remote() for _ in range(2)])
     time.sleep(2)  # the dashboard and runtime-env agents bind shortly after ray.init
-    print("READY", current_session(), os.environ.get("RAY_AUTH_MODE"), flush=True)
+
+    @ray.remote
+    def state_api():  # where a worker's State API calls go (Ray Train's PG cleaner's do)
+        from ray.dashboard.utils import get_address_for_submission_client
+        try:
+            return get_address_for_submission_client(None).rsplit(":", 1)[1]
+        except Exception as e:
+            return type(e).__name__
+    port = ray.get(state_api.remote())
+    print("READY", current_session(), os.environ.get("RAY_AUTH_MODE"), port, flush=True)
     time.sleep(600)
     """
 )
@@ -44,6 +54,12 @@ DRIVER = textwrap.dedent(
 
 @pytest.fixture
 def driver():
+    with _driver() as out:
+        yield out
+
+
+@contextlib.contextmanager
+def _driver():
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
     env["PYTHONPATH"] = str(ROOT)
     proc = subprocess.Popen(
@@ -55,12 +71,12 @@ def driver():
         deadline = time.monotonic() + 180
         for line in proc.stdout:
             if line.startswith("READY"):
-                _, marker, auth = line.split()
+                _, marker, auth, api_port = line.split()
                 break
             if time.monotonic() > deadline:
                 break
         assert marker, "the driver did not start Ray"
-        yield proc, marker, auth
+        yield proc, marker, auth, api_port
     finally:
         proc.kill()
         proc.wait()
@@ -73,7 +89,7 @@ def driver():
 
 
 def test_embedded_ray_listens_on_loopback_only_with_token_auth(driver):
-    proc, marker, auth = driver
+    proc, marker, auth, _ = driver
     pids = [proc.pid, *session_pids(marker)]
     socks = listening_sockets(pids)
     names = {name for _, name, _, _ in socks}
@@ -86,7 +102,7 @@ def test_embedded_ray_listens_on_loopback_only_with_token_auth(driver):
 
 
 def test_ray_processes_end_with_a_sigkilled_driver(driver):
-    proc, marker, _ = driver
+    proc, marker, _, _ = driver
     pids = session_pids(marker)
     assert len(pids) >= 5, pids  # gcs, raylet, dashboard, agents, workers
     t0 = time.monotonic()
@@ -96,6 +112,19 @@ def test_ray_processes_end_with_a_sigkilled_driver(driver):
         time.sleep(0.2)
     left = session_pids(marker)
     assert not left, f"alive {time.monotonic() - t0:.0f}s after the driver's SIGKILL: {left}"
+
+
+def test_workers_state_api_names_their_own_instance_beside_another(driver):
+    """With two embedded Rays on one machine, each one's workers reach their own dashboard
+    (Ray Train's placement-group cleaner otherwise fails, or asks the other instance and
+    removes a live run's placement group)."""
+    first = driver
+    with _driver() as second:
+        for proc, marker, _, api_port in (first, second):
+            ports = {
+                port for _, name, _, port in listening_sockets([proc.pid, *session_pids(marker)])
+            }
+            assert api_port.isdigit() and int(api_port) in ports, api_port
 
 
 @pytest.mark.parametrize(
