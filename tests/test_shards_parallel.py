@@ -47,6 +47,22 @@ def ray_local():
         ray.shutdown()
 
 
+@pytest.fixture(autouse=True)
+def ray_even_when_small(monkeypatch):
+    """These builds are small (a job writes them in-process): keep them on Ray tasks."""
+    monkeypatch.setattr(shards, "SERIAL_BELOW", 0)
+
+
+def test_small_builds_stay_in_process_unless_asked(make_job, tmp_path, monkeypatch):
+    monkeypatch.setattr(shards, "SERIAL_BELOW", 4096)
+    calls, serial = [], shards.write_shards_serial
+    monkeypatch.setattr(shards, "write_shards_ray", lambda *a, **k: calls.append(1) or serial(*a))
+    build_shards(make_job(tmp_path / "a", data=TINY, scenario={"tasks": 2}))
+    assert calls == []  # 80 samples: no Ray task workers to start
+    build_shards(make_job(tmp_path / "b", data=TINY, scenario={"tasks": 2}), parallel=2)
+    assert calls == [1]
+
+
 def file_state(folder: Path) -> dict[str, tuple[int, int]]:
     return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.iterdir()}
 
