@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -154,12 +155,24 @@ METHOD_JOBS["cvs-herding-blurry"] = {  # and shards decoded in a DataLoader proc
 def finetune_run(make_job, tmp_path_factory):
     """One finished 2-task finetune run shared by the tests that only read or resume it."""
     job = make_job(tmp_path_factory.mktemp("ft"), name="smoke-finetune", **TINY)
-    out = run_job(job, progress=False, log=lambda *a: None)
+    logged.clear()
+    out = run_job(job, progress=False, log=lambda msg: logged.append((time.time(), msg)))
     return job, out
+
+
+logged: list[tuple[float, str]] = []  # (time, line) of the finetune run's log
 
 
 def test_finetune_smoke_run(finetune_run):
     _check_smoke_run("finetune", *finetune_run)
+
+
+def test_each_task_is_logged_when_it_finishes_without_the_bar(finetune_run):
+    """--no-progress (a submitted job's log): task 1's line comes while task 2 runs."""
+    job, _ = finetune_run
+    first = [when for when, msg in logged if msg.startswith("task 1/2: train_acc")]
+    assert len(first) == 1 and sum(m.startswith("task 2/2") for _, m in logged) == 1
+    assert first[0] < (job.run_dir / "models" / "1" / "meta.json").stat().st_mtime
 
 
 @pytest.mark.parametrize("variant", sorted(METHOD_JOBS))

@@ -225,14 +225,16 @@ class Run:
         )  # fmt: skip
         epochs = {t: job.train.epochs_for(t) for t in range(first, upto)}
         t0 = time.perf_counter()
-        with show_progress(board, f"{job.name} ({job.method.name})", epochs, self.progress):
+        title = f"{job.name} ({job.method.name})"
+        with show_progress(board, title, epochs, self.progress, self._log_task) as told:
             result = trainer.fit()
         if result.error:
             raise result.error
         wall = time.perf_counter() - t0
         timings = (result.return_value or {}).get("timings", {})
         for t in range(first, upto):
-            self._log_task(t, timings.get(t, {}))
+            if t not in told:  # finished after the last poll
+                self._log_task(t, timings.get(t, {}))
         return {"wall_s": wall, "tasks": timings}
 
     def _log_task(self, t: int, timing: dict) -> None:

@@ -130,6 +130,8 @@ class Worker:
             t1 = time.perf_counter()
             info = endtask.finish_task(self, t, model.eval())
             timings[t] = {"train_s": t1 - t0, "end_task_s": time.perf_counter() - t1, **info}
+            if self.progress is not None:  # the driver logs the task now, not at the end
+                self.progress.task_done.remote(t, timings[t])
             metrics = {"task": t, "task_done": 1, **timings[t]}
             if self.rank == 0 and self.config.get("score_fn"):  # e.g. a tuning trial's row
                 metrics.update(self.config["score_fn"](str(self.rd.root), t))

@@ -1,7 +1,9 @@
 """Live progress of a run: rank 0 posts to a tiny Ray actor, the driver draws a bar.
 
 Ray Train's ``fit()`` blocks the driver until the run ends; a background thread polls
-the board and renders task / epoch / step, the loss terms and images/s with ``rich``.
+the board and renders task / epoch / step, the loss terms and images/s with ``rich``, and
+hands every task that finishes to ``on_task`` as it finishes (one log line per task, also
+without the bar: ``--no-progress``, the logs of a submitted job).
 """
 
 from __future__ import annotations
@@ -16,12 +18,16 @@ import ray
 class ProgressBoard:
     def __init__(self) -> None:
         self.state: dict = {}
+        self.finished: dict[int, dict] = {}
 
     def update(self, **kw) -> None:
         self.state.update(kw)
 
+    def task_done(self, task: int, timing: dict) -> None:
+        self.finished[task] = timing
+
     def get(self) -> dict:
-        return dict(self.state)
+        return {**self.state, "finished": dict(self.finished)}
 
 
 def _describe(state: dict) -> str:
@@ -37,43 +43,50 @@ def _describe(state: dict) -> str:
 
 
 @contextmanager
-def show_progress(board, title: str, epochs: dict[int, int], enabled: bool = True):
-    """While the block runs, poll ``board`` and draw one progress bar over the epochs of every
-    task in ``epochs`` (task -> its epochs)."""
-    if not enabled:
-        yield
-        return
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+def show_progress(board, title: str, epochs: dict[int, int], enabled: bool = True, on_task=None):
+    """While the block runs, poll ``board``: draw one progress bar over the epochs of every
+    task in ``epochs`` (task -> its epochs) if ``enabled``, and call ``on_task(t, timing)``
+    once for each task that finishes."""
+    bar, tid = None, None
+    if enabled:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    stop = threading.Event()
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TextColumn("{task.percentage:>3.0f}%"),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[info]}"),
-        transient=False,
-    ) as bar:
+        bar = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            TextColumn("{task.percentage:>3.0f}%"),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[info]}"),
+            transient=False,
+        )
+        bar.start()
         tid = bar.add_task(title, total=1.0, info="starting workers...")
+    stop, told = threading.Event(), set()
 
-        def poll() -> None:
-            while not stop.wait(0.5):
-                try:
-                    st = ray.get(board.get.remote(), timeout=2)
-                except Exception:  # board busy or restarting: try again
-                    continue
-                if not st:
-                    continue
-                before = sum(e for t, e in epochs.items() if t < st.get("task", 0))
-                done = before + st["epoch"] + st["step"] / max(st["steps"], 1)
-                frac = done / max(sum(epochs.values()), 1)
-                bar.update(tid, completed=min(frac, 1.0), info=_describe(st))
+    def poll() -> None:
+        while not stop.wait(0.5):
+            try:
+                st = ray.get(board.get.remote(), timeout=2)
+            except Exception:  # board busy or restarting: try again
+                continue
+            for t in sorted(set(st.get("finished", {})) - told):
+                told.add(t)
+                if on_task is not None:
+                    on_task(t, st["finished"][t])
+            if bar is None or "epoch" not in st:
+                continue
+            before = sum(e for t, e in epochs.items() if t < st.get("task", 0))
+            done = before + st["epoch"] + st["step"] / max(st["steps"], 1)
+            frac = done / max(sum(epochs.values()), 1)
+            bar.update(tid, completed=min(frac, 1.0), info=_describe(st))
 
-        th = threading.Thread(target=poll, daemon=True)
-        th.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            th.join()
+    th = threading.Thread(target=poll, daemon=True)
+    th.start()
+    try:
+        yield told
+    finally:
+        stop.set()
+        th.join()
+        if bar is not None:
             bar.update(tid, completed=1.0)
+            bar.stop()
