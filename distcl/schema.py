@@ -23,6 +23,7 @@ from pydantic import (
     StrictInt,
     create_model,
     field_validator,
+    model_validator,
 )
 from pydantic import StrictBool as Bool
 
@@ -155,11 +156,24 @@ class TrainConfig(Section):
     use_gpu: Literal["auto", "yes", "no"] = "auto"
     threads_per_worker: Pos | None = None  #: torch threads; None: the CPUs loaders leave
     cpus_per_worker: Annotated[StrictFloat, Field(gt=0)] = 1.0
+    #: GPU share per worker when GPUs are used: a fraction packs small models (tuning trials)
+    #: on one GPU; nccl needs each rank on its own GPU, so a fraction takes 1 worker
+    gpus_per_worker: Annotated[StrictFloat, Field(gt=0, le=1)] = 1.0
     #: DataLoader processes per worker that read and decode shards; "auto": the worker's
     #: CPUs beyond its own process (cpus_per_worker - 1, at most 8; 0 reads in-process)
     loader_workers: NonNeg | Literal["auto"] = "auto"
     max_failures: NonNeg = 2  #: worker-group restarts (Ray Train FailureConfig)
     augment: Bool = True  #: random crop + flip
+
+    @model_validator(mode="after")
+    def _one_rank_per_gpu(self) -> TrainConfig:
+        if self.gpus_per_worker < 1 and self.workers > 1:
+            raise ValueError(
+                f"train.gpus_per_worker: {self.gpus_per_worker:g} (a GPU fraction) needs "
+                f"train.workers: 1, got {self.workers} (nccl cannot run two ranks of one run "
+                "on one GPU)"
+            )
+        return self
 
     def loaders(self) -> int:
         """Loader processes per Train worker (``loader_workers`` resolved)."""

@@ -128,6 +128,19 @@ def test_loader_workers_and_threads_share_the_worker_cpus():
         TrainConfig(loader_workers=-1)
 
 
+def test_gpu_fraction_needs_one_worker(tmp_path):
+    from distcl.config import TrainConfig
+
+    assert TrainConfig(gpus_per_worker=0.25, workers=1).gpus_per_worker == 0.25
+    path = tmp_path / "j.yaml"
+    path.write_text(yaml.safe_dump({"name": "g", "train": {"gpus_per_worker": 0.5}}))
+    with pytest.raises(ConfigError, match=r"train.gpus_per_worker: 0.5 .* train.workers: 1"):
+        load_job(path)  # the default is 2 workers
+    path.write_text(yaml.safe_dump({"name": "g", "train": {"gpus_per_worker": 1.5}}))
+    with pytest.raises(ConfigError, match="train.gpus_per_worker"):
+        load_job(path)
+
+
 def test_smoke_shrinks_any_job(tmp_path):
     path = write(tmp_path, QUICK)
     job = load_job(path, smoke=True)

@@ -194,8 +194,9 @@ class Run:
         if first >= upto:
             return {}
         use_gpu = {"yes": True, "no": False}.get(job.train.use_gpu)
+        gpw = job.train.gpus_per_worker
         if use_gpu is None:
-            use_gpu = ray.cluster_resources().get("GPU", 0) >= job.train.workers
+            use_gpu = ray.cluster_resources().get("GPU", 0) >= job.train.workers * gpw
         board = ProgressBoard.options(
             name=f"progress-{self.run_id}", namespace=NAMESPACE, get_if_exists=True
         ).remote()
@@ -212,7 +213,7 @@ class Run:
             scaling_config=ScalingConfig(
                 num_workers=job.train.workers, use_gpu=use_gpu,
                 resources_per_worker={"CPU": job.train.cpus_per_worker,
-                                      **({"GPU": 1} if use_gpu else {})},
+                                      **({"GPU": gpw} if use_gpu else {})},
             ),
             run_config=RunConfig(
                 name=self.train_run_name,

@@ -146,9 +146,9 @@ def _cluster_concurrency(tc: TuneConfig, probe: JobConfig, log) -> tuple[int, bo
     import ray
 
     use_gpu = {"yes": True, "no": False}.get(probe.train.use_gpu)
+    gpw = probe.train.gpus_per_worker
     if use_gpu is None:
-        use_gpu = ray.cluster_resources().get("GPU", 0) >= probe.train.workers
-    gpw = float(getattr(probe.train, "gpus_per_worker", 1.0))
+        use_gpu = ray.cluster_resources().get("GPU", 0) >= probe.train.workers * gpw
     cluster = ray.cluster_resources()
     concurrency = max_concurrency(tc.max_concurrent_trials, tc.driver_cpus, probe.train.workers,
                                   probe.train.cpus_per_worker, use_gpu, cluster, gpw)  # fmt: skip
