@@ -243,19 +243,6 @@ def test_rerun_skips_finished_tasks_and_other_jobs_are_refused(finetune_run, mak
         Run(other, progress=False).prepare()
 
 
-def test_killed_worker_resumes_from_its_checkpoint(synthetic_job, tmp_path, monkeypatch):
-    job = synthetic_job(
-        name="fault", **{**TINY, "train": {**TINY["train"], "epochs": 3, "max_failures": 2}}
-    )
-    marker = tmp_path / "fault-fired"
-    monkeypatch.setenv("DISTCL_FAULT", f"{marker}:1:1")  # task 1, start of epoch 1
-    run_job(job, progress=False, evaluate=False, log=lambda *a: None)
-    assert marker.read_text() == "fired"
-    hist = json.loads((job.run_dir / "models" / "1" / "history.json").read_text())
-    # epoch 0 came from the checkpoint, epochs 1-2 ran after the restart: no repeat.
-    assert [h["epoch"] for h in hist] == [0, 1, 2]
-
-
 def test_checkpoint_of_another_job_or_architecture_is_refused(finetune_run, synthetic_job):
     job, _ = finetune_run
     model_dir = job.run_dir / "models" / "0"

@@ -9,7 +9,8 @@ drawn from a seed (``DISTCL_FAULT_SEED``, default: the day), printed on failure,
 covers other moments over time. After the last run finishes, the invariants:
 
 - exit 0, and no finished task was retrained (its model files untouched since it finished);
-- every model's history has each epoch exactly once;
+- every model's history has each epoch exactly once, and the task whose worker died
+  shows that its restart resumed at the dead worker's epoch, from the checkpoint;
 - every eval/gallery part set holds exactly the scenario's items, once per model;
 - the models, the stored embeddings and the memory equal the fault-free run's (bitwise);
 - the metrics cover the whole evaluation set.
@@ -145,6 +146,8 @@ def test_killed_anywhere_then_rerun_equals_the_fault_free_run(reference, tmp_pat
     for t in range(3):
         history = json.loads((run / "models" / str(t) / "history.json").read_text())
         assert [h["epoch"] for h in history] == [0, 1], (t, history, SEED)
+        if t == worker_task:  # the worker died at epoch 1: the restart resumed there
+            assert [h["resumed"] for h in history] == [False, True], (history, SEED)
     got = _snapshot(run)
     for key, value in reference.items():
         if isinstance(value, dict):

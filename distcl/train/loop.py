@@ -255,6 +255,7 @@ class Worker:
                         task=t, epoch=epoch, step=b + 1, steps=n_batches, loss=float(loss.detach())
                     )
             record = self._epoch_record(t, epoch, sums, correct, seen, n_batches, n_mem, t0)
+            record["resumed"] = bool(resume) and epoch == start_epoch  # after a checkpoint
             history.append(record)
             if self.progress is not None:
                 self.progress.update.remote(
