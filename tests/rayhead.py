@@ -5,7 +5,7 @@ Teardown stops that head only: SIGTERM to the ``ray start`` process, then SIGKIL
 process group and to any process whose command line names the private temp dir. ``ray
 stop`` is never used: it would kill every Ray on the machine.
 
-    from rayhead import ray_head  # noqa: F401  (in a test module: the fixture)
+    from rayhead import ray_head  # noqa: F401  (in conftest.py: the session's head)
 """
 
 from __future__ import annotations
@@ -64,9 +64,10 @@ def _stop_head(proc: subprocess.Popen, temp_dir: str) -> None:
     proc.wait(timeout=10)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ray_head():
-    """A Ray head on 127.0.0.1 (see the module docstring): address, token, temp_dir, pid."""
+    """A Ray head on 127.0.0.1 (see the module docstring): address, token, temp_dir, pid.
+    One per test session: the submit and load tests share it (a head costs seconds)."""
     ray_bin = Path(sys.executable).with_name("ray")
     if not ray_bin.exists():
         pytest.skip("the `ray` command is not installed next to this Python")

@@ -2,9 +2,10 @@
 outputs and no collision of actor or Ray Train run names, and a tuning search shares the
 head with runs without either disturbing the other.
 
-Two smoke runs (replay methods, so each has a memory service and a progress board on the
-head) and a 2-trial tuning search go to the same head through ``distcl submit --wait`` in
-parallel. The head has 2 CPUs and each Train run wants 1: they queue for CPUs, which is the
+Two runs (replay methods, so each has a memory service and a progress board on the head;
+one with ``--smoke``) and a 2-trial tuning search go to the same head through ``distcl
+submit --wait`` in parallel; then ``distcl jobs list/logs/status`` read them back. The
+head has 2 CPUs and each Train run wants 1: they queue for CPUs, which is the
 point. The search removes its ended trials' placement groups itself (Ray Train's cleaner,
 through the State API, once removed a live group of another run): the runs finishing beside
 it shows it removes only its own.
@@ -17,12 +18,16 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+
+from distcl import cli
+from distcl.config import parse_job
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -49,7 +54,9 @@ GRID = {"space": {"train.lr": {"type": "grid", "values": [0.05, 0.1]}}, "search"
         "objective": "am", "grace_tasks": 2, "max_concurrent_trials": 1}  # fmt: skip
 
 
-def test_runs_and_a_search_at_once_on_one_head_finish_with_disjoint_outputs(ray_head, tmp_path):
+def test_runs_and_a_search_at_once_on_one_head_finish_with_disjoint_outputs(
+    ray_head, tmp_path, monkeypatch, capsys
+):
     root = tmp_path / "runs"  # one output root: the run dirs differ by job name only
     jobs = {name: _job(tmp_path / f"{name}.yaml", name, method, root, tune)
             for name, method, tune in (("a", "cl2r", None), ("b", "cvs", None),
@@ -70,7 +77,7 @@ def test_runs_and_a_search_at_once_on_one_head_finish_with_disjoint_outputs(ray_
                 "--wait",
                 "--token-file",
                 str(_token_file(tmp_path, ray_head.token)),
-                *(["--tune"] if name == "c" else []),
+                *({"a": ["--smoke"], "c": ["--tune"]}.get(name, [])),
             ],
             cwd=ROOT,
             env=env,
@@ -83,6 +90,22 @@ def test_runs_and_a_search_at_once_on_one_head_finish_with_disjoint_outputs(ray_
     outs = {name: p.communicate(timeout=1500)[0] for name, p in procs.items()}
     for name, p in procs.items():
         assert p.returncode == 0, f"job {name}:\n{outs[name][-4000:]}"
+    # `submit --wait` as a user sees it: the submission id, the final status, the streamed
+    # driver log; the resolved job shipped (smoke and output root kept).
+    sid = re.search(r"submitted (\S+) \(run a\)", outs["a"]).group(1)
+    assert re.search(rf"job {sid} SUCCEEDED after \d+s", outs["a"])
+    assert "run finished" in outs["a"]
+    shipped = parse_job(yaml.safe_load((root / "a" / "job.yaml").read_text()))
+    assert shipped.smoke and shipped.output.root == str(root)
+    # The token authenticates `distcl jobs` too (here from $RAY_JOB_TOKEN); in-process.
+    monkeypatch.setenv("RAY_JOB_TOKEN", ray_head.token)
+    assert cli.main(["jobs", "list", "--address", ray_head.address]) == 0
+    listed = capsys.readouterr().out
+    assert re.search(rf"{sid}\s+SUCCEEDED\s+a", listed) and re.search(r"SUCCEEDED\s+c", listed)
+    assert cli.main(["jobs", "logs", sid, "--address", ray_head.address]) == 0
+    assert "run finished" in capsys.readouterr().out
+    assert cli.main(["jobs", "status", sid, "--address", ray_head.address]) == 0
+    assert capsys.readouterr().out.startswith(f"{sid}: SUCCEEDED")
     # The search's two trials are whole runs of their own, beside the two plain runs.
     trials = sorted((root / "c-tune" / "trials").glob("c-trial-*"))
     rows = list(csv.DictReader(open(root / "c-tune" / "trials.csv")))
@@ -103,8 +126,8 @@ def test_runs_and_a_search_at_once_on_one_head_finish_with_disjoint_outputs(ray_
     from distcl.memory.service import MemoryShard
 
     for name in ("a", "b"):
-        memory = MemoryShard(str(root / name / "memory"), per_class=3)
-        assert memory.stats()["n"] == 12 and memory.stats()["tasks"] == [0, 1], name
+        stats = MemoryShard(str(root / name / "memory"), per_class=3).stats()
+        assert stats["tasks"] == [0, 1] and (name == "a" or stats["n"] == 12), name
 
 
 def _token_file(tmp_path: Path, token: str) -> Path:
