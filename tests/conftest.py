@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from rayhead import ray_head  # noqa: F401  (a real Ray head on 127.0.0.1, module scope)
+from rayhead import ray_head  # noqa: F401  (a real Ray head on 127.0.0.1, one per session)
 
 from distcl.config import JobConfig, parse_job
 
