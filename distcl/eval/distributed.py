@@ -112,11 +112,12 @@ def _options(nodes: list[str], gpu: bool) -> Iterator[tuple[dict, dict]]:
 def _engine(run_dir: str, settings: EvalSettings, scenario: Any, key: str) -> Engine:
     """This worker's engine for evaluation ``key`` (its catalogue and cached query sets serve
     every task of that evaluation that lands here); faiss-gpu only where this node has it."""
-    global _engine_cache
-    if _engine_cache is None or _engine_cache[0] != key:
-        from distcl.gallery.index import gpu_available
+    from distcl.gallery.index import gpu_available
 
-        use_gpu = settings.use_gpu and gpu_available()
+    global _engine_cache
+    use_gpu = settings.use_gpu and gpu_available()  # this task's GPUs (Ray reuses workers)
+    key = f"{key}/{'gpu' if use_gpu else 'cpu'}"
+    if _engine_cache is None or _engine_cache[0] != key:
         settings = dataclasses.replace(settings, use_gpu=use_gpu)
         _engine_cache = None  # free the previous evaluation's engine first
         _engine_cache = (key, Engine(run_dir, settings, scenario))
