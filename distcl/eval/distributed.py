@@ -36,13 +36,15 @@ searches on it), tasks are given to those nodes in turn with a *soft*
 shards of a gallery over the nodes; no cluster configuration (custom resources, labels) is
 needed. A one-node Ray (the head is all there is) schedules tasks as usual. Every task takes
 1 CPU: Ray then gives it OMP_NUM_THREADS=1, so faiss uses one core per task and parallelism
-comes from the shards and cells.
+comes from the shards and cells. A worker keeps one engine per evaluation (the catalogue read
+once, not per task); query sets are read per task and dropped after it.
 
 Test: ``.venv/bin/python -m pytest tests/test_eval_distributed.py -q``
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 import uuid
@@ -110,8 +112,8 @@ def _options(nodes: list[str], gpu: bool) -> Iterator[tuple[dict, dict]]:
 
 
 def _engine(run_dir: str, settings: EvalSettings, scenario: Any, key: str) -> Engine:
-    """This worker's engine for evaluation ``key`` (its catalogue and cached query sets serve
-    every task of that evaluation that lands here); faiss-gpu only where this node has it."""
+    """This worker's engine for evaluation ``key`` (its catalogue serves every task of that
+    evaluation that lands here); faiss-gpu only where this task has a GPU."""
     from distcl.gallery.index import gpu_available
 
     global _engine_cache
@@ -124,21 +126,34 @@ def _engine(run_dir: str, settings: EvalSettings, scenario: Any, key: str) -> En
     return _engine_cache[1]
 
 
+@contextlib.contextmanager
+def _engine_for_task(run_dir: str, settings: EvalSettings, scenario: Any, key: str):
+    """The worker's engine for one task; its query sets are dropped after the task, so an idle
+    worker holds the catalogue only (ids, labels, tasks), not up to half the budget."""
+    engine = _engine(run_dir, settings, scenario, key)
+    try:
+        yield engine
+    finally:
+        engine.release()
+
+
 def _plan(run_dir: str, settings: EvalSettings, scenario: Any, key: str, tasks: list[int],
           stale: bool) -> tuple[dict, list[tuple[Cell, list[tuple[str, ...]]]]]:  # fmt: skip
-    engine = _engine(run_dir, settings, scenario, key)
-    rows, cells = engine.cells(tasks, stale)
-    return rows, [(cell, engine.shards(cell)) for cell in cells]
+    with _engine_for_task(run_dir, settings, scenario, key) as engine:
+        rows, cells = engine.cells(tasks, stale)
+        return rows, [(cell, engine.shards(cell)) for cell in cells]
 
 
 def _scan(run_dir: str, settings: EvalSettings, scenario: Any, key: str, cell: Cell,
           paths: tuple[str, ...]) -> Partial:  # fmt: skip
-    return _engine(run_dir, settings, scenario, key).scan(cell, paths)
+    with _engine_for_task(run_dir, settings, scenario, key) as engine:
+        return engine.scan(cell, paths)
 
 
 def _finish(run_dir: str, settings: EvalSettings, scenario: Any, key: str, cell: Cell,
             *partials: Partial) -> dict:  # fmt: skip
-    return _engine(run_dir, settings, scenario, key).finish(cell, list(partials))
+    with _engine_for_task(run_dir, settings, scenario, key) as engine:
+        return engine.finish(cell, list(partials))
 
 
 def ray_rows(

@@ -285,6 +285,10 @@ class Engine:
     def map_kind(self, target: str) -> str:
         return "exact" if self.exact[target] else f"map@{MAP_AT_K}"
 
+    def release(self) -> None:
+        """Drop the cached query sets (an engine kept by a Ray worker keeps the catalogue)."""
+        self._cache.clear()
+
     # ------------------------------------------------------------------ query side
     def _query_data(self, model: int) -> dict[str, np.ndarray]:
         """Model ``model``'s embeddings of the closed items, probes and verification items,
