@@ -3,7 +3,7 @@
 distcl data build jobs/quickstart.yaml      # WebDataset shards + manifest
 distcl data verify jobs/quickstart.yaml     # check shards against the manifest
 distcl run jobs/quickstart.yaml [--smoke] [--set train.epochs=3]
-distcl eval runs/quickstart                 # recompute metrics + report from a run dir
+distcl eval runs/quickstart [--ray [ADDR]]  # recompute metrics + report (search as Ray tasks)
 distcl compare jobs/fashion_mnist/*.yaml    # methods side by side
 distcl tune jobs/fashion_mnist/tune_cl2r.yaml
 distcl submit JOB --address http://HOST:8265 [--wait]
@@ -96,6 +96,10 @@ def cmd_run(args) -> int:
 def cmd_eval(args) -> int:
     from distcl.eval.evaluate import evaluate_run
 
+    if args.ray is not None:  # the search then runs as Ray tasks (distcl.eval.distributed)
+        from distcl.localray import init_ray
+
+        init_ray(args.ray or None)
     evaluate_run(Path(args.run_dir))
     return 0
 
@@ -182,6 +186,15 @@ def build_parser() -> argparse.ArgumentParser:
         "metrics of a run dir, rewrite its report",
     )
     p.add_argument("run_dir")
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="search as Ray tasks: on the cluster at ADDRESS (or $RAY_ADDRESS), else on an "
+        "embedded local Ray",
+    )
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("report", help="re-render report.md and plots from metrics.json")

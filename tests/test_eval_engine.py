@@ -32,9 +32,9 @@ def _unit(x):
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-def make_run(job, classes=10, per_class=8, dim=8, heldout=3, seed=0):
+def make_run(job, classes=10, per_class=8, dim=8, heldout=3, seed=0, parts=2):
     """A T-task run dir: models embed items as class centre + model drift + noise; the
-    evaluation set (closed items and held-out items, task -1) in 2 parts per model."""
+    evaluation set (closed items and held-out items, task -1) in ``parts`` parts per model."""
     rng = np.random.default_rng(seed)
     test_labels = np.repeat(np.arange(classes), per_class)
     scen = build_scenario(np.repeat(np.arange(classes), 4), test_labels, job.scenario, job.seed,
@@ -56,7 +56,7 @@ def make_run(job, classes=10, per_class=8, dim=8, heldout=3, seed=0):
                     + 0.7 * noise + 0.05 * rng.normal(size=noise.shape))  # fmt: skip
         embs.append(emb)
         order = rng.permutation(len(ids))  # ranks write in any order
-        for r, part in enumerate(np.array_split(order, 2)):
+        for r, part in enumerate(np.array_split(order, parts)):
             write_embeddings(run / "eval" / "embeddings", t, f"part-{r}", ids[part],
                              labels[part], tasks[part], emb[part])  # fmt: skip
             here = part[tasks[part] == t]
@@ -352,3 +352,19 @@ def test_matrix_metric_outside_topk_is_computed(synthetic_job, metric):
             prec = np.cumsum(rel, 1) / np.arange(1, k + 1)
             ap = (prec * rel).sum(1) / np.minimum(same.sum(1), k)
             assert M[2, 0] == pytest.approx(ap[same.sum(1) > 0].mean())
+
+
+def test_every_group_of_query_models_gets_every_protocol(openrun):
+    """Regression: when the query models of a gallery model come in several groups (a small
+    budget), each group gets template identification too (only the first group did)."""
+    from distcl.eval.engine import apply_cell
+
+    job, run, scen, *_ = openrun
+    engine = Engine(run, _settings(job, exact_map=False), scen)
+    rows, cells = engine.cells(list(range(T)), stale=False)
+    for cell in cells:
+        for i in cell.queries:  # groups of one query model each
+            one = dataclasses.replace(cell, queries=(i,))
+            apply_cell(rows, engine.finish(one, [engine.scan(one, p) for p in engine.shards(one)]))
+    assert rows == engine.rows(list(range(T)), stale=False)
+    assert len(rows[T - 1]["protocols"]["identification"]["values"]["ident_cmc@1"]) == T

@@ -3,6 +3,7 @@
     distcl bench eval                          # T=5, 1M-row gallery, 10k probes, d=128
     distcl bench eval --rows 100000            # smaller
     distcl bench eval --ivfpq-rows 10000000    # + one IVF-PQ gallery: time, memory, recall@10
+    distcl bench eval --ray-tasks 2            # + the engine as Ray tasks, same run
 
 Synthetic embeddings (seeded class centres + per-model drift + noise, L2-normalised) are
 written as Parquet like a run's ``eval/embeddings/model=<t>/part-<rank>.parquet`` (items of
@@ -13,6 +14,9 @@ held-out classes, 2 probes per class, the rest gallery). Measured:
   read, and its peak RSS (VmHWM) against one model's gallery size (N x d x 4 bytes);
 - raw faiss on the same pairs, embeddings already in memory: ``IndexFlatIP`` per gallery,
   ``search(probes, 100)``; the ratio raw / engine is the goal (>= 0.8);
+- ``--ray-tasks N``: the same matrix by the engine as Ray tasks (``distcl.eval.distributed``)
+  on an embedded Ray of N CPUs, a gallery shard per Parquet part: wall time, the driver's
+  peak RSS (it holds no embeddings), and whether the numbers equal the in-process engine's;
 - ``--ivfpq-rows N``: one model, a gallery of N rows through ``eval.index = ivfpq`` (streamed
   add), time and peak RSS, and recall@10 against exact search on a sample of probes.
 
@@ -108,11 +112,37 @@ def engine_run(run_dir: Path, tasks: int, budget_mb: int, index: str, seed: int)
     }
 
 
-def _subprocess_engine(run_dir: Path, tasks: int, budget_mb: int, index: str, seed: int) -> dict:
+def ray_engine_run(run_dir: Path, tasks: int, budget_mb: int, seed: int, cpus: int,
+                   shard_rows: int) -> dict:  # fmt: skip
+    """The open matrix by the engine as Ray tasks (``distcl.eval.distributed``) on an embedded
+    local Ray of ``cpus`` CPUs, one gallery shard per ``shard_rows`` rows; the driver's peak
+    RSS shows what it holds (call in a fresh process)."""
+    import dataclasses
+
+    from distcl.eval.distributed import ray_rows
+    from distcl.localray import init_ray
+
+    init_ray(num_cpus=cpus)
+    settings = dataclasses.replace(_settings(budget_mb, "flat", seed), shard_rows=shard_rows)
+    t0 = time.perf_counter()
+    rows = ray_rows(run_dir, settings, None, list(range(tasks)), stale=False)
+    wall = time.perf_counter() - t0
+    M = [rows[i]["protocols"]["open"]["values"] for i in range(tasks)]
+    return {"ray_engine_s": wall, "ray_driver_peak_rss_mb": peak_rss_mb(), "ray_tasks": cpus,
+            "ray_cmc@1_last_row": M[-1]["cmc@1"]}  # fmt: skip
+
+
+def _subprocess_engine(run_dir: Path, tasks: int, budget_mb: int, index: str, seed: int,
+                       ray: tuple[int, int] | None = None) -> dict:  # fmt: skip
+    path = repr(str(run_dir))
+    if ray:
+        call = f"ray_engine_run(Path({path}), {tasks}, {budget_mb}, {seed}, {ray[0]}, {ray[1]})"
+    else:
+        call = f"engine_run(Path({path}), {tasks}, {budget_mb}, {index!r}, {seed})"
     code = (
-        "import json, sys; from pathlib import Path; from distcl.bench.evalcost import engine_run;"
-        f"print(json.dumps(engine_run(Path({str(run_dir)!r}), {tasks}, {budget_mb}, {index!r}, "
-        f"{seed})))"
+        "import json, sys; from pathlib import Path; "
+        "from distcl.bench.evalcost import engine_run, ray_engine_run;"
+        f"print(json.dumps({call}))"
     )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -151,7 +181,7 @@ def raw_faiss(tasks: int, rows: int, probes: int, dim: int, seed: int) -> dict:
 
 def run_eval_bench(rows: int = 1_000_000, probes: int = 10_000, tasks: int = 5, dim: int = 128,
                    budget_mb: int = 1024, ivfpq_rows: int = 0, seed: int = 0,
-                   workdir: str | None = None) -> dict:  # fmt: skip
+                   workdir: str | None = None, ray_tasks: int = 0) -> dict:  # fmt: skip
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         run_dir = Path(tmp)
         t0 = time.perf_counter()
@@ -163,6 +193,10 @@ def run_eval_bench(rows: int = 1_000_000, probes: int = 10_000, tasks: int = 5, 
         out["ratio_raw_over_engine"] = out["raw_faiss_s"] / out["engine_s"]
         out["gallery_mb"] = out["gallery"] * dim * 4 / 2**20
         out["peak_over_gallery"] = out["peak_rss_mb"] / out["gallery_mb"]
+        if ray_tasks:  # one shard per Parquet part, so the parts of a model spread over tasks
+            shard = -(-(len(_layout(rows, probes, dim, seed)[0])) // PARTS)
+            out |= _subprocess_engine(run_dir, tasks, budget_mb, "flat", seed, (ray_tasks, shard))
+            out["ray_equals_in_process"] = out["ray_cmc@1_last_row"] == out["cmc@1_last_row"]
     if ivfpq_rows:
         with tempfile.TemporaryDirectory(dir=workdir) as tmp:
             write_store(Path(tmp) / "eval" / "embeddings", 1, ivfpq_rows, probes, dim, seed)
@@ -183,6 +217,11 @@ def format_eval_bench(r: dict) -> str:
         f"  raw faiss flat:        {r['raw_faiss_s']:.1f} s",
         f"  ratio raw / engine:    {r['ratio_raw_over_engine']:.2f} (goal >= 0.8)",
     ]
+    if "ray_engine_s" in r:
+        lines.append(f"  engine as Ray tasks ({r['ray_tasks']} CPUs, a shard per part): "
+                     f"{r['ray_engine_s']:.1f} s, driver peak RSS "
+                     f"{r['ray_driver_peak_rss_mb']:.0f} MiB, same numbers as in-process: "
+                     f"{r['ray_equals_in_process']}")  # fmt: skip
     if "ivfpq" in r:
         v = r["ivfpq"]
         lines.append(f"  IVF-PQ {v['rows']} rows: {v['engine_s']:.1f} s, peak RSS "
@@ -201,9 +240,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--budget-mb", type=int, default=1024, help="eval.memory_budget_mb")
     p.add_argument("--ivfpq-rows", type=int, default=0, help="also an IVF-PQ gallery (0: off)")
     p.add_argument("--workdir", default=None, help="where the Parquet store is written")
+    p.add_argument("--ray-tasks", type=int, default=0, metavar="N",
+                   help="also the engine as Ray tasks, local Ray of N CPUs (0: off)")  # fmt: skip
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
-    r = run_eval_bench(a.rows, a.probes, a.tasks, a.dim, a.budget_mb, a.ivfpq_rows, 0, a.workdir)
+    r = run_eval_bench(a.rows, a.probes, a.tasks, a.dim, a.budget_mb, a.ivfpq_rows, 0, a.workdir,
+                       a.ray_tasks)  # fmt: skip
     print(json.dumps(r, indent=1) if a.json else format_eval_bench(r))
 
 

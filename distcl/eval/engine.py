@@ -19,9 +19,14 @@ dropped, the top-k lists are merged. Exact full rankings (exact mAP, exact ties)
 ``exact_map`` is set and a target's gallery fits the budget and Q x G <= EXACT_MAX_PAIRS;
 otherwise mAP is mAP@MAP_AT_K from top-k lists, and the row says which (``map_kind``).
 
-Not done here: Ray tasks or actors per gallery shard on a cluster. One process streams each
-gallery (faiss uses every core, and every GPU with faiss-gpu); splitting a gallery model's
-parts over Ray tasks and merging their top-k lists with ``faiss.ResultHeap`` is the next step.
+The work comes in cells (``cells``): one read of gallery model j for a group of query models,
+or the stale gallery after task s. A cell's gallery is cut into shards (``shards``: runs of
+Parquet parts of at most ``shard_rows`` rows); ``scan`` reads one shard and returns top-k lists,
+template sums and exact metrics, never embeddings; ``finish`` merges the shards' lists
+(``faiss.ResultHeap``, in read order) and returns the rows' metric entries. ``rows`` runs the
+cells in this process; ``distcl.eval.distributed`` runs the same scans and finishes as Ray
+tasks on the cluster's worker nodes (one task per shard, one per cell), so both give the same
+numbers. A target ranked in full (exact mAP) or searched with IVF (-PQ) is one shard.
 
 Test: ``.venv/bin/python -m pytest tests/test_eval_engine.py -q``
 """
@@ -40,7 +45,7 @@ import pyarrow.dataset as ds
 
 from distcl.eval import metrics as mt
 from distcl.eval import protocols as pr
-from distcl.gallery.store import Store, batch_embeddings, iter_batches, open_store
+from distcl.gallery.store import Store, batch_embeddings, iter_batches, open_store, sub_store
 
 MAP_AT_K = 100  # mAP@K from top-k lists when exact mAP is not computed
 EXACT_MAX_PAIRS = 250_000_000  # largest Q x G ranked in full for exact mAP (one pair)
@@ -70,6 +75,7 @@ class EvalSettings:
     memory_budget_mb: int = 1024
     use_gpu: bool = False
     block_rows: int | None = None  # streamed gallery block size; None: from the budget
+    shard_rows: int | None = None  # rows per gallery shard (a Ray task each); None: a budget
 
     @classmethod
     def from_job(cls, job: Any, use_gpu: bool | None = None) -> EvalSettings:
@@ -90,6 +96,7 @@ class EvalSettings:
         out = asdict(self)
         out.pop("use_gpu")
         out.pop("block_rows")
+        out.pop("shard_rows")
         return out
 
     @property
@@ -185,6 +192,36 @@ class Target:
     )  # (key, emb (Q, d), codes (Q,), allowed labels or None, exclude self)
 
 
+@dataclass(frozen=True)
+class Cell:
+    """A unit of row work, small and picklable (what a Ray task is given): one read of
+    gallery model ``model`` for the query models ``queries`` (``kind="gallery"``), or the
+    stale gallery after task ``model`` (``kind="stale"``)."""
+
+    kind: str
+    model: int
+    queries: tuple[int, ...] = ()
+
+
+@dataclass
+class Partial:
+    """One gallery shard's scan of a cell (``Engine.scan``): no gallery embeddings, only the
+    canonical positions of the rows read, top-k lists, template sums and exact metrics."""
+
+    read: np.ndarray  # (R,) int64 canonical positions of every row read (rows-per-item check)
+    models: list[int]
+    sums: np.ndarray | None  # (C, d) float64 template sums, or None
+    # streamed target -> (codes (G_s,) of its rows in read order, per query set (scores (Q, k),
+    # rows (Q, k) local to the shard, -1 = none), per query set ANN recall or None)
+    lists: dict[str, tuple[np.ndarray, list, list]] = field(default_factory=dict)
+    metrics: dict[str, dict] = field(default_factory=dict)  # exact target -> {key: metrics}
+    seconds: float = 0.0
+
+
+def _cat(arrays: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(arrays) if arrays else np.zeros(0, np.int64)
+
+
 def _retrieval(
     hits: np.ndarray, ap: float, n: int, ks: tuple[int, ...], s: EvalSettings, map_key: str
 ) -> dict[str, float]:
@@ -248,6 +285,10 @@ class Engine:
     def map_kind(self, target: str) -> str:
         return "exact" if self.exact[target] else f"map@{MAP_AT_K}"
 
+    def release(self) -> None:
+        """Drop the cached query sets (an engine kept by a Ray worker keeps the catalogue)."""
+        self._cache.clear()
+
     # ------------------------------------------------------------------ query side
     def _query_data(self, model: int) -> dict[str, np.ndarray]:
         """Model ``model``'s embeddings of the closed items, probes and verification items,
@@ -283,14 +324,112 @@ class Engine:
         return data
 
     # ------------------------------------------------------------------ gallery passes
-    def _run_pass(self, store: Store, models: list[int], filt: ds.Expression | None,
-                  targets: list[Target], expected: np.ndarray, sums: np.ndarray | None,
-                  templ_member: np.ndarray | None) -> dict:  # fmt: skip
-        """Read ``models`` of ``store`` once, feeding every target; returns per target the
-        metrics of each query set (keyed as given) and the ANN recall."""
+    def _source(self, cell: Cell) -> tuple[Store, list[int], ds.Expression | None, np.ndarray]:
+        """A cell's pass: the store, its models, the row filter and the rows expected per item
+        (canonical positions, (N,)): each item once per model, or, for the stale gallery after
+        task s, once if it arrived at a task <= s (rows with task == model)."""
+        if cell.kind == "stale":
+            store = open_store(self.run_dir / "gallery")
+            arrived = (self.cat.tasks >= 0) & (self.cat.tasks <= cell.model)
+            filt = ds.field("task") == ds.field("model")
+            return store, list(range(cell.model + 1)), filt, arrived.astype(np.int64)
+        return self.eval_store, [cell.model], None, np.ones(len(self.cat), np.int64)
+
+    @property
+    def _ident_items(self) -> bool:
+        return "identification" in self.s.protocols and self.s.identification == "items"
+
+    def _target_names(self, cell: Cell) -> list[str]:
+        if cell.kind == "stale":
+            return ["stale"]
+        names = ["closed"] if "closed" in self.s.protocols else []
+        return names + (["open"] if "open" in self.s.protocols or self._ident_items else [])
+
+    def _templates(self, cell: Cell) -> bool:
+        """Whether the cell's pass sums the class templates (identification by templates)."""
+        ident = "identification" in self.s.protocols
+        return cell.kind == "gallery" and ident and not self._ident_items
+
+    def _targets(self, cell: Cell) -> list[Target]:
+        """The galleries searched in a cell's pass, with their query sets."""
+        plan = self.plan
+        closed_codes = np.flatnonzero(plan.closed)
+        names = self._target_names(cell)
+        if cell.kind == "stale":
+            arrived = self._source(cell)[3].astype(bool)
+            present = arrived[closed_codes]  # queries: the subset's items in the gallery
+            t = Target("stale", arrived, self.exact["stale"])
+            t.queries.append(("stale", self._query_data(cell.model)["closed"][present],
+                              closed_codes[present], None, True))  # fmt: skip
+            return [t]
+        targets = []
+        if "closed" in names:
+            seen = np.asarray(self.scenario.tasks[cell.model].seen_classes)  # model j's classes
+            seen_rows = np.isin(self.cat.labels[closed_codes], seen)
+            tc = Target("closed", plan.closed, self.exact["closed"])
+            for i in cell.queries:
+                q = self._query_data(i)["closed"]
+                tc.queries.append((("all", i), q, closed_codes, None, True))
+                tc.queries.append((("seen", i), q[seen_rows], closed_codes[seen_rows], seen, True))
+            targets.append(tc)
+        if "open" in names:
+            probes = np.flatnonzero(plan.split.probes)
+            to = Target("open", plan.split.gallery, self.exact["open"])
+            for i in cell.queries:
+                to.queries.append((("open", i), self._query_data(i)["probes"], probes, None, False))
+            targets.append(to)
+        return targets
+
+    @property
+    def shard_rows(self) -> int:
+        """Rows per gallery shard: ``shard_rows`` or, by default, one budget of embeddings."""
+        return self.s.shard_rows or max(MAX_BATCH_ROWS, self.s.budget // (4 * self.dim))
+
+    def shards(self, cell: Cell) -> list[tuple[str, ...]]:
+        """The gallery shards of a cell: runs of consecutive Parquet parts (in read order) of at
+        most ``shard_rows`` rows by their footers (a larger part is a shard of its own); none
+        when the cell reads no gallery. One shard when a target keeps its gallery whole
+        (exact rankings: merging full rankings is not done) or the index is IVF (-PQ) (the
+        index is trained on a sample of the whole gallery and holds every row).
+
+        Shards depend on the store and the settings only, never on where they run: the
+        in-process engine and the Ray tasks search the same blocks and merge the same lists.
+        """
+        names = self._target_names(cell)
+        if not names and not self._templates(cell):
+            return []
+        store, models, _, _ = self._source(cell)
+        whole = self.s.index != "flat" or any(self.exact[n] for n in names)
+        groups: list[list[str]] = []
+        size = 0
+        for path, info in store.parts:
+            if info.model not in models:
+                continue
+            if groups and (whole or size + info.rows <= self.shard_rows):
+                groups[-1].append(path)
+                size += info.rows
+            else:
+                groups.append([path])
+                size = info.rows
+        return [tuple(g) for g in groups] or [()]
+
+    def scan(self, cell: Cell, paths: tuple[str, ...]) -> Partial:
+        """Read one gallery shard of a cell once, feeding every target: per streamed target its
+        top-k lists (rows local to the shard), per exact target its metrics, the template
+        sums and the ids read. Memory: the query sets, the buffers (half the budget)."""
         from distcl.gallery.search import QuerySet, StreamSearch
 
-        where = f"{store.root}/model={models}"
+        t0 = time.perf_counter()
+        full, models, filt, _ = self._source(cell)
+        store = sub_store(full, paths)
+        where = f"{full.root}/model={models}"
+        targets = self._targets(cell)
+        sums = templ_member = None
+        if self._templates(cell):
+            classes = np.unique(self.cat.labels)
+            self._class_index = np.searchsorted(classes, self.cat.labels)  # (N,)
+            sums = np.zeros((len(classes), self.dim), np.float64)  # (C, d)
+            templ_member = self.plan.split.gallery
         n_rows = {t.name: int(t.member.sum()) for t in targets}
         # Streamed targets share half the budget in proportion to their size; each buffer
         # leaves room for one sub-block copy (the ``seen`` rows of a block).
@@ -308,12 +447,12 @@ class Engine:
                     search.train(self._train_sample(store, models, filt, t), n_rows[t.name])
             buf = np.empty((max(cap, 1), self.dim), np.float32)  # (cap, d)
             state[t.name] = {"buf": buf, "codes": [], "fill": 0, "search": search, "done": []}
-        count = np.zeros(len(self.cat), np.int64)
+        read: list[np.ndarray] = []
         model_set: set[int] = set()
         for rb in iter_batches(store, models, columns=("item_id", "label", "task", "model",
                                "embedding"), filter=filt, batch_rows=self._batch_rows):  # fmt: skip
             codes = self.cat.codes(rb["item_id"], where)
-            count += np.bincount(codes, minlength=len(count))
+            read.append(codes)
             model_set.update(pc.unique(rb["model"]).to_pylist())
             emb = batch_embeddings(rb)  # (B, d)
             if sums is not None:
@@ -330,20 +469,80 @@ class Engine:
                     sel = sel[len(take) :]
                     if st["fill"] == len(st["buf"]) and not t.exact:
                         self._flush(st)
-        if (count != expected).any():
-            bad = int(np.flatnonzero(count != expected)[0])
-            raise ValueError(f"{where}: item {self.cat.ids[bad].as_py()!r} has {count[bad]} rows, "
-                             f"expected {expected[bad]}")  # fmt: skip
-        out = {"models": sorted(model_set)}
+        out = Partial(_cat(read), sorted(model_set), sums)
         for t in targets:
             st = state[t.name]
             if t.exact:
-                codes = np.concatenate(st["codes"]) if st["codes"] else np.zeros(0, np.int64)
-                out[t.name] = self._exact_metrics(t, st["buf"][: st["fill"]], codes)
+                out.metrics[t.name] = self._exact_metrics(t, st["buf"][: st["fill"]],
+                                                          _cat(st["codes"]))  # fmt: skip
             else:
                 self._flush(st)
-                out[t.name] = self._topk_metrics(t, st)
+                found = st["search"]
+                out.lists[t.name] = (_cat(st["done"]), found.results(), found.recall(self.k_lists))
+        out.seconds = time.perf_counter() - t0
         return out
+
+    def _merge(self, cell: Cell, partials: list[Partial]) -> dict:
+        """The shards' partials of a cell, in shard order, as one pass: the rows-per-item check,
+        per target the metrics of each query set (keyed as given), the models read."""
+        from distcl.gallery.search import merge_topk
+
+        store, models, _, expected = self._source(cell)
+        count = np.zeros(len(self.cat), np.int64)
+        for p in partials:
+            count += np.bincount(p.read, minlength=len(count))
+        if (count != expected).any():
+            bad = int(np.flatnonzero(count != expected)[0])
+            raise ValueError(f"{store.root}/model={models}: item {self.cat.ids[bad].as_py()!r} "
+                             f"has {count[bad]} rows, expected {expected[bad]}")  # fmt: skip
+        out: dict[str, Any] = {"models": sorted({m for p in partials for m in p.models})}
+        for t in self._targets(cell):
+            if t.exact:
+                (only,) = partials  # exact targets are never sharded (``shards``)
+                out[t.name] = only.metrics[t.name]
+                continue
+            codes, lists, recall = zip(*(p.lists[t.name] for p in partials), strict=True)
+            if len(lists) == 1:
+                results, recall = lists[0], recall[0]
+            else:  # flat search only (``shards``): exact lists, no ANN recall
+                sizes = [len(c) for c in codes]
+                results = [merge_topk([ls[q] for ls in lists], sizes) for q in range(len(lists[0]))]
+                recall = [None] * len(t.queries)
+            out[t.name] = self._topk_metrics(t, results, recall, np.concatenate(codes))
+        return out
+
+    def finish(self, cell: Cell, partials: list[Partial]) -> dict:
+        """A cell's results from its shards' partials: ``puts``, the entries of the rows as
+        ``(row, protocol, j, metrics, map kind)``, and ``stale``, the stale-gallery entry of
+        row s (or None). Small: a few floats per entry."""
+        t0 = time.perf_counter()
+        s = self.s
+        if cell.kind == "stale":
+            res = self._merge(cell, partials)
+            (target,) = self._targets(cell)
+            entry = {"task": cell.model, "gallery": int(target.member.sum()),
+                     "queries": len(target.queries[0][2]), "models_in_gallery": res["models"],
+                     "seconds": sum(p.seconds for p in partials) + time.perf_counter() - t0,
+                     "map_kind": self.map_kind("stale"), **res["stale"]["stale"]}  # fmt: skip
+            return {"puts": [], "stale": entry}
+        j, puts = cell.model, []
+        if partials:
+            res = self._merge(cell, partials)
+            for name in self._target_names(cell):
+                for (proto, i), m in res[name].items():
+                    if proto == "open" and self._ident_items:
+                        ident = {f"ident_cmc@{k}": m[f"cmc@{k}"] for k in s.topk}
+                        puts.append((i, "identification", j, ident, None))
+                    if proto != "open" or "open" in s.protocols:
+                        puts.append((i, proto, j, m, self.map_kind(name)))
+        if self._templates(cell):
+            sums = partials[0].sums.copy()
+            for p in partials[1:]:
+                sums += p.sums
+            puts += self._identify(cell.queries, j, sums)
+        if "verification" in s.protocols:
+            puts += [(i, "verification", j, self._verify(i, j), None) for i in cell.queries]
+        return {"puts": puts, "stale": None}
 
     def _k(self, exclude_self: bool) -> int:
         """Neighbours asked from a streamed search: every k reported, mAP@MAP_AT_K, + self."""
@@ -378,11 +577,10 @@ class Engine:
                 parts.append(batch_embeddings(rb)[sel])
         return np.concatenate(parts)
 
-    def _topk_metrics(self, t: Target, st: dict) -> dict:
-        g_codes = np.concatenate(st["done"]) if st["done"] else np.zeros(0, np.int64)  # (G,)
+    def _topk_metrics(self, t: Target, results: list, recall: list, g_codes: np.ndarray) -> dict:
+        """Metrics of each query set from its top-k lists over the gallery rows ``g_codes``
+        (G,) (canonical positions in read order; list rows index them)."""
         g_lab = self.cat.labels[g_codes]
-        results = st["search"].results()
-        recall = st["search"].recall(self.k_lists)
         out = {}
         for (key, _, q_codes, allowed, excl), (scores, rows), rec in zip(
             t.queries, results, recall, strict=True
@@ -458,13 +656,10 @@ class Engine:
         return out
 
     # ------------------------------------------------------------------ rows
-    def rows(self, tasks: list[int], log=None, stale: bool = True) -> dict[int, dict]:
-        """Rows ``tasks`` of every protocol's matrix and their stale-gallery entries.
-
-        Gallery model j is read once for every asked row i >= j (in groups of query models
-        whose embeddings fit half the memory budget).
-        """
-        s = self.s
+    def cells(self, tasks: list[int], stale: bool = True) -> tuple[dict[int, dict], list[Cell]]:
+        """The empty rows ``tasks`` and the cells that fill them, in the order to apply them:
+        per gallery model j (ascending), groups of the query models i >= j whose embeddings
+        fit half the memory budget; then the stale gallery after each task."""
         plan = self.plan
         items = {"closed": int(plan.closed.sum()), "heldout": plan.heldout}
         if plan.split is not None:
@@ -481,81 +676,51 @@ class Engine:
             for j in range(t + 1):
                 by_gallery.setdefault(j, []).append(t)
         per_model = sum(a.nbytes for a in self._query_data(min(rows)).values())
-        group = max(1, (s.budget // 2) // max(per_model, 1))
-        for j, queries in sorted(by_gallery.items()):
+        group = max(1, (self.s.budget // 2) // max(per_model, 1))
+        cells = [Cell("gallery", j, tuple(queries[g : g + group]))
+                 for j, queries in sorted(by_gallery.items())
+                 for g in range(0, len(queries), group)]  # fmt: skip
+        return rows, cells + ([Cell("stale", t) for t in rows] if stale else [])
+
+    def rows(self, tasks: list[int], log=None, stale: bool = True) -> dict[int, dict]:
+        """Rows ``tasks`` of every protocol's matrix and their stale-gallery entries, in this
+        process: each cell's shards scanned in turn, then merged (``distcl.eval.distributed``
+        runs the same cells as Ray tasks).
+
+        Gallery model j is read once for every asked row i >= j (in groups of query models
+        whose embeddings fit half the memory budget).
+        """
+        rows, cells = self.cells(tasks, stale)
+        spent: dict[int, float] = {}
+        for n, cell in enumerate(cells):
             t0 = time.perf_counter()
-            for g in range(0, len(queries), group):
-                self._gallery_pass(rows, j, queries[g : g + group], first=g == 0)
-            if log:
-                log(f"gallery model {j}: rows {queries} in {time.perf_counter() - t0:.1f}s")
-        for t in rows if stale else ():
-            rows[t]["stale"] = self._stale(t)
+            partials = [self.scan(cell, paths) for paths in self.shards(cell)]
+            apply_cell(rows, self.finish(cell, partials))
+            if cell.kind == "gallery":
+                spent[cell.model] = spent.get(cell.model, 0.0) + time.perf_counter() - t0
+                last = n + 1 == len(cells) or cells[n + 1].model != cell.model
+                if log and (last or cells[n + 1].kind != "gallery"):
+                    done = [t for t in rows if t >= cell.model]
+                    log(f"gallery model {cell.model}: rows {done} in {spent[cell.model]:.1f}s")
         return rows
 
-    def _gallery_pass(self, rows: dict, j: int, queries: list[int], first: bool) -> None:
-        """One read of gallery model j for query models ``queries``: every protocol."""
-        s, plan = self.s, self.plan
-        targets = []
-        closed_codes = np.flatnonzero(plan.closed)
-        if "closed" in s.protocols:
-            seen = np.asarray(self.scenario.tasks[j].seen_classes)  # classes model j had seen
-            seen_rows = np.isin(self.cat.labels[closed_codes], seen)
-            tc = Target("closed", plan.closed, self.exact["closed"])
-            for i in queries:
-                q = self._query_data(i)["closed"]
-                tc.queries.append((("all", i), q, closed_codes, None, True))
-                tc.queries.append((("seen", i), q[seen_rows], closed_codes[seen_rows], seen, True))
-            targets.append(tc)
-        items = "identification" in s.protocols and s.identification == "items"
-        if "open" in s.protocols or items:
-            probes = np.flatnonzero(plan.split.probes)
-            to = Target("open", plan.split.gallery, self.exact["open"])
-            for i in queries:
-                to.queries.append((("open", i), self._query_data(i)["probes"], probes, None, False))
-            targets.append(to)
-        templates = first and "identification" in s.protocols and not items
-        classes = np.unique(self.cat.labels)
-        sums = np.zeros((len(classes), self.dim), np.float64) if templates else None  # (C, d)
-        if targets or templates:
-            self._class_index = np.searchsorted(classes, self.cat.labels)  # (N,)
-            everything = np.ones(len(self.cat), np.int64)  # each item once per model
-            res = self._run_pass(self.eval_store, [j], None, targets, everything, sums,
-                                 plan.split.gallery if templates else None)  # fmt: skip
-            for t in targets:
-                for (proto, i), m in res[t.name].items():
-                    if proto == "open" and items:
-                        ident = {f"ident_cmc@{k}": m[f"cmc@{k}"] for k in s.topk}
-                        self._put(rows[i], "identification", j, ident, None)
-                    if proto != "open" or "open" in s.protocols:
-                        self._put(rows[i], proto, j, m, self.map_kind(t.name))
-        if templates:
-            self._identify(rows, queries, j, sums, classes)
-        if "verification" in s.protocols:
-            for i in queries:
-                self._verify(rows[i], i, j)
-
-    def _put(self, row: dict, proto: str, j: int, m: dict, kind: str | None) -> None:
-        block = row["protocols"].setdefault(proto, {"values": {}, "map_kind": kind})
-        for name, v in m.items():
-            block["values"].setdefault(name, []).append(v)
-        assert all(len(v) == j + 1 for v in block["values"].values()), (proto, j)
-
-    def _identify(
-        self, rows: dict, queries: list[int], j: int, sums: np.ndarray, classes: np.ndarray
-    ) -> None:
+    def _identify(self, queries: tuple[int, ...], j: int, sums: np.ndarray) -> list[tuple]:
         """Probes by each model i against the class templates of gallery model j."""
+        classes = np.unique(self.cat.labels)
         present = np.unique(self.cat.labels[self.plan.split.gallery])
         keep = np.isin(classes, present)
         templates = mt.templates_from_sums(sums[keep])  # (C, d)
         probes = np.flatnonzero(self.plan.split.probes)
+        puts = []
         for i in queries:
             q = self._query_data(i)["probes"]
             hits, n = mt.template_cmc_counts(q, self.cat.labels[probes], templates,
                                              classes[keep], self.s.topk)  # fmt: skip
             m = {f"ident_cmc@{k}": float(h) / n for k, h in zip(self.s.topk, hits, strict=True)}
-            self._put(rows[i], "identification", j, m, None)
+            puts.append((i, "identification", j, m, None))
+        return puts
 
-    def _verify(self, row: dict, i: int, j: int) -> None:
+    def _verify(self, i: int, j: int) -> dict[str, float]:
         a, b, same = self.plan.pairs
         pos = np.searchsorted(self.plan.verif_items, np.stack([a, b]))  # (2, P)
         ea = self._query_data(i)["verif"][pos[0]]  # side a by model i
@@ -564,22 +729,19 @@ class Engine:
         m = {"verif_acc": mt.verification_accuracy(scores, same, self.s.folds)}
         tar = mt.tar_at_far(scores, same, self.s.fars)
         m.update({pr.far_name(f): v for f, v in tar.items()})
-        self._put(row, "verification", j, m, None)
+        return m
 
-    def _stale(self, s: int) -> dict:
-        """After task s: queries (closed items that have arrived, by model s) against the
-        gallery as stored (each item embedded by the model of its arrival task)."""
-        t0 = time.perf_counter()
-        store = open_store(self.run_dir / "gallery")
-        arrived = (self.cat.tasks >= 0) & (self.cat.tasks <= s)
-        closed_codes = np.flatnonzero(self.plan.closed)
-        present = arrived[closed_codes]  # queries: the subset's items that are in the gallery
-        target = Target("stale", arrived, self.exact["stale"])
-        target.queries.append(("stale", self._query_data(s)["closed"][present],
-                               closed_codes[present], None, True))  # fmt: skip
-        filt = ds.field("task") == ds.field("model")
-        res = self._run_pass(store, list(range(s + 1)), filt, [target], arrived.astype(np.int64),
-                             None, None)  # fmt: skip
-        return {"task": s, "gallery": int(arrived.sum()), "queries": int(present.sum()),
-                "models_in_gallery": res["models"], "seconds": time.perf_counter() - t0,
-                "map_kind": self.map_kind("stale"), **res["stale"]["stale"]}  # fmt: skip
+
+def _put(row: dict, proto: str, j: int, m: dict, kind: str | None) -> None:
+    block = row["protocols"].setdefault(proto, {"values": {}, "map_kind": kind})
+    for name, v in m.items():
+        block["values"].setdefault(name, []).append(v)
+    assert all(len(v) == j + 1 for v in block["values"].values()), (proto, j)
+
+
+def apply_cell(rows: dict[int, dict], result: dict) -> None:
+    """Enter a cell's results (``Engine.finish``) into the rows; cells in ``cells`` order."""
+    for i, proto, j, m, kind in result["puts"]:
+        _put(rows[i], proto, j, m, kind)
+    if result["stale"] is not None:
+        rows[result["stale"]["task"]]["stale"] = result["stale"]

@@ -9,8 +9,9 @@ at t, embedded by model t). The matrix grows one row per task: ``score_task(run_
 scenario, t)`` computes row t (query model t against gallery models j <= t, and the stale
 gallery after task t) and caches it in ``eval/rows/<t>.json`` with a digest of its inputs
 (settings, scenario, the parts of models <= t); ``evaluate_run`` reuses every cached row whose
-inputs are unchanged, computes the missing rows in one pass per gallery model, and writes
-``metrics.json``, ``report.md`` and the figures.
+inputs are unchanged, computes the missing rows in one pass per gallery model (as Ray tasks
+when this process is a Ray driver: ``distcl.eval.distributed``), and writes ``metrics.json``,
+``report.md`` and the figures.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ import numpy as np
 from distcl.data.scenario import Scenario
 from distcl.eval import compat
 from distcl.eval import protocols as pr
-from distcl.eval.engine import Engine, EvalSettings
+from distcl.eval.distributed import compute_rows
+from distcl.eval.engine import EvalSettings
 from distcl.rundir import RunDir, atomic_write_json
 
 ROW_FORMAT = 1
@@ -75,9 +77,8 @@ def _score_rows(
     digests = {t: _inputs_digest(run_dir, settings, scenario, t) for t in tasks}
     rows = {t: r for t in tasks if (r := _cached_row(run_dir, t, digests[t])) is not None}
     missing = [t for t in tasks if t not in rows]
-    if missing:
-        engine = Engine(run_dir, settings, scenario)
-        for t, row in engine.rows(missing, log=log).items():
+    if missing:  # as Ray tasks in a Ray driver (distcl.eval.distributed), else in this process
+        for t, row in compute_rows(run_dir, settings, scenario, missing, log=log).items():
             row["inputs"] = digests[t]
             atomic_write_json(run_dir / "eval" / "rows" / f"{t}.json", row, default=_json_default)
             rows[t] = row

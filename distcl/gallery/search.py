@@ -188,3 +188,24 @@ class StreamSearch:
             kk = min(k, q.k, self.rows)
             out.append(recall_at_k_vs_exact(ids[rows], exact, kk) if len(rows) else None)
         return out
+
+
+def merge_topk(
+    lists: list[tuple[np.ndarray, np.ndarray]], sizes: list[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The top-k lists of consecutive gallery shards merged into lists over all of them.
+
+    ``lists[s]`` = (scores (Q, k) best first, rows (Q, k), -1 = none) of shard s, its rows
+    local to it; ``sizes[s]`` its row count. Shard s's rows become ``offset_s + row`` (offset:
+    the rows of the shards before it), the order one pass over the shards reads them. Merged
+    with ``faiss.ResultHeap`` shard by shard; returns (scores, rows) as ``StreamSearch``.
+    """
+    nq, k = lists[0][0].shape
+    heap = faiss.ResultHeap(nq, k, keep_max=True)
+    offset = 0
+    for (scores, rows), n in zip(lists, sizes, strict=True):
+        if scores.shape != (nq, k) or rows.shape != (nq, k):
+            raise ValueError(f"shard lists of shapes {scores.shape}, {rows.shape}; want {(nq, k)}")
+        heap.add_result(scores, np.where(rows >= 0, rows + offset, -1))
+        offset += n
+    return _heap_result(heap, k)

@@ -45,8 +45,8 @@ from distcl.gallery.write import (
 
 __all__ = [
     "GalleryArrays", "EmbeddingBatch", "PartInfo", "Store", "gallery_schema", "write_embeddings",
-    "open_store", "iter_batches", "batch_embeddings", "read_embeddings", "stale_gallery",
-    "iter_embedding_batches", "list_parts",
+    "open_store", "sub_store", "iter_batches", "batch_embeddings", "read_embeddings",
+    "stale_gallery", "iter_embedding_batches", "list_parts",
 ]  # fmt: skip
 
 _SCAN = ds.ParquetFragmentScanOptions(pre_buffer=False)
@@ -114,6 +114,21 @@ def open_store(root: str | os.PathLike) -> Store:
         partition_base_dir=str(root),
     )
     return Store(root, tuple(parts), first.dim, dataset)
+
+
+def sub_store(store: Store, paths: Iterable[str]) -> Store:
+    """The parts ``paths`` of an opened store (a gallery shard), in the store's order, on the
+    store's file system; ValueError naming a path that is not a part of it (any more)."""
+    want = set(paths)
+    parts = tuple(p for p in store.parts if p[0] in want)
+    if missing := sorted(want - {p for p, _ in parts}):
+        raise ValueError(f"{missing[0]} is not a part of the gallery store {store.root}")
+    if not parts or store.dataset is None:
+        return Store(store.root, (), store.dim, None)
+    frags = [f for f in store.dataset.get_fragments() if f.path in want]
+    data = store.dataset
+    shard = ds.FileSystemDataset(frags, data.schema, data.format, data.filesystem)
+    return Store(store.root, parts, store.dim, shard)
 
 
 def _model_filter(models: Models) -> ds.Expression | None:
