@@ -6,8 +6,8 @@
   ``saved`` (rank 0 after writing ``models/<t>/``, before the end-of-task work), ``memory``
   (rank 0 after exemplar selection, before the commit), ``eval`` (the driver, before the
   evaluation).
-- ``DISTCL_FAULT=<marker>:<task>:<epoch>``: a Train worker exits at the start of that epoch
-  (a worker crash; Ray Train restarts the group from its last checkpoint).
+- ``DISTCL_FAULT=<marker>:<task>:<epoch>``: a Train worker exits in the middle of that
+  epoch (a worker crash; Ray Train restarts the group from its last checkpoint).
 
 A marker that exists means "already fired": a re-run of the same command passes through.
 """
@@ -32,11 +32,33 @@ def pause_point(spec: str | None, point: str, task: int) -> None:
         time.sleep(600)  # the test kills the driver now
 
 
-def maybe_exit(spec: str | None, task: int, epoch: int) -> None:
-    """Exit this worker process once at the start of ``epoch`` of ``task`` (``DISTCL_FAULT``)."""
-    if not spec:
+def maybe_exit(spec: str | None, task: int, epoch: int, batch: int, batches: int) -> None:
+    """Exit this worker process once, at batch ``batches // 2`` of ``epoch`` of ``task``
+    (``DISTCL_FAULT``), as a crash mid-epoch.
+
+    Ray Train's controller takes a worker's reports by polling (every 2 s): a worker that
+    dies in the second after a report loses that report, and its group restarts from the
+    checkpoint before (exact still, one epoch repeated). A real crash mid-epoch comes long
+    after the epoch's report (an epoch takes minutes); this one first waits until the
+    controller took the report, so the test sees the resume a real crash would get.
+    """
+    if not spec or batch != batches // 2:
         return
     marker, t, e = spec.rsplit(":", 2)
     if int(t) == task and int(e) == epoch and not os.path.exists(marker):
         Path(marker).write_text("fired")
+        _wait_until_reports_taken()
         os._exit(1)
+
+
+def _wait_until_reports_taken(timeout_s: float = 120.0) -> None:
+    try:  # Ray Train V2's per-worker result queue (an internal: test tooling only)
+        from ray.train.v2._internal.execution.context import get_train_context
+
+        queue = get_train_context().get_result_queue()
+    except Exception:  # another Ray: the poll interval, twice
+        time.sleep(4)
+        return
+    deadline = time.monotonic() + timeout_s
+    while not queue.empty() and time.monotonic() < deadline:
+        time.sleep(0.1)

@@ -589,9 +589,10 @@ def test_confirm_reports_two_seeds_per_configuration(pareto):
             assert entry[v]["spread"] == pytest.approx(np.std(xs, ddof=1))
         assert entry["verdict"]
     # Seed 0 of both is the search's own trial of that config (the grid holds the job's
-    # alpha = 1.0): read, not run again. Seed 1 of both ran under confirm/.
+    # alpha = 1.0): read, not run again. Seed 1 of both ran under confirm/, from a shared
+    # base of seed 1; no base of seed 0 was trained for the confirmation.
     assert sorted(p.name for p in (pareto.tune_dir / "confirm").glob("two-*-seed*")) == [
-        "two-baseline-seed1", "two-best-seed1"]  # fmt: skip
+        "two-base-seed1", "two-baseline-seed1", "two-best-seed1"]  # fmt: skip
     for v in ("best", "baseline"):
         for seed in (0, 1):
             d = Path(pareto.out["confirm"]["run_dirs"][f"{v}-seed{seed}"])

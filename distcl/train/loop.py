@@ -205,7 +205,6 @@ class Worker:
             gen = torch.Generator().manual_seed(
                 job.seed * 100_003 + t * 1009 + epoch * 31 + 17 * (self.rank + 1)
             )
-            faults.maybe_exit(self.config.get("fault"), t, epoch)
             if epoch > 0:  # a checkpoint of this task exists
                 faults.pause_point(self.config.get("pause"), "epoch", t)
             step.train()
@@ -219,6 +218,7 @@ class Worker:
                     pin_memory=self.device.type == "cuda",
                 )
             ):  # fmt: skip
+                faults.maybe_exit(self.config.get("fault"), t, epoch, b, n_batches)
                 images, labels = torch.as_tensor(images), torch.as_tensor(labels)
                 from_memory = torch.zeros(len(labels), dtype=torch.bool)
                 if n_mem:
