@@ -11,6 +11,7 @@ for the test process and every Ray worker it starts afterwards.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 from types import SimpleNamespace
 
@@ -27,6 +28,7 @@ def s3():
     import pyarrow.fs as pafs
 
     server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
     server.start()
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"

@@ -16,6 +16,10 @@ goes to a temp name, is fsynced and renamed into place; the manifest is written 
 half-built folder never looks complete. A rebuild with the same inputs rewrites nothing; a
 shard found damaged at start (size differs from the manifest, or a reader's note) is named
 and only it is rebuilt. Cleanup deletes only files that a previous manifest listed.
+
+The folder may be an object-store URI (``data.shards_dir`` or ``output.root`` = ``s3://...``,
+:mod:`distcl.storage`): each task writes its shard to a local temp file, then uploads it as
+one object (visible only when complete); the manifest is uploaded last, as locally.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 
+from distcl import storage
 from distcl.config import JobConfig
 from distcl.data.scenario import Scenario, build_scenario
 from distcl.data.shardio import (  # noqa: F401  (re-exported: the public shard API)
@@ -50,6 +56,7 @@ from distcl.data.shardio import (  # noqa: F401  (re-exported: the public shard 
     encode_image,
     encode_png,
     exact_split,
+    folder_listing,
     iter_shard,
     load_arrays,
     load_manifest,
@@ -62,6 +69,7 @@ from distcl.data.shardio import (  # noqa: F401  (re-exported: the public shard 
     verify_shards,
 )
 from distcl.data.sources import Source, fashion_mnist_root, open_source
+from distcl.storage import Loc, Uri
 
 #: Names listed by the manifest a rebuild replaced, kept until that rebuild's cleanup ran.
 PREVIOUS = ".manifest-previous.json"
@@ -137,6 +145,12 @@ def _cached_source(data, seed: int) -> Source:
     return _source_cache[key]
 
 
+def _local_temp(name: str) -> Path:
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.tmp-")
+    os.close(fd)
+    return Path(tmp)
+
+
 def write_shard(
     plan: ShardPlan, out_dir: str, data, seed: int, image_format: str = "png", quality: int = 95
 ) -> dict:
@@ -145,8 +159,11 @@ def write_shard(
     split = plan.source_split
     labels = src.labels(split)
     ext = "png" if image_format == "png" else "jpg"
-    path = Path(out_dir) / plan.name
-    tmp = _tmp_name(path)
+    path = storage.join(out_dir, plan.name)
+    # An object store has no rename: the shard is written to a local temp file, then
+    # uploaded whole (one object, visible only once complete).
+    remote = isinstance(path, Uri)
+    tmp = _local_temp(plan.name) if remote else _tmp_name(path)
     try:
         with open(tmp, "wb") as f:
             hashing = _HashingWriter(f)
@@ -164,11 +181,15 @@ def write_shard(
                         }
                     )
             f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+            if not remote:
+                os.fsync(f.fileno())
+        if remote:
+            storage.upload(tmp, path)
+        else:
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    _damage_mark(path).unlink(missing_ok=True)
+    storage.delete(_damage_mark(path))
     return {
         "name": plan.name,
         "task": plan.task,
@@ -253,12 +274,12 @@ def _portable_data(data):
     return dataclasses.replace(data, root=root)
 
 
-def _write(plans, out: Path, job: JobConfig, progress, parallel, placement=None) -> list[dict]:
+def _write(plans, out: Loc, job: JobConfig, progress, parallel, placement=None) -> list[dict]:
     """Write ``plans`` with Ray tasks when Ray is initialised, else in this process."""
     data = _portable_data(job.data)
     fmt = getattr(job.data, "image_format", "png")
     quality = getattr(job.data, "jpeg_quality", 95)
-    args = (plans, str(out.resolve()), data, job.seed, fmt, quality, progress)
+    args = (plans, str(out.resolve()), data, job.seed, fmt, quality, progress)  # path or URI
     try:
         import ray
 
@@ -270,7 +291,7 @@ def _write(plans, out: Path, job: JobConfig, progress, parallel, placement=None)
     return write_shards_serial(*args)
 
 
-def _try_manifest(out: Path) -> dict | None:
+def _try_manifest(out: Loc) -> dict | None:
     try:
         return load_manifest(out)
     except ShardError:
@@ -282,7 +303,7 @@ def _plan_matches(manifest: dict, plans: Sequence[ShardPlan]) -> bool:
     return listed == [(p.name, p.task, p.split, len(p.indices)) for p in plans]
 
 
-def _write_manifest(out: Path, fingerprint: str, src_info: dict, entries, scenario) -> None:
+def _write_manifest(out: Loc, fingerprint: str, src_info: dict, entries, scenario) -> None:
     manifest = {
         "format": FORMAT_VERSION,
         "fingerprint": fingerprint,
@@ -293,14 +314,14 @@ def _write_manifest(out: Path, fingerprint: str, src_info: dict, entries, scenar
     atomic_write_bytes(out / MANIFEST, json.dumps(manifest).encode())
 
 
-def _cleanup(out: Path, keep: set[str], listed: set[str]) -> None:
+def _cleanup(out: Loc, keep: set[str], listed: set[str]) -> None:
     """Delete files a previous manifest listed that the new one does not, and our temp
     files and damage notes of listed names; never anything else."""
     for name in sorted(listed - keep):
         if _SHARD_NAME.fullmatch(name):  # a plain shard file name, never a path
-            (out / name).unlink(missing_ok=True)
+            storage.delete(out / name)
     ours = keep | listed | {MANIFEST, PREVIOUS}
-    for entry in os.listdir(out):
+    for entry in (e.name for e in storage.listdir(out)):
         if not entry.startswith("."):
             continue
         base = entry[1:].split(".tmp-")[0] if ".tmp-" in entry else None
@@ -308,8 +329,8 @@ def _cleanup(out: Path, keep: set[str], listed: set[str]) -> None:
             base = base[: -len(".damaged")]
         stale_mark = entry.endswith(".damaged") and entry[1 : -len(".damaged")] in listed - keep
         if (base in ours) or stale_mark:
-            (out / entry).unlink(missing_ok=True)
-    (out / PREVIOUS).unlink(missing_ok=True)
+            storage.delete(out / entry)
+    storage.delete(out / PREVIOUS)
 
 
 def build_shards(
@@ -318,7 +339,7 @@ def build_shards(
     log: Log | None = None,
     parallel: int | None = None,
     placement: dict[str, str] | None = None,
-) -> tuple[Path, Scenario, bool]:
+) -> tuple[Loc, Scenario, bool]:
     """Build (or reuse) the job's shards; returns (dir, scenario, rewritten?).
 
     Reuse checks sizes and counts, not hashes. ``log`` (default: stderr) hears which
@@ -328,7 +349,7 @@ def build_shards(
     """
     log = log or _log_stderr
     out = job.shards_dir
-    out.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(out)
     fingerprint = job.data_fingerprint()
     size = job.data.shard_size
     old = _try_manifest(out)
@@ -337,9 +358,9 @@ def build_shards(
         scenario = Scenario.from_json(old["scenario"])
         plans = plan_shards(scenario, size)
         if _plan_matches(old, plans):
-            damaged = {}
+            damaged, listing = {}, folder_listing(out)  # sizes: one listing, not a stat each
             for entry in old["shards"]:
-                problem = _quick_problem(out / entry["name"], entry)
+                problem = _quick_problem(out / entry["name"], entry, listing)
                 if problem:
                     damaged[entry["name"]] = problem
             if not damaged and old.get("format") == FORMAT_VERSION:
@@ -351,7 +372,7 @@ def build_shards(
             fresh = {e["name"]: e for e in _write(redo, out, job, progress, parallel, placement)}
             entries = [fresh.get(e["name"], e) for e in old["shards"]]
             if old.get("format") != FORMAT_VERSION:  # upgrade: record sizes
-                entries = [{**e, "bytes": (out / e["name"]).stat().st_size} for e in entries]
+                entries = [{**e, "bytes": storage.size(out / e["name"])} for e in entries]
             src_info = {k: old[k] for k in ("source", "num_classes", "class_names", "image_shape")}
             _write_manifest(out, fingerprint, src_info, entries, scenario)
             _cleanup(out, {e["name"] for e in entries}, set())
@@ -371,7 +392,7 @@ def build_shards(
     if old:
         listed |= {s["name"] for s in old.get("shards", [])}
         atomic_write_bytes(out / PREVIOUS, json.dumps(sorted(listed)).encode())
-        (out / MANIFEST).unlink()  # a folder being rewritten must not look complete
+        storage.delete(out / MANIFEST)  # a folder being rewritten must not look complete
     entries = _write(plans, out, job, progress, parallel, placement)
     src_info = {
         "source": src.name,
@@ -384,9 +405,9 @@ def build_shards(
     return out, scenario, True
 
 
-def _read_previous(out: Path) -> list[str]:
+def _read_previous(out: Loc) -> list[str]:
     try:
-        names = json.loads((out / PREVIOUS).read_text())
+        names = json.loads(storage.read_bytes(out / PREVIOUS))
     except (OSError, json.JSONDecodeError):
         return []
     return [n for n in names if isinstance(n, str)]

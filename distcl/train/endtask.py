@@ -18,7 +18,6 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -63,7 +62,7 @@ def embed_shards(model, shards: Sequence[tuple[str, int]], device) -> dict[str, 
 
     for path, count in shards:
         n = 0
-        for key, img, lab, meta in iter_shard(Path(path)):
+        for key, img, lab, meta in iter_shard(path):
             keys.append(key)
             labels.append(lab)
             tasks.append(meta["task"])
@@ -176,7 +175,7 @@ def _update_memory(w, t: int, model) -> None:
     wanted = set(keys)
     found = {}
     for path, _count in shards:  # only the chosen items' images are read again
-        for key, img, _lab, _meta in iter_shard(Path(path)):
+        for key, img, _lab, _meta in iter_shard(path):
             if key in wanted:
                 found[key] = img
     gathered = [None] * w.world
