@@ -109,8 +109,9 @@ Loc = Path | Uri
 
 def is_uri(loc: Any) -> bool:
     """True for an object-store location (a :class:`Uri` or a ``s3://``/``gs://`` string)."""
-    return isinstance(loc, Uri) or (isinstance(loc, str) and loc.split("://")[0] in SCHEMES
-                                    and "://" in loc)  # fmt: skip
+    if isinstance(loc, Uri):
+        return True
+    return isinstance(loc, str) and loc.partition("://")[0] in SCHEMES and "://" in loc
 
 
 def location(loc: str | os.PathLike | Uri) -> Loc:

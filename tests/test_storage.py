@@ -115,3 +115,35 @@ def test_run_dir_lock_on_an_object_store(s3):
     storage.write_json(rd.root / ".lock", {"pid": 7, "host": "elsewhere", "since": "x"})
     with pytest.raises(RunDirBusy, match=r"pid 7 on elsewhere.*delete s3://"), rd.lock():
         pass
+
+
+def test_gallery_store_on_an_object_store(s3):
+    """Parquet parts written as single objects, discovered and streamed back through the
+    bucket's filesystem; errors name the s3:// part."""
+    import numpy as np
+
+    from distcl.gallery.store import list_parts, open_store, read_embeddings, write_embeddings
+
+    root = storage.location(s3.prefix("gallery"))
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(6, 4)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    for rank in (0, 1):
+        rows = slice(3 * rank, 3 * rank + 3)
+        path = write_embeddings(root, 2, f"part-{rank}", [f"i{k}" for k in range(6)][rows],
+                                [0, 1, 2, 0, 1, 2][rows], [1] * 3, emb[rows])  # fmt: skip
+        assert path == root / "model=2" / f"part-{rank}.parquet"
+    assert [p.name for p in storage.listdir(root / "model=2")] == ["part-0.parquet",
+                                                                    "part-1.parquet"]  # fmt: skip
+    store = open_store(root)
+    assert store.parts[0][0] == f"{root}/model=2/part-0.parquet"
+    assert [(p.model, p.part, p.rows, p.dim) for p in list_parts(root)] == [
+        (2, "part-0", 3, 4), (2, "part-1", 3, 4)]  # fmt: skip
+    got = read_embeddings(root, models=[2])
+    np.testing.assert_array_equal(got.embeddings, emb)
+    assert got.item_ids.tolist() == [f"i{k}" for k in range(6)]
+    storage.write_bytes(root / "model=3" / "part-0.parquet", b"not parquet")
+    with pytest.raises(ValueError, match=rf"{root}/model=3/part-0.parquet"):
+        open_store(root)
+    with pytest.raises(FileNotFoundError, match=rf"gallery store {root}/none does not exist"):
+        open_store(root / "none")

@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Sequence
 
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from distcl import faults
+from distcl import faults, storage
 from distcl.data.shards import exact_split, iter_shard
 from distcl.gallery.store import write_embeddings
 from distcl.memory.selection import per_class_budget
@@ -110,7 +109,7 @@ def finish_task(w, t: int, model) -> dict:
     t0 = time.perf_counter()
     if w.rank == 0:  # parts of an earlier attempt (maybe another world size) go first
         for root in (rd.eval_embeddings, rd.gallery):
-            shutil.rmtree(root / f"model={t}", ignore_errors=True)
+            storage.delete_dir(root / f"model={t}")
     w.barrier()
     ev = embed_shards(model, exact_split(plan["eval_shards"], w.rank, w.world), w.device)
     part = f"part-{w.rank}"
