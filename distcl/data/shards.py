@@ -68,7 +68,13 @@ from distcl.data.shardio import (  # noqa: F401  (re-exported: the public shard 
     train_batches,
     verify_shards,
 )
-from distcl.data.sources import Source, fashion_mnist_root, open_source
+from distcl.data.sources import (
+    FolderListing,
+    Source,
+    fashion_mnist_root,
+    list_image_folder,
+    open_source,
+)
 from distcl.storage import Loc, Uri
 
 #: Names listed by the manifest a rebuild replaced, kept until that rebuild's cleanup ran.
@@ -136,13 +142,22 @@ class _HashingWriter:
 _source_cache: dict = {}
 
 
-def _cached_source(data, seed: int) -> Source:
-    """One open source per process (Ray reuses worker processes across shard tasks)."""
-    key = (data, seed)
+def _cached_source(data, seed: int, listing: FolderListing | None = None) -> Source:
+    """One open source per process (Ray reuses worker processes across shard tasks); an
+    image-folder source from the driver's ``listing``, never from a walk of the tree."""
+    key = (data, seed, listing.digest if listing is not None else None)
     if key not in _source_cache:
         _source_cache.clear()  # keep one: a source may hold a whole split in memory
-        _source_cache[key] = open_source(data, seed)
+        _source_cache[key] = open_source(data, seed, listing)
     return _source_cache[key]
+
+
+def list_once(data, seed: int) -> FolderListing | None:
+    """The image-folder tree's listing, made once (in the driver) for every shard task;
+    None for sources that have nothing to list."""
+    if data.source != "image-folder":
+        return None
+    return list_image_folder(data.root, data.test_fraction, seed)
 
 
 def _local_temp(name: str) -> Path:
@@ -152,10 +167,12 @@ def _local_temp(name: str) -> Path:
 
 
 def write_shard(
-    plan: ShardPlan, out_dir: str, data, seed: int, image_format: str = "png", quality: int = 95
-) -> dict:
-    """Write one planned shard atomically; return its manifest entry."""
-    src = _cached_source(data, seed)
+    plan: ShardPlan, out_dir: str, data, seed: int, image_format: str = "png", quality: int = 95,
+    listing: FolderListing | None = None,
+) -> dict:  # fmt: skip
+    """Write one planned shard atomically; return its manifest entry. ``listing``: the
+    image-folder tree as the driver listed it (:func:`list_once`)."""
+    src = _cached_source(data, seed, listing)
     split = plan.source_split
     labels = src.labels(split)
     ext = "png" if image_format == "png" else "jpg"
@@ -202,12 +219,12 @@ def write_shard(
 
 def write_shards_serial(
     plans: Sequence[ShardPlan], out_dir: str, data, seed: int, image_format: str = "png",
-    quality: int = 95, progress: Progress | None = None,
+    quality: int = 95, progress: Progress | None = None, listing: FolderListing | None = None,
 ) -> list[dict]:  # fmt: skip
     """The single-process writer (no Ray): the baseline of ``distcl bench data``."""
     entries, done, total = [], 0, sum(len(p.indices) for p in plans)
     for plan in plans:
-        entries.append(write_shard(plan, out_dir, data, seed, image_format, quality))
+        entries.append(write_shard(plan, out_dir, data, seed, image_format, quality, listing))
         done += len(plan.indices)
         if progress:
             progress(done, total)
@@ -228,6 +245,7 @@ def write_shards_ray(
     plans: Sequence[ShardPlan], out_dir: str, data, seed: int, image_format: str = "png",
     quality: int = 95, progress: Progress | None = None, parallel: int | None = None,
     placement: dict[str, str] | None = None, task_cpu: dict[str, float] | None = None,
+    listing: FolderListing | None = None,
 ) -> list[dict]:  # fmt: skip
     """One Ray task per shard, at most ``parallel`` in flight (None: as the cluster's CPUs
     allow); entries in plan order. ``placement`` (if given) receives {shard: node id},
@@ -238,14 +256,14 @@ def write_shards_ray(
     task = ray.remote(num_cpus=1, max_retries=3, scheduling_strategy="SPREAD")(_write_shard_where)
     if parallel is None:
         parallel = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    data_ref = ray.put(data)
+    data_ref, listing_ref = ray.put(data), ray.put(listing)  # once, not once per task
     pending: dict = {}
     entries: dict[str, dict] = {}
     done, total, queue = 0, sum(len(p.indices) for p in plans), list(plans)[::-1]
     while queue or pending:
         while queue and len(pending) < parallel:
             plan = queue.pop()
-            ref = task.remote(plan, out_dir, data_ref, seed, image_format, quality)
+            ref = task.remote(plan, out_dir, data_ref, seed, image_format, quality, listing_ref)
             pending[ref] = plan
         ready, _ = ray.wait(list(pending), num_returns=1)
         plan = pending.pop(ready[0])
@@ -274,9 +292,14 @@ def _portable_data(data):
     return dataclasses.replace(data, root=root)
 
 
-def _write(plans, out: Loc, job: JobConfig, progress, parallel, placement=None) -> list[dict]:
-    """Write ``plans`` with Ray tasks when Ray is initialised, else in this process."""
+def _write(
+    plans, out: Loc, job: JobConfig, progress, parallel, placement=None, listing=None
+) -> list[dict]:
+    """Write ``plans`` with Ray tasks when Ray is initialised, else in this process; an
+    image-folder tree is listed here once (unless ``listing`` is given), not per task."""
     data = _portable_data(job.data)
+    if listing is None:
+        listing = list_once(data, job.seed)
     fmt = getattr(job.data, "image_format", "png")
     quality = getattr(job.data, "jpeg_quality", 95)
     args = (plans, str(out.resolve()), data, job.seed, fmt, quality, progress)  # path or URI
@@ -287,8 +310,8 @@ def _write(plans, out: Loc, job: JobConfig, progress, parallel, placement=None) 
     except ImportError:
         use_ray = False
     if use_ray:
-        return write_shards_ray(*args, parallel=parallel, placement=placement)
-    return write_shards_serial(*args)
+        return write_shards_ray(*args, parallel=parallel, placement=placement, listing=listing)
+    return write_shards_serial(*args, listing=listing)
 
 
 def _try_manifest(out: Loc) -> dict | None:
@@ -378,7 +401,8 @@ def build_shards(
             _cleanup(out, {e["name"] for e in entries}, set())
             return out, scenario, bool(redo)
 
-    src = open_source(job.data, job.seed)
+    listing = list_once(_portable_data(job.data), job.seed)  # the tree's one walk
+    src = open_source(job.data, job.seed, listing)
     heldout = getattr(job.scenario, "heldout_classes", 0)
     kw = {"heldout": heldout} if heldout else {}
     scenario = build_scenario(
@@ -393,7 +417,7 @@ def build_shards(
         listed |= {s["name"] for s in old.get("shards", [])}
         atomic_write_bytes(out / PREVIOUS, json.dumps(sorted(listed)).encode())
         storage.delete(out / MANIFEST)  # a folder being rewritten must not look complete
-    entries = _write(plans, out, job, progress, parallel, placement)
+    entries = _write(plans, out, job, progress, parallel, placement, listing)
     src_info = {
         "source": src.name,
         "num_classes": src.num_classes,
