@@ -13,11 +13,11 @@ distcl bench {train,search,eval,memory,sequence,data}
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
+from distcl import storage
 from distcl.bench import BENCHES
 from distcl.config import ConfigError, JobConfig, load_job
 from distcl.rundir import RunDirBusy
@@ -62,7 +62,7 @@ def cmd_data_build(args) -> int:
             job, progress=lambda done, total: bar.update(tid, completed=done, total=total)
         )
     info = verify_shards(out)
-    size = sum(p.stat().st_size for p in out.glob("*.tar"))
+    size = sum(e.size for e in storage.listdir(out) if e.name.endswith(".tar"))
     verb = "built" if rebuilt else "up to date (nothing rewritten)"
     print(
         f"{out}: {verb}; {info['shards']} shards, {info['samples']} samples, "
@@ -100,15 +100,15 @@ def cmd_eval(args) -> int:
         from distcl.localray import init_ray
 
         init_ray(args.ray or None)
-    evaluate_run(Path(args.run_dir))
+    evaluate_run(storage.location(args.run_dir))  # a path or an s3:// / gs:// URI
     return 0
 
 
 def cmd_report(args) -> int:
     from distcl.eval.report import write_report
 
-    metrics = json.loads((Path(args.run_dir) / "metrics.json").read_text())
-    print(write_report(Path(args.run_dir), metrics))
+    run_dir = storage.location(args.run_dir)
+    print(write_report(run_dir, storage.read_json(run_dir / "metrics.json")))
     return 0
 
 

@@ -18,63 +18,69 @@ Layout::
     memory/                                          the episodic memory service's files
     ray/                                             Ray Train's storage (checkpoints)
 
-A write is atomic: a temp name beside the target (``.tmp-*``), fsync, ``os.replace``, then an
-fsync of the folder, so a crash leaves the previous version or the new one, never half.
+The root is a local path (or a shared file system) or an object-store URI
+(``output.root: s3://bucket/runs``, see :mod:`distcl.storage`); every artefact is read and
+written through :mod:`distcl.storage`, so the layout above is the same on both.
+
+A write is atomic: locally a temp name beside the target (``.tmp-*``), fsync, ``os.replace``,
+then an fsync of the folder, so a crash leaves the previous version or the new one, never
+half; on an object store one upload of the complete object (visible only once complete). A
+folder of several files (``models/<t>/``) counts only once its last file (``meta.json``) is
+written, so on an object store it is written file by file with that one last.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import shutil
 import socket
+import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-TEMP_PREFIX = ".tmp-"
+from distcl import storage
+from distcl.storage import TEMP_PREFIX, Loc, Uri, _fsync_dir
 
 
 class RunDirBusy(RuntimeError):
     """Another process holds the run directory's lock."""
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _temp_name(path: Path) -> Path:
     return path.parent / f"{TEMP_PREFIX}{path.name}-{os.getpid()}"
 
 
-def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
-    """Write ``data`` to ``path`` atomically (temp name, fsync, rename, folder fsync)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_name(path)
-    with open(tmp, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-    return path
+def atomic_write(path: str | os.PathLike | Uri, data: bytes | str) -> Loc:
+    """Write ``data`` to ``path`` atomically (local: temp name, fsync, rename, folder fsync;
+    object store: one upload)."""
+    return storage.write_bytes(path, data)
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any, **kw: Any) -> Path:
+def atomic_write_json(path: str | os.PathLike | Uri, obj: Any, **kw: Any) -> Loc:
     return atomic_write(path, json.dumps(obj, **kw))
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Fill a temp folder, then move it into ``path`` (replacing a stale one) on success."""
-    path = Path(path)
+def atomic_dir(path: str | os.PathLike | Uri, last: str | None = None) -> Iterator[Path]:
+    """Fill a temp folder, then move it into ``path`` (replacing a stale one) on success.
+
+    On an object store (no rename) the files are uploaded one by one after the old folder's
+    objects are deleted, ``last`` (the file whose presence says "complete") at the end."""
+    path = storage.location(path)
+    if isinstance(path, Uri):
+        with tempfile.TemporaryDirectory(prefix=TEMP_PREFIX) as tmp:
+            yield Path(tmp)
+            storage.delete_dir(path)
+            names = sorted(p.name for p in Path(tmp).iterdir())
+            for name in sorted(names, key=lambda n: n == last):
+                storage.upload(Path(tmp) / name, path / name)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_name(path)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -92,9 +98,12 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def clean_temp(root: str | os.PathLike) -> list[Path]:
-    """Remove the temp files and folders a killed writer left under ``root``."""
+def clean_temp(root: str | os.PathLike | Uri) -> list[Path]:
+    """Remove the temp files and folders a killed writer left under ``root`` (an object
+    store has none: an object is written whole or not at all)."""
     removed = []
+    if isinstance(root, Uri):
+        return removed
     for p in sorted(Path(root).rglob(f"{TEMP_PREFIX}*"), reverse=True):
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
@@ -105,10 +114,19 @@ def clean_temp(root: str | os.PathLike) -> list[Path]:
 
 
 class RunDir:
-    """The layout of one run directory (paths only; nothing is created until written)."""
+    """The layout of one run directory (paths only; nothing is created until written).
 
-    def __init__(self, root: str | os.PathLike):
-        self.root = Path(root).resolve()  # absolute: Ray workers run in another cwd
+    ``root`` is a local ``Path`` (made absolute: Ray workers run in another cwd) or a
+    :class:`~distcl.storage.Uri`; every location below has the same type as the root."""
+
+    def __init__(self, root: str | os.PathLike | Uri):
+        loc = storage.location(root)
+        self.root: Loc = loc if isinstance(loc, Uri) else loc.resolve()
+
+    @property
+    def is_remote(self) -> bool:
+        """The run dir is on an object store (no flock, no rename; see :meth:`lock`)."""
+        return isinstance(self.root, Uri)
 
     # -- files and folders ---------------------------------------------------------
     job_yaml = property(lambda self: self.root / "job.yaml")
@@ -121,17 +139,27 @@ class RunDir:
     memory = property(lambda self: self.root / "memory")
     ray_storage = property(lambda self: self.root / "ray")
 
-    def model(self, task: int) -> Path:
+    def model(self, task: int) -> Loc:
         return self.root / "models" / str(task)
+
+    def ray_storage_args(self) -> dict:
+        """``RunConfig`` keyword arguments placing Ray Train's checkpoints in ``ray/``: a
+        local path as is; on an object store the same pyarrow filesystem distcl uses (so
+        the endpoint and credentials are the ones of ``distcl.storage``) and the
+        prefix-stripped path, as Ray Train asks when ``storage_filesystem`` is given."""
+        if not self.is_remote:
+            return {"storage_path": str(self.ray_storage)}
+        fs, path = storage.filesystem(self.ray_storage)
+        return {"storage_path": path, "storage_filesystem": fs}
 
     # -- completion markers --------------------------------------------------------
     def trained(self, task: int) -> bool:
         """Model ``task`` is saved (``meta.json`` is written last)."""
-        return (self.model(task) / "meta.json").is_file()
+        return storage.is_file(self.model(task) / "meta.json")
 
     def done(self, task: int) -> bool:
         """Task ``task`` is finished: trained and its end-of-task work written."""
-        return (self.model(task) / "done.json").is_file()
+        return storage.is_file(self.model(task) / "done.json")
 
     def mark_done(self, task: int, info: dict) -> None:
         atomic_write_json(self.model(task) / "done.json", info)
@@ -146,16 +174,35 @@ class RunDir:
     # -- one process at a time -----------------------------------------------------
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
-        """Hold ``.lock`` (flock: released by the kernel whatever kills the holder)."""
+        """Hold ``.lock`` (flock: released by the kernel whatever kills the holder).
+
+        An object store has no flock. There the lock is (1) a flock on a driver-local file
+        named by a hash of the URI (``$TMPDIR/distcl-locks/<sha>.lock``), which excludes a
+        second run of the same URI from this machine exactly as locally, plus (2) an object
+        ``<root>/.lock`` naming the holder (pid, host, time), written after (1) is held and
+        deleted on release. A run from another machine that finds a lock object of a
+        different host refuses to start and names it. Not guaranteed: two machines that
+        start within one round trip of each other can both pass (S3 offers no
+        compare-and-swap through pyarrow), and a holder killed on another machine leaves
+        its object behind: delete it by hand once that run is gone (the error says so).
+        Same machine: the flock decides, so a stale object of this host is overwritten.
+        """
+        if self.is_remote:
+            yield from self._remote_lock()
+            return
         self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        yield from self._flock(self.root / ".lock", self.root)
+
+    @staticmethod
+    def _flock(path: Path, name: Loc) -> Iterator[None]:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
                 raise RunDirBusy(
-                    f"{self.root}: in use by another distcl process ({holder}); wait for it "
+                    f"{name}: in use by another distcl process ({holder}); wait for it "
                     "or stop it (two runs of one job would overwrite each other)"
                 ) from None
             os.ftruncate(fd, 0)
@@ -164,5 +211,32 @@ class RunDir:
         finally:
             os.close(fd)
 
+    def _remote_lock(self) -> Iterator[None]:
+        folder = Path(tempfile.gettempdir()) / "distcl-locks"
+        folder.mkdir(parents=True, exist_ok=True)
+        local = folder / f"{hashlib.sha256(str(self.root).encode()).hexdigest()[:24]}.lock"
+        with contextlib.contextmanager(self._flock)(local, self.root):
+            obj = self.root / ".lock"
+            host = socket.gethostname()
+            try:
+                theirs = storage.read_json(obj)
+            except (FileNotFoundError, ValueError):
+                theirs = None
+            if isinstance(theirs, dict) and theirs.get("host") != host:
+                raise RunDirBusy(
+                    f"{self.root}: in use by a distcl process on another machine "
+                    f"(pid {theirs.get('pid')} on {theirs.get('host')} since "
+                    f"{theirs.get('since')}); if that run is gone, delete {obj} and retry"
+                )
+            storage.write_json(obj, {"pid": os.getpid(), "host": host,
+                                     "since": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                            time.gmtime())})  # fmt: skip
+            try:
+                yield
+            finally:
+                storage.delete(obj)
+
     def clean_temp(self) -> list[Path]:
+        if self.is_remote:
+            return []
         return clean_temp(self.root) if self.root.exists() else []

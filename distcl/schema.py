@@ -27,9 +27,11 @@ from pydantic import (
 )
 from pydantic import StrictBool as Bool
 
+from distcl import storage
 from distcl.methods import ALIGN_TERMS, METHODS
 from distcl.models.backbones import BACKBONES
 from distcl.models.heads import HEADS
+from distcl.storage import Uri
 
 Int = StrictInt
 Pos = Annotated[StrictInt, Field(ge=1)]
@@ -46,6 +48,17 @@ def _relative_path(value: str | None, field: str) -> str | None:
     """Refuse a path that climbs out of its folder with '..' (URIs pass through)."""
     if value is not None and ".." in PurePosixPath(value.split("://")[-1]).parts:
         raise ValueError(f"{field} must not contain '..' (got {value!r})")
+    return value
+
+
+def _storage_root(value: str | None, field: str) -> str | None:
+    """A local path, ``file://``, or an object-store URI that ``distcl.storage`` reaches."""
+    value = _relative_path(value, field)
+    if value is not None and "://" in value:
+        try:
+            storage.location(value)
+        except ValueError as e:
+            raise ValueError(f"{field}: {e}") from None
     return value
 
 
@@ -68,7 +81,7 @@ class DataConfig(Section):
     synthetic_test_per_class: Pos = 16
     synthetic_size: Annotated[StrictInt, Field(ge=4)] = 16
 
-    _shards = field_validator("shards_dir")(lambda v: _relative_path(v, "data.shards_dir"))
+    _shards = field_validator("shards_dir")(lambda v: _storage_root(v, "data.shards_dir"))
 
 
 class ScenarioConfig(Section):
@@ -228,7 +241,7 @@ class EvalConfig(Section):
 class OutputConfig(Section):
     root: str = "runs"  #: a local path, a shared file system, or an object-store URI
 
-    _root = field_validator("root")(lambda v: _relative_path(v, "output.root"))
+    _root = field_validator("root")(lambda v: _storage_root(v, "output.root"))
 
 
 class SearchSpace(Section):
@@ -294,8 +307,9 @@ class JobConfig(Section):
     tune: TuneConfig | None = None
 
     @property
-    def run_dir(self) -> Path:
-        return Path(self.output.root) / self.name
+    def run_dir(self) -> Path | Uri:
+        """``<output.root>/<name>``: a local path or an object-store URI (``distcl.storage``)."""
+        return storage.join(self.output.root, self.name)
 
     def data_fingerprint(self) -> str:
         """Hash of everything that decides the shards' content (data, scenario, seed)."""
@@ -303,9 +317,11 @@ class JobConfig(Section):
         return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
     @property
-    def shards_dir(self) -> Path:
-        root = self.data.shards_dir or Path(self.output.root) / "shards" / self.data_fingerprint()
-        return Path(root)
+    def shards_dir(self) -> Path | Uri:
+        """``data.shards_dir`` or ``<output.root>/shards/<fingerprint>`` (path or URI)."""
+        if self.data.shards_dir:
+            return storage.location(self.data.shards_dir)
+        return storage.join(self.output.root, "shards", self.data_fingerprint())
 
 
 def to_dict(obj: Any) -> Any:

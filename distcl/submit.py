@@ -47,6 +47,7 @@ from typing import Any, TextIO
 
 import yaml
 
+from distcl import storage
 from distcl.config import ConfigError, JobConfig, dump_job, load_job, parse_job
 from distcl.jobctl import (  # noqa: F401  (re-exported: the CLI and tests use them here)
     CONNECT_TIMEOUT_S,
@@ -85,18 +86,17 @@ WORKING_DIR_EXCLUDES = [
 
 # ------------------------------------------------------------------------ what is shipped
 def check_cluster_paths(job: JobConfig) -> None:
-    """Raise :class:`ConfigError` for job paths that cannot work on a cluster."""
+    """Raise :class:`ConfigError` for job paths that cannot work on a cluster: a relative
+    path. Absolute paths (storage every node mounts) and object-store URIs pass; a URI needs
+    the bucket's credentials on every node (an instance role, or the AWS variables set where
+    the nodes' ``ray start`` runs): they are not shipped with the job."""
     paths = {"output.root": job.output.root}
     if job.data.shards_dir:
         paths["data.shards_dir"] = job.data.shards_dir
     for name, value in paths.items():
-        if "://" in value:
-            raise ConfigError(
-                f"{name}: {value!r} is an object-store URI; the driver writes runs with "
-                "local file APIs, so mount the bucket (s3fs, gcsfuse, a CSI driver) on "
-                "every node and give its path, e.g. /mnt/shared/distcl-runs"
-            )
-        if not Path(value).is_absolute():
+        if "://" in value and not value.startswith("file://"):
+            continue  # an object-store URI: every node reaches it (distcl.storage)
+        if not Path(storage.location(value)).is_absolute():
             raise ConfigError(
                 f"{name}: {value!r} is relative; on the cluster it would resolve inside "
                 "the job's temporary copy of the working dir and be lost. Use a path on "
@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         if job.name != args.job_name:
             raise ConfigError(f"${ENV_JOB} holds job {job.name!r}, not {args.job_name!r}")
         check_job_name(job.name)
-        job.run_dir.parent.mkdir(parents=True, exist_ok=True)
+        storage.makedirs(job.run_dir.parent)  # nothing to create on an object store
     except (ConfigError, ValueError) as e:
         print(f"distcl: error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 from rayhead import ray_head  # noqa: F401  (a real Ray head on 127.0.0.1, one per session)
+from s3server import s3  # noqa: F401  (a moto S3 server on 127.0.0.1, session scope)
 
 from distcl.config import JobConfig, parse_job
 

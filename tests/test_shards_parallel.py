@@ -278,3 +278,33 @@ def test_heldout_items_are_task_minus_one_gallery_shards(make_job, tmp_path):
     assert {m["task"] for m in metas} == {-1} and {m["split"] for m in metas} == {"gallery"}
     assert set(labels.tolist()) == set(scen.heldout_classes)
     assert not set(scen.heldout_classes) & set(scen.classes)
+
+
+def test_ray_tasks_use_the_driver_listing_of_an_image_folder(synthetic_job, tmp_path):
+    """Shard tasks open an image-folder source from the listing the driver made, never by
+    walking the tree again: a file that appears after the listing (and would shift every
+    later index of its class) changes no shard they write."""
+    from PIL import Image
+
+    from distcl.data.sources import list_image_folder
+
+    tree = tmp_path / "tree"
+    for cls, grey in (("cat", 60), ("dog", 160)):
+        (tree / cls).mkdir(parents=True)
+        for i in range(6):
+            arr = np.full((8, 8, 3), grey, np.uint8)
+            arr[0, 0] = i
+            Image.fromarray(arr).save(tree / cls / f"{i:03d}.png")
+    job = synthetic_job(data={"source": "image-folder", "root": str(tree), "image_size": 8,
+                              "shard_size": 2}, scenario={"tasks": 2})  # fmt: skip
+    listing = list_image_folder(str(tree), job.data.test_fraction, job.seed)
+    src = open_source(job.data, job.seed, listing)
+    scen = build_scenario(src.train_labels, src.test_labels, job.scenario, job.seed)
+    plans = shards.plan_shards(scen, 2)
+    ref, out = tmp_path / "ref", tmp_path / "ray"
+    ref.mkdir()
+    out.mkdir()
+    want = write_shards_serial(plans, str(ref), job.data, job.seed, listing=listing)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tree / "cat" / "000a.png")
+    got = shards.write_shards_ray(plans, str(out), job.data, job.seed, listing=listing)
+    assert got == want

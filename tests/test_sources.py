@@ -268,3 +268,30 @@ def test_synthetic_shapes_determinism_and_learnability():
     means = np.stack([train[src.train_labels == c].mean(0) for c in range(5)])  # (5, 1, 12, 12)
     dists = ((test[:, None] - means[None]) ** 2).sum(axis=(2, 3, 4))  # (30, 5)
     assert (dists.argmin(1) == src.test_labels).mean() >= 0.9
+
+
+def test_image_folder_tree_is_walked_once_per_build(tmp_path, synthetic_job, monkeypatch):
+    """The driver lists the tree once and hands the listing to every shard writer (Ray tasks
+    or this process): no writer walks it again, and a file added after the listing is not
+    seen by any of them."""
+    from distcl.data import shards as sh
+    from distcl.data import sources as so
+
+    write_tree(tmp_path / "tree", {"cat": 6, "dog": 6})
+    walks = []
+    real = so._scan_tree
+    monkeypatch.setattr(so, "_scan_tree", lambda root: walks.append(root) or real(root))
+    job = synthetic_job(data={"source": "image-folder", "root": str(tmp_path / "tree"),
+                              "image_size": 8, "shard_size": 2},
+                        scenario={"tasks": 2})  # fmt: skip
+    out, scenario, _ = sh.build_shards(job)
+    assert len(walks) == 1  # one walk for 6 shards (it was one per writer process before)
+    listing = so.list_image_folder(str(tmp_path / "tree"), job.data.test_fraction, job.seed)
+    from PIL import Image
+
+    # cat/000a.png appears after the listing: it would shift every later index of cat
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "tree" / "cat" / "000a.png")
+    plan = sh.plan_shards(scenario, 2)[0]
+    (tmp_path / "again").mkdir()
+    entry = sh.write_shard(plan, str(tmp_path / "again"), job.data, job.seed, listing=listing)
+    assert entry["sha256"] == sh.load_manifest(out)["shards"][0]["sha256"]

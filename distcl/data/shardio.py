@@ -20,6 +20,11 @@ Readers:
   would hang otherwise); each epoch shards are shuffled and dealt to the readers (ranks x
   loader workers), streams cycle; decoding runs in ``DataLoader`` workers where asked.
 - :func:`exact_split`: every sample to exactly one (rank, loader worker), for embedding.
+
+Shard locations are local paths or object-store URIs (``data.shards_dir: s3://bucket/x``,
+through :mod:`distcl.storage`): WebDataset opens ``s3://``/``gs://`` URLs with a ``gopen``
+handler registered here (one streamed GET per shard), the end-of-archive check reads the
+last 1024 bytes with one ranged GET, and the quick checks use the listing's sizes.
 """
 
 from __future__ import annotations
@@ -35,8 +40,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import webdataset as wds
+from webdataset.gopen import gopen_schemes
 
+from distcl import storage
 from distcl.data.sources import DataError
+from distcl.storage import Loc, Uri
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 2  # 2: per-shard ``bytes``, image format, held-out shards
@@ -80,9 +88,21 @@ def decode_image(data: bytes) -> np.ndarray:
 decode_png = decode_image
 
 
-def sha256_file(path: Path) -> str:
+def _gopen_storage(url: str, mode: str = "rb", bufsize: int = 8192, **kw):
+    """WebDataset's opener for object-store URLs: a streamed read through distcl.storage
+    (the endpoint and credentials of the AWS variables; see :mod:`distcl.storage`)."""
+    if mode != "rb":
+        raise ValueError(f"{url}: shards are written by distcl.data.shards, not by gopen")
+    return storage.open_input(url)
+
+
+for _scheme in storage.SCHEMES:
+    gopen_schemes[_scheme] = _gopen_storage
+
+
+def sha256_file(path: str | Path | Uri) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with storage.open_input(path) as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
@@ -93,8 +113,12 @@ def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(3)}")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file + rename: readers never see half a file."""
+def atomic_write_bytes(path: Path | Uri, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file + rename (an object: one upload): readers
+    never see half a file."""
+    if isinstance(path, Uri):
+        storage.write_bytes(path, data)
+        return
     tmp = _tmp_name(path)
     try:
         with open(tmp, "wb") as f:
@@ -107,52 +131,71 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 # ------------------------------------------------------------------------ manifest
-def load_manifest(shards_dir: str | Path) -> dict:
-    path = Path(shards_dir) / MANIFEST
-    if not path.is_file():
-        raise ShardError(f"{path}: no manifest (run `distcl data build JOB` first)")
+def load_manifest(shards_dir: str | Path | Uri) -> dict:
+    path = storage.join(shards_dir, MANIFEST)
     try:
-        return json.loads(path.read_text())
+        return json.loads(storage.read_bytes(path))
+    except FileNotFoundError:
+        raise ShardError(f"{path}: no manifest (run `distcl data build JOB` first)") from None
+    except IsADirectoryError:
+        raise ShardError(f"{path}: no manifest (a folder of that name)") from None
     except json.JSONDecodeError as e:
         raise ShardError(f"{path}: corrupt manifest ({e})") from None
 
 
-def _quick_problem(path: Path, entry: dict) -> str | None:
-    """Why ``path`` does not match its manifest entry by existence and size (None: fine)."""
-    if not path.is_file():
+def _quick_problem(
+    path: Path | Uri, entry: dict, listing: dict[str, storage.Entry] | None = None
+) -> str | None:
+    """Why ``path`` does not match its manifest entry by existence and size (None: fine).
+    ``listing`` (the folder's entries by name, from one listing) spares a request per shard
+    on an object store."""
+    if listing is not None:
+        st = listing.get(path.name)
+        mark = listing.get(_damage_mark(path).name)
+    else:
+        st = storage.stat(path)
+        mark = storage.stat(_damage_mark(path))
+    if st is None or st.is_dir:
         return "missing shard listed in manifest"
-    mark = _damage_mark(path)
-    if mark.is_file():
-        return f"found damaged by a reader ({mark.read_text(errors='replace')[:200]})"
+    if mark is not None:
+        note = storage.read_text(_damage_mark(path), errors="replace")[:200]
+        return f"found damaged by a reader ({note})"
     if "bytes" not in entry:  # a format-1 manifest: only the hash tells
         if sha256_file(path) != entry["sha256"]:
             return "sha256 differs from manifest (truncated or modified)"
         return None
-    size = path.stat().st_size
+    size = st.size
     if size != entry["bytes"]:
         return f"size differs from manifest ({size} bytes, manifest says {entry['bytes']})"
     return None
 
 
 # ------------------------------------------------------------------------ checking
-def verify_shards(shards_dir: str | Path, deep: bool = False) -> dict:
+def folder_listing(shards_dir: str | Path | Uri) -> dict[str, storage.Entry]:
+    """The entries of a shard folder by name: one listing request on an object store."""
+    return {e.name: e for e in storage.listdir(shards_dir)}
+
+
+def verify_shards(shards_dir: str | Path | Uri, deep: bool = False) -> dict:
     """Check every shard of the manifest: by default that it exists with the manifest's
-    byte size (quick); ``deep`` also re-hashes (sha256), decodes and counts every sample.
-    Raises ShardError naming the first bad shard; returns {"shards", "samples"}."""
-    shards_dir = Path(shards_dir)
+    byte size (quick: sizes from one listing of the folder); ``deep`` also re-hashes
+    (sha256), decodes and counts every sample. Raises ShardError naming the first bad
+    shard; returns {"shards", "samples"}."""
+    shards_dir = storage.location(shards_dir)
     manifest = load_manifest(shards_dir)
+    listing = folder_listing(shards_dir)
     n = 0
     for s in manifest["shards"]:
         path = shards_dir / s["name"]
         if deep:
-            if not path.is_file():
+            if not storage.is_file(path):
                 raise ShardError(f"{path}: missing shard listed in manifest")
             if sha256_file(path) != s["sha256"]:
                 mark_damaged(path, "sha256 differs from manifest")
                 raise ShardError(f"{path}: sha256 differs from manifest (truncated or modified)")
             sum(1 for _ in iter_shard(path, expected=s["count"]))
         else:
-            problem = _quick_problem(path, s)
+            problem = _quick_problem(path, s, listing)
             if problem:
                 raise ShardError(f"{path}: {problem}")
         n += s["count"]
@@ -160,33 +203,38 @@ def verify_shards(shards_dir: str | Path, deep: bool = False) -> dict:
 
 
 # ------------------------------------------------------------------------ reading
-def shard_paths(shards_dir: str | Path, task: int | Sequence[int], split: str) -> list[Path]:
+def shard_paths(
+    shards_dir: str | Path | Uri, task: int | Sequence[int], split: str
+) -> list[Path | Uri]:
     """Non-empty shards of ``split`` for one task or several (-1: held-out classes)."""
     tasks = {task} if isinstance(task, int) else set(task)
     manifest = load_manifest(shards_dir)
     return [
-        Path(shards_dir) / s["name"]
+        storage.join(shards_dir, s["name"])
         for s in manifest["shards"]
         if s["task"] in tasks and s["split"] == split and s["count"] > 0
     ]
 
 
-def shard_counts(shards_dir: str | Path) -> dict[str, int]:
+def shard_counts(shards_dir: str | Path | Uri) -> dict[str, int]:
     return {s["name"]: s["count"] for s in load_manifest(shards_dir)["shards"]}
 
 
-_counts_cache: dict[Path, tuple[tuple[int, int], dict[str, int]]] = {}
+_counts_cache: dict[Loc, tuple[tuple[int, int], dict[str, int]]] = {}
 
 
-def manifest_count(path: Path) -> int | None:
+def manifest_count(path: str | Path | Uri) -> int | None:
     """The sample count the manifest beside ``path`` lists for it (None: not listed).
     Cached per process while the manifest file is unchanged."""
+    path = storage.location(path)
     folder = path.parent
     try:
-        st = (folder / MANIFEST).stat()
+        st = storage.stat(folder / MANIFEST)
     except OSError:
         return None
-    stamp = (st.st_mtime_ns, st.st_size)
+    if st is None:
+        return None
+    stamp = (st.mtime_ns, st.size)
     cached = _counts_cache.get(folder)
     if cached is None or cached[0] != stamp:
         try:
@@ -197,11 +245,11 @@ def manifest_count(path: Path) -> int | None:
     return cached[1].get(path.name)
 
 
-def _damage_mark(path: Path) -> Path:
+def _damage_mark(path: Path | Uri) -> Path | Uri:
     return path.with_name(f".{path.name}.damaged")
 
 
-def mark_damaged(path: Path, why: str) -> None:
+def mark_damaged(path: Path | Uri, why: str) -> None:
     """Leave a note beside a shard a reader found damaged, so that the next build (which
     checks sizes, not hashes) rewrites it. Best effort: a read-only folder is skipped."""
     if manifest_count(path) is None:  # not a listed shard of a manifest folder
@@ -217,7 +265,7 @@ def _all_shards(src):  # nodesplitter / workersplitter that keep everything (we 
 
 
 def iter_shard(
-    path: Path, expected: int | None = None, decode: bool = True
+    path: str | Path | Uri, expected: int | None = None, decode: bool = True
 ) -> Iterator[tuple[str, np.ndarray | bytes, int, dict]]:
     """Samples of one shard as (key, uint8 (C, H, W), label, meta); errors name the shard.
 
@@ -226,7 +274,7 @@ def iter_shard(
     shorter archive, and only the count tells. ``decode=False`` yields the encoded image
     bytes (a reader that keeps only some samples decodes only those: :func:`decode_image`).
     """
-    path = Path(path)
+    path = storage.location(path)
     if expected is None:
         expected = manifest_count(path)
     ds = wds.WebDataset(
@@ -246,10 +294,8 @@ def iter_shard(
         raise ShardError(f"{path}: cannot read shard ({type(e).__name__}: {e})") from None
     # A cut between two samples reads as a shorter, well-formed archive; only the missing
     # end-of-archive marker (two zero blocks, written by every complete tar) tells.
-    with open(path, "rb") as f:
-        f.seek(max(0, os.path.getsize(path) - 1024))
-        if f.read() != bytes(1024):
-            raise ShardError(f"{path}: cannot read shard (truncated: no end-of-archive marker)")
+    if storage.tail(path, 1024) != bytes(1024):  # objects: one ranged GET
+        raise ShardError(f"{path}: cannot read shard (truncated: no end-of-archive marker)")
     if expected is not None and n != expected:
         why = f"short read, {n} samples but the manifest lists {expected}"
         mark_damaged(path, why)
@@ -298,7 +344,7 @@ def _reader_stream(paths: Sequence[Path], reader: int, readers: int, seed: int, 
                         yield key, decode_image(data), label, meta
                     k += 1
         if n == 0:  # cycling would spin forever
-            names = ", ".join(p.name for p in order)
+            names = ", ".join(Path(str(p)).name for p in order)
             raise ShardError(f"reader {reader} of {readers}: no samples in the shards ({names})")
         cycle += 1
 

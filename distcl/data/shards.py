@@ -16,6 +16,10 @@ goes to a temp name, is fsynced and renamed into place; the manifest is written 
 half-built folder never looks complete. A rebuild with the same inputs rewrites nothing; a
 shard found damaged at start (size differs from the manifest, or a reader's note) is named
 and only it is rebuilt. Cleanup deletes only files that a previous manifest listed.
+
+The folder may be an object-store URI (``data.shards_dir`` or ``output.root`` = ``s3://...``,
+:mod:`distcl.storage`): each task writes its shard to a local temp file, then uploads it as
+one object (visible only when complete); the manifest is uploaded last, as locally.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 
+from distcl import storage
 from distcl.config import JobConfig
 from distcl.data.scenario import Scenario, build_scenario
 from distcl.data.shardio import (  # noqa: F401  (re-exported: the public shard API)
@@ -50,6 +56,7 @@ from distcl.data.shardio import (  # noqa: F401  (re-exported: the public shard 
     encode_image,
     encode_png,
     exact_split,
+    folder_listing,
     iter_shard,
     load_arrays,
     load_manifest,
@@ -61,7 +68,14 @@ from distcl.data.shardio import (  # noqa: F401  (re-exported: the public shard 
     train_batches,
     verify_shards,
 )
-from distcl.data.sources import Source, fashion_mnist_root, open_source
+from distcl.data.sources import (
+    FolderListing,
+    Source,
+    fashion_mnist_root,
+    list_image_folder,
+    open_source,
+)
+from distcl.storage import Loc, Uri
 
 #: Names listed by the manifest a rebuild replaced, kept until that rebuild's cleanup ran.
 PREVIOUS = ".manifest-previous.json"
@@ -128,25 +142,45 @@ class _HashingWriter:
 _source_cache: dict = {}
 
 
-def _cached_source(data, seed: int) -> Source:
-    """One open source per process (Ray reuses worker processes across shard tasks)."""
-    key = (data, seed)
+def _cached_source(data, seed: int, listing: FolderListing | None = None) -> Source:
+    """One open source per process (Ray reuses worker processes across shard tasks); an
+    image-folder source from the driver's ``listing``, never from a walk of the tree."""
+    key = (data, seed, listing.digest if listing is not None else None)
     if key not in _source_cache:
         _source_cache.clear()  # keep one: a source may hold a whole split in memory
-        _source_cache[key] = open_source(data, seed)
+        _source_cache[key] = open_source(data, seed, listing)
     return _source_cache[key]
 
 
+def list_once(data, seed: int) -> FolderListing | None:
+    """The image-folder tree's listing, made once (in the driver) for every shard task;
+    None for sources that have nothing to list."""
+    if data.source != "image-folder":
+        return None
+    return list_image_folder(data.root, data.test_fraction, seed)
+
+
+def _local_temp(name: str) -> Path:
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.tmp-")
+    os.close(fd)
+    return Path(tmp)
+
+
 def write_shard(
-    plan: ShardPlan, out_dir: str, data, seed: int, image_format: str = "png", quality: int = 95
-) -> dict:
-    """Write one planned shard atomically; return its manifest entry."""
-    src = _cached_source(data, seed)
+    plan: ShardPlan, out_dir: str, data, seed: int, image_format: str = "png", quality: int = 95,
+    listing: FolderListing | None = None,
+) -> dict:  # fmt: skip
+    """Write one planned shard atomically; return its manifest entry. ``listing``: the
+    image-folder tree as the driver listed it (:func:`list_once`)."""
+    src = _cached_source(data, seed, listing)
     split = plan.source_split
     labels = src.labels(split)
     ext = "png" if image_format == "png" else "jpg"
-    path = Path(out_dir) / plan.name
-    tmp = _tmp_name(path)
+    path = storage.join(out_dir, plan.name)
+    # An object store has no rename: the shard is written to a local temp file, then
+    # uploaded whole (one object, visible only once complete).
+    remote = isinstance(path, Uri)
+    tmp = _local_temp(plan.name) if remote else _tmp_name(path)
     try:
         with open(tmp, "wb") as f:
             hashing = _HashingWriter(f)
@@ -164,11 +198,15 @@ def write_shard(
                         }
                     )
             f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+            if not remote:
+                os.fsync(f.fileno())
+        if remote:
+            storage.upload(tmp, path)
+        else:
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    _damage_mark(path).unlink(missing_ok=True)
+    storage.delete(_damage_mark(path))
     return {
         "name": plan.name,
         "task": plan.task,
@@ -181,12 +219,12 @@ def write_shard(
 
 def write_shards_serial(
     plans: Sequence[ShardPlan], out_dir: str, data, seed: int, image_format: str = "png",
-    quality: int = 95, progress: Progress | None = None,
+    quality: int = 95, progress: Progress | None = None, listing: FolderListing | None = None,
 ) -> list[dict]:  # fmt: skip
     """The single-process writer (no Ray): the baseline of ``distcl bench data``."""
     entries, done, total = [], 0, sum(len(p.indices) for p in plans)
     for plan in plans:
-        entries.append(write_shard(plan, out_dir, data, seed, image_format, quality))
+        entries.append(write_shard(plan, out_dir, data, seed, image_format, quality, listing))
         done += len(plan.indices)
         if progress:
             progress(done, total)
@@ -207,6 +245,7 @@ def write_shards_ray(
     plans: Sequence[ShardPlan], out_dir: str, data, seed: int, image_format: str = "png",
     quality: int = 95, progress: Progress | None = None, parallel: int | None = None,
     placement: dict[str, str] | None = None, task_cpu: dict[str, float] | None = None,
+    listing: FolderListing | None = None,
 ) -> list[dict]:  # fmt: skip
     """One Ray task per shard, at most ``parallel`` in flight (None: as the cluster's CPUs
     allow); entries in plan order. ``placement`` (if given) receives {shard: node id},
@@ -217,14 +256,14 @@ def write_shards_ray(
     task = ray.remote(num_cpus=1, max_retries=3, scheduling_strategy="SPREAD")(_write_shard_where)
     if parallel is None:
         parallel = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    data_ref = ray.put(data)
+    data_ref, listing_ref = ray.put(data), ray.put(listing)  # once, not once per task
     pending: dict = {}
     entries: dict[str, dict] = {}
     done, total, queue = 0, sum(len(p.indices) for p in plans), list(plans)[::-1]
     while queue or pending:
         while queue and len(pending) < parallel:
             plan = queue.pop()
-            ref = task.remote(plan, out_dir, data_ref, seed, image_format, quality)
+            ref = task.remote(plan, out_dir, data_ref, seed, image_format, quality, listing_ref)
             pending[ref] = plan
         ready, _ = ray.wait(list(pending), num_returns=1)
         plan = pending.pop(ready[0])
@@ -258,13 +297,18 @@ def _portable_data(data):
 SERIAL_BELOW = 4096
 
 
-def _write(plans, out: Path, job: JobConfig, progress, parallel, placement=None) -> list[dict]:
+def _write(
+    plans, out: Loc, job: JobConfig, progress, parallel, placement=None, listing=None
+) -> list[dict]:
     """Write ``plans`` with Ray tasks when Ray is initialised (unless they are small and no
-    ``parallel``/``placement`` was asked for), else in this process."""
+    ``parallel``/``placement`` was asked for), else in this process; an image-folder tree
+    is listed here once (unless ``listing`` is given), not per task."""
     data = _portable_data(job.data)
+    if listing is None:
+        listing = list_once(data, job.seed)
     fmt = getattr(job.data, "image_format", "png")
     quality = getattr(job.data, "jpeg_quality", 95)
-    args = (plans, str(out.resolve()), data, job.seed, fmt, quality, progress)
+    args = (plans, str(out.resolve()), data, job.seed, fmt, quality, progress)  # path or URI
     try:
         import ray
 
@@ -274,11 +318,11 @@ def _write(plans, out: Path, job: JobConfig, progress, parallel, placement=None)
     small = sum(len(p.indices) for p in plans) < SERIAL_BELOW
     use_ray = use_ray and (parallel is not None or placement is not None or not small)
     if use_ray:
-        return write_shards_ray(*args, parallel=parallel, placement=placement)
-    return write_shards_serial(*args)
+        return write_shards_ray(*args, parallel=parallel, placement=placement, listing=listing)
+    return write_shards_serial(*args, listing=listing)
 
 
-def _try_manifest(out: Path) -> dict | None:
+def _try_manifest(out: Loc) -> dict | None:
     try:
         return load_manifest(out)
     except ShardError:
@@ -290,7 +334,7 @@ def _plan_matches(manifest: dict, plans: Sequence[ShardPlan]) -> bool:
     return listed == [(p.name, p.task, p.split, len(p.indices)) for p in plans]
 
 
-def _write_manifest(out: Path, fingerprint: str, src_info: dict, entries, scenario) -> None:
+def _write_manifest(out: Loc, fingerprint: str, src_info: dict, entries, scenario) -> None:
     manifest = {
         "format": FORMAT_VERSION,
         "fingerprint": fingerprint,
@@ -301,14 +345,14 @@ def _write_manifest(out: Path, fingerprint: str, src_info: dict, entries, scenar
     atomic_write_bytes(out / MANIFEST, json.dumps(manifest).encode())
 
 
-def _cleanup(out: Path, keep: set[str], listed: set[str]) -> None:
+def _cleanup(out: Loc, keep: set[str], listed: set[str]) -> None:
     """Delete files a previous manifest listed that the new one does not, and our temp
     files and damage notes of listed names; never anything else."""
     for name in sorted(listed - keep):
         if _SHARD_NAME.fullmatch(name):  # a plain shard file name, never a path
-            (out / name).unlink(missing_ok=True)
+            storage.delete(out / name)
     ours = keep | listed | {MANIFEST, PREVIOUS}
-    for entry in os.listdir(out):
+    for entry in (e.name for e in storage.listdir(out)):
         if not entry.startswith("."):
             continue
         base = entry[1:].split(".tmp-")[0] if ".tmp-" in entry else None
@@ -316,8 +360,8 @@ def _cleanup(out: Path, keep: set[str], listed: set[str]) -> None:
             base = base[: -len(".damaged")]
         stale_mark = entry.endswith(".damaged") and entry[1 : -len(".damaged")] in listed - keep
         if (base in ours) or stale_mark:
-            (out / entry).unlink(missing_ok=True)
-    (out / PREVIOUS).unlink(missing_ok=True)
+            storage.delete(out / entry)
+    storage.delete(out / PREVIOUS)
 
 
 def build_shards(
@@ -326,7 +370,7 @@ def build_shards(
     log: Log | None = None,
     parallel: int | None = None,
     placement: dict[str, str] | None = None,
-) -> tuple[Path, Scenario, bool]:
+) -> tuple[Loc, Scenario, bool]:
     """Build (or reuse) the job's shards; returns (dir, scenario, rewritten?).
 
     Reuse checks sizes and counts, not hashes. ``log`` (default: stderr) hears which
@@ -336,7 +380,7 @@ def build_shards(
     """
     log = log or _log_stderr
     out = job.shards_dir
-    out.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(out)
     fingerprint = job.data_fingerprint()
     size = job.data.shard_size
     old = _try_manifest(out)
@@ -345,9 +389,9 @@ def build_shards(
         scenario = Scenario.from_json(old["scenario"])
         plans = plan_shards(scenario, size)
         if _plan_matches(old, plans):
-            damaged = {}
+            damaged, listing = {}, folder_listing(out)  # sizes: one listing, not a stat each
             for entry in old["shards"]:
-                problem = _quick_problem(out / entry["name"], entry)
+                problem = _quick_problem(out / entry["name"], entry, listing)
                 if problem:
                     damaged[entry["name"]] = problem
             if not damaged and old.get("format") == FORMAT_VERSION:
@@ -359,13 +403,14 @@ def build_shards(
             fresh = {e["name"]: e for e in _write(redo, out, job, progress, parallel, placement)}
             entries = [fresh.get(e["name"], e) for e in old["shards"]]
             if old.get("format") != FORMAT_VERSION:  # upgrade: record sizes
-                entries = [{**e, "bytes": (out / e["name"]).stat().st_size} for e in entries]
+                entries = [{**e, "bytes": storage.size(out / e["name"])} for e in entries]
             src_info = {k: old[k] for k in ("source", "num_classes", "class_names", "image_shape")}
             _write_manifest(out, fingerprint, src_info, entries, scenario)
             _cleanup(out, {e["name"] for e in entries}, set())
             return out, scenario, bool(redo)
 
-    src = open_source(job.data, job.seed)
+    listing = list_once(_portable_data(job.data), job.seed)  # the tree's one walk
+    src = open_source(job.data, job.seed, listing)
     heldout = getattr(job.scenario, "heldout_classes", 0)
     kw = {"heldout": heldout} if heldout else {}
     scenario = build_scenario(
@@ -379,8 +424,8 @@ def build_shards(
     if old:
         listed |= {s["name"] for s in old.get("shards", [])}
         atomic_write_bytes(out / PREVIOUS, json.dumps(sorted(listed)).encode())
-        (out / MANIFEST).unlink()  # a folder being rewritten must not look complete
-    entries = _write(plans, out, job, progress, parallel, placement)
+        storage.delete(out / MANIFEST)  # a folder being rewritten must not look complete
+    entries = _write(plans, out, job, progress, parallel, placement, listing)
     src_info = {
         "source": src.name,
         "num_classes": src.num_classes,
@@ -392,9 +437,9 @@ def build_shards(
     return out, scenario, True
 
 
-def _read_previous(out: Path) -> list[str]:
+def _read_previous(out: Loc) -> list[str]:
     try:
-        names = json.loads((out / PREVIOUS).read_text())
+        names = json.loads(storage.read_bytes(out / PREVIOUS))
     except (OSError, json.JSONDecodeError):
         return []
     return [n for n in names if isinstance(n, str)]

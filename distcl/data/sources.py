@@ -9,11 +9,18 @@ one fixed size, so shards can be written without holding an ImageNet-sized tree 
 
 Fashion-MNIST comes from Debian's ``dataset-fashion-mnist`` package
 (``/usr/share/datasets/fashion-mnist``) or any folder holding the four IDX(.gz) files.
+
+An image-folder tree is listed once (:func:`list_image_folder`: a walk of the whole tree,
+minutes for ImageNet on a network file system); the shard builder hands that
+:class:`FolderListing` to its Ray tasks, which open the source from it
+(``open_source(cfg, seed, listing)``) instead of walking the tree again in every worker process.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
+import os
 import struct
 import zlib
 from collections.abc import Callable
@@ -159,11 +166,24 @@ def _scan_tree(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     return classes, items
 
 
-def load_image_folder(root: str | None, image_size: int, test_fraction: float, seed: int) -> Source:
-    """A torchvision-style ImageFolder tree (``root/train`` + ``root/test``, or one tree).
+@dataclass(frozen=True)
+class FolderListing:
+    """An image-folder tree, listed once: class names and, per split, image paths relative to
+    ``root`` (numpy bytes arrays: cheap to pickle and zero-copy from Ray's object store) with
+    their labels. ``digest`` names the listing (sha256 of its content)."""
 
-    Images are decoded lazily, converted to RGB and resized to ``image_size`` squared.
-    """
+    root: str
+    classes: tuple[str, ...]
+    train_paths: np.ndarray  # (N_train,) bytes, relative to root
+    train_labels: np.ndarray  # (N_train,) int64
+    test_paths: np.ndarray
+    test_labels: np.ndarray
+    digest: str
+
+
+def list_image_folder(root: str | None, test_fraction: float, seed: int) -> FolderListing:
+    """Walk a torchvision-style ImageFolder tree (``root/train`` + ``root/test``, or one
+    tree split per class by ``test_fraction``, seeded) once."""
     if not root:
         raise DataError("data.root: required for source image-folder")
     base = Path(root).expanduser()
@@ -185,12 +205,30 @@ def load_image_folder(root: str | None, image_size: int, test_fraction: float, s
             is_test[rng.permutation(idx)[:n_test]] = True
         train = [it for it, t in zip(items, is_test, strict=True) if not t]
         test = [it for it, t in zip(items, is_test, strict=True) if t]
-    paths = {"train": [p for p, _ in train], "test": [p for p, _ in test]}
+
+    def rel(items: list[tuple[Path, int]]) -> tuple[np.ndarray, np.ndarray]:
+        paths = [os.fsencode(p.relative_to(base)) for p, _ in items]
+        return np.array(paths, dtype=bytes), np.array([lab for _, lab in items], np.int64)
+
+    (train_paths, train_labels), (test_paths, test_labels) = rel(train), rel(test)
+    base = base.resolve()  # absolute: shard tasks run in another cwd (or on another node)
+    h = hashlib.sha256(repr((str(base), classes)).encode())
+    for arr in (train_paths, train_labels, test_paths, test_labels):
+        h.update(arr.tobytes())
+    return FolderListing(str(base), tuple(classes), train_paths, train_labels, test_paths,
+                         test_labels, h.hexdigest()[:16])  # fmt: skip
+
+
+def image_folder_source(listing: FolderListing, image_size: int) -> Source:
+    """The source of a listed tree: no walk of the tree, images decoded lazily, converted to
+    RGB and resized to ``image_size`` squared."""
+    base = Path(listing.root)
+    paths = {"train": listing.train_paths, "test": listing.test_paths}
 
     def load(split: str, index: int) -> np.ndarray:
         from PIL import Image
 
-        path = paths[split][index]
+        path = base / os.fsdecode(paths[split][index])
         try:
             with Image.open(path) as im:
                 im = im.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
@@ -200,12 +238,20 @@ def load_image_folder(root: str | None, image_size: int, test_fraction: float, s
 
     return Source(
         name="image-folder",
-        train_labels=np.array([lab for _, lab in train], np.int64),
-        test_labels=np.array([lab for _, lab in test], np.int64),
-        class_names=tuple(classes),
+        train_labels=listing.train_labels,
+        test_labels=listing.test_labels,
+        class_names=listing.classes,
         image_shape=(3, image_size, image_size),
         _load=load,
     )
+
+
+def load_image_folder(root: str | None, image_size: int, test_fraction: float, seed: int) -> Source:
+    """A torchvision-style ImageFolder tree (``root/train`` + ``root/test``, or one tree).
+
+    Images are decoded lazily, converted to RGB and resized to ``image_size`` squared.
+    """
+    return image_folder_source(list_image_folder(root, test_fraction, seed), image_size)
 
 
 def make_synthetic(
@@ -237,11 +283,14 @@ def make_synthetic(
     )
 
 
-def open_source(cfg: DataConfig, seed: int) -> Source:
-    """The source a job's ``data`` section names."""
+def open_source(cfg: DataConfig, seed: int, listing: FolderListing | None = None) -> Source:
+    """The source a job's ``data`` section names (image-folder: from ``listing`` when given,
+    without walking the tree)."""
     if cfg.source == "fashion-mnist":
         return load_fashion_mnist(cfg.root)
     if cfg.source == "image-folder":
+        if listing is not None:
+            return image_folder_source(listing, cfg.image_size)
         return load_image_folder(cfg.root, cfg.image_size, cfg.test_fraction, seed)
     return make_synthetic(
         cfg.synthetic_classes,

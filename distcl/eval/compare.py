@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from distcl import storage
 from distcl.config import JobConfig
 from distcl.eval.compat import average_compatibility
 from distcl.rundir import atomic_write
@@ -42,7 +43,7 @@ def _row(job: JobConfig, metrics: dict, run_dir: Path) -> dict:
     stale = metrics["stale_gallery"]
     out["stale_recall@1"] = float(np.mean([r["recall@1"] for r in stale]))
     out["train_s"] = sum(
-        json.loads((run_dir / "models" / str(t) / "meta.json").read_text()).get("train_s", 0.0)
+        storage.read_json(run_dir / "models" / str(t) / "meta.json").get("train_s", 0.0)
         for t in range(metrics["tasks"])
     )
     return out
@@ -118,9 +119,9 @@ def compare_jobs(jobs: list[JobConfig], out: Path, log=print, run: bool = True) 
             metrics = run_job(job, progress=True, log=log)["eval"]
         else:
             path = job.run_dir / "metrics.json"
-            if not path.is_file():
+            if not storage.is_file(path):
                 raise ValueError(f"{path}: no metrics (run the job first, or drop --no-run)")
-            metrics = json.loads(path.read_text())
+            metrics = storage.read_json(path)
         rows.append(_row(job, metrics, job.run_dir))
         results.append((job.name, metrics))
     metric = results[0][1]["metric"]

@@ -43,9 +43,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
+from distcl import storage
 from distcl.eval import metrics as mt
 from distcl.eval import protocols as pr
 from distcl.gallery.store import Store, batch_embeddings, iter_batches, open_store, sub_store
+from distcl.storage import Uri
 
 MAP_AT_K = 100  # mAP@K from top-k lists when exact mAP is not computed
 EXACT_MAX_PAIRS = 250_000_000  # largest Q x G ranked in full for exact mAP (one pair)
@@ -247,8 +249,8 @@ def _add_rows(sums: np.ndarray, index: np.ndarray, rows: np.ndarray) -> None:
 class Engine:
     """Rows of the matrices of one run directory (see the module docstring)."""
 
-    def __init__(self, run_dir: str | Path, settings: EvalSettings, scenario: Any) -> None:
-        self.run_dir = Path(run_dir)
+    def __init__(self, run_dir: str | Path | Uri, settings: EvalSettings, scenario: Any) -> None:
+        self.run_dir = storage.location(run_dir)  # a local path or an object-store URI
         self.s = settings
         self.scenario = scenario
         self.eval_store = open_store(self.run_dir / "eval" / "embeddings")

@@ -11,7 +11,8 @@ gallery after task t) and caches it in ``eval/rows/<t>.json`` with a digest of i
 (settings, scenario, the parts of models <= t); ``evaluate_run`` reuses every cached row whose
 inputs are unchanged, computes the missing rows in one pass per gallery model (as Ray tasks
 when this process is a Ray driver: ``distcl.eval.distributed``), and writes ``metrics.json``,
-``report.md`` and the figures.
+``report.md`` and the figures. The run directory may be an object-store URI
+(``distcl eval s3://bucket/runs/quickstart``): every file goes through :mod:`distcl.storage`.
 """
 
 from __future__ import annotations
@@ -24,32 +25,32 @@ from typing import Any
 
 import numpy as np
 
+from distcl import storage
 from distcl.data.scenario import Scenario
 from distcl.eval import compat
 from distcl.eval import protocols as pr
 from distcl.eval.distributed import compute_rows
 from distcl.eval.engine import EvalSettings
 from distcl.rundir import RunDir, atomic_write_json
+from distcl.storage import Loc, Uri
 
 ROW_FORMAT = 1
 
 
-def finished_tasks(run_dir: str | Path) -> int:
+def finished_tasks(run_dir: str | Path | Uri) -> int:
     """Number of leading tasks whose end-of-task outputs are complete (``RunDir.done``)."""
     return RunDir(run_dir).finished_tasks()
 
 
-def _parts_stat(folder: Path) -> list:
-    if not folder.is_dir():
-        return []
+def _parts_stat(folder: Loc) -> list:
     return sorted(
-        (p.name, p.stat().st_size, p.stat().st_mtime_ns)
-        for p in folder.iterdir()
-        if p.suffix == ".parquet" and not p.name.startswith((".", "_"))
+        (e.name, e.size, e.mtime_ns)
+        for e in storage.listdir(folder)  # [] for a missing folder
+        if e.name.endswith(".parquet") and not e.is_dir and not e.name.startswith((".", "_"))
     )
 
 
-def _inputs_digest(run_dir: Path, settings: EvalSettings, scenario: Scenario, t: int) -> str:
+def _inputs_digest(run_dir: Loc, settings: EvalSettings, scenario: Scenario, t: int) -> str:
     """What row t depends on: settings, scenario, and the Parquet parts of models <= t."""
     files = {
         f"{kind}/{j}": _parts_stat(run_dir / kind / f"model={j}")
@@ -61,17 +62,17 @@ def _inputs_digest(run_dir: Path, settings: EvalSettings, scenario: Scenario, t:
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _cached_row(run_dir: Path, t: int, digest: str) -> dict | None:
+def _cached_row(run_dir: Loc, t: int, digest: str) -> dict | None:
     path = run_dir / "eval" / "rows" / f"{t}.json"
     try:
-        row = json.loads(path.read_text())
+        row = storage.read_json(path)
     except (OSError, ValueError):
         return None
     return row if row.get("inputs") == digest else None
 
 
 def _score_rows(
-    run_dir: Path, settings: EvalSettings, scenario: Scenario, tasks: list[int], log=None
+    run_dir: Loc, settings: EvalSettings, scenario: Scenario, tasks: list[int], log=None
 ) -> dict[int, dict]:
     """Rows ``tasks`` from the cache where their inputs are unchanged, computed otherwise."""
     digests = {t: _inputs_digest(run_dir, settings, scenario, t) for t in tasks}
@@ -86,7 +87,7 @@ def _score_rows(
 
 
 def score_task(
-    run_dir: str | Path,
+    run_dir: str | Path | Uri,
     job: Any,
     scenario: Scenario,
     t: int,
@@ -96,24 +97,27 @@ def score_task(
     """Row t of every matrix (query model t against gallery models j <= t) and the stale
     gallery after task t, from what is on disk; cached as ``eval/rows/<t>.json``."""
     settings = settings or EvalSettings.from_job(job)
-    return _score_rows(Path(run_dir), settings, scenario, [t])[t]
+    return _score_rows(storage.location(run_dir), settings, scenario, [t])[t]
 
 
-def _load_job(run_dir: Path):
+def _load_job(run_dir: Loc):
     import yaml
 
     from distcl.config import parse_job
 
-    return parse_job(yaml.safe_load((run_dir / "job.yaml").read_text()), str(run_dir / "job.yaml"))
+    path = run_dir / "job.yaml"
+    return parse_job(yaml.safe_load(storage.read_text(path)), str(path))
 
 
-def evaluate_run(run_dir: str | Path, log=print, *, settings: EvalSettings | None = None) -> dict:
+def evaluate_run(
+    run_dir: str | Path | Uri, log=print, *, settings: EvalSettings | None = None
+) -> dict:
     """Every metric of a finished (or partly finished) run; writes the report."""
     from distcl.eval.report import print_summary, write_report
 
-    run_dir = Path(run_dir)
+    run_dir = storage.location(run_dir)
     job = _load_job(run_dir)
-    scenario = Scenario.from_json(json.loads((run_dir / "scenario.json").read_text()))
+    scenario = Scenario.from_json(storage.read_json(run_dir / "scenario.json"))
     settings = settings or EvalSettings.from_job(job)
     T = finished_tasks(run_dir)
     if T == 0:
@@ -170,12 +174,14 @@ def assemble(rows: dict[int, dict], settings: EvalSettings, T: int) -> dict:
     }
 
 
-def _load_eval_embeddings(run_dir: Path, T: int, items_per_class: int | None, seed: int):
+def _load_eval_embeddings(
+    run_dir: str | Path | Uri, T: int, items_per_class: int | None, seed: int
+):
     """(ids, labels, [emb_t for t < T]) of the closed-set evaluation items (task >= 0),
     aligned by id across models, in memory (small runs: tuning, scripts)."""
     from distcl.gallery.store import read_embeddings
 
-    root = Path(run_dir) / "eval" / "embeddings"
+    root = storage.join(run_dir, "eval", "embeddings")
     embs, ids, labels = [], None, None
     for t in range(T):
         g = read_embeddings(root, models=[t])
@@ -217,12 +223,12 @@ def topk_summary(
     return out
 
 
-def _histories(run_dir: Path, T: int) -> list[dict]:
+def _histories(run_dir: Loc, T: int) -> list[dict]:
     out = []
     for t in range(T):
         path = run_dir / "models" / str(t) / "history.json"
-        if path.is_file():
-            out.extend(json.loads(path.read_text()))
+        if storage.is_file(path):
+            out.extend(storage.read_json(path))
     return out
 
 

@@ -8,11 +8,14 @@ names the ECC tie rule and, per protocol, whether ``map`` is exact or mAP@K from
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 
+from distcl import storage
 from distcl.rundir import atomic_write
+from distcl.storage import Uri
 
 _TITLES = {"all": "closed, all classes", "seen": "closed, classes the gallery model had seen",
            "open": "open set (held-out classes)", "verification": "1:1 verification",
@@ -60,7 +63,14 @@ def draw_matrix(ax, M, ecc, fontsize: int = 9):
     return im
 
 
-def plot_matrix(M, ecc, path: Path, title: str) -> None:
+def _save_png(fig, path: Path | Uri) -> None:
+    """Render the figure in memory, then write it atomically (a local path or an object)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    atomic_write(path, buf.getvalue())
+
+
+def plot_matrix(M, ecc, path: Path | Uri, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -76,11 +86,11 @@ def plot_matrix(M, ecc, path: Path, title: str) -> None:
     ax.set_title(title, fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save_png(fig, path)
     plt.close(fig)
 
 
-def plot_curves(result: dict, path: Path) -> None:
+def plot_curves(result: dict, path: Path | Uri) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -105,7 +115,7 @@ def plot_curves(result: dict, path: Path) -> None:
         axes[1].set_xlabel("epoch")
         axes[1].set_ylim(0, 1)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save_png(fig, path)
     plt.close(fig)
 
 
@@ -114,8 +124,10 @@ def _rule(result: dict) -> str:
     return "M[i][j] > M[j][j]" if ties == "strict" else "M[i][j] >= M[j][j]"
 
 
-def write_report(run_dir: Path, result: dict) -> str:
-    """Write report.md and the PNGs; return the markdown."""
+def write_report(run_dir: str | Path | Uri, result: dict) -> str:
+    """Write report.md and the PNGs (a local folder or an object-store prefix); return the
+    markdown."""
+    run_dir = storage.location(run_dir)
     ties = result.get("ties", "strict")
     parts = [
         f"# {result['job']} ({result['method']})",

@@ -25,7 +25,6 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -33,6 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
+from distcl import storage
 from distcl.gallery.write import (
     COLUMNS,
     HIVE,
@@ -40,8 +40,10 @@ from distcl.gallery.write import (
     first_dup,
     gallery_schema,
     scan_parts,
+    store_filesystem,
     write_embeddings,
 )
+from distcl.storage import Loc, Uri
 
 __all__ = [
     "GalleryArrays", "EmbeddingBatch", "PartInfo", "Store", "gallery_schema", "write_embeddings",
@@ -84,17 +86,18 @@ class EmbeddingBatch(NamedTuple):
 class Store:
     """An opened store: validated parts (sorted by model, then part) and their dataset."""
 
-    root: Path
+    root: Loc  # a local Path or an object-store Uri
     parts: tuple[tuple[str, PartInfo], ...]
     dim: int | None
     dataset: ds.Dataset | None
 
 
-def open_store(root: str | os.PathLike) -> Store:
+def open_store(root: str | os.PathLike | Uri) -> Store:
     """Validate every part's footer and open the dataset. FileNotFoundError for a missing
-    ``root``; ValueError naming the file(s) for a corrupt part or a mixed-dimension store."""
-    root = Path(root)
-    if not root.is_dir():
+    ``root``; ValueError naming the file(s) for a corrupt part or a mixed-dimension store.
+    ``root`` may be an object-store URI (read through ``distcl.storage``'s filesystem)."""
+    root = storage.location(root)
+    if not storage.is_dir(root):
         raise FileNotFoundError(f"gallery store {root} does not exist")
     parts = scan_parts(root)
     if not parts:
@@ -106,12 +109,14 @@ def open_store(root: str | os.PathLike) -> Store:
                 f"mixed-dimension gallery: {path} has dim {info.dim} but "
                 f"{first_path} has dim {first.dim}"
             )
+    fs, base, _ = store_filesystem(root)
     dataset = ds.dataset(
-        [p for p, _ in parts],
+        [p if fs is None else storage.location(p).path for p, _ in parts],
         schema=gallery_schema(first.dim, 0),
         format="parquet",
         partitioning=HIVE,
-        partition_base_dir=str(root),
+        partition_base_dir=base,
+        filesystem=fs,
     )
     return Store(root, tuple(parts), first.dim, dataset)
 

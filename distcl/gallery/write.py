@@ -5,11 +5,16 @@ One call writes one part, ``root/model=<model>/<part>.parquet`` (the end of task
 part per train rank). The layout, the columns and how the parts are read back are described in
 ``distcl.gallery.store``, which re-exports ``write_embeddings`` and ``gallery_schema``.
 
+The root may be an object-store URI (``s3://bucket/runs/q/gallery``, :mod:`distcl.storage`):
+a part is then serialised in memory and uploaded as one object (visible only once complete),
+and the parts are discovered and read through the same pyarrow filesystem.
+
 Test: ``.venv/bin/python -m pytest tests/test_gallery_store.py -q``
 """
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import uuid
@@ -22,6 +27,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
+
+from distcl import storage
+from distcl.storage import Loc, Uri
 
 FORMAT_VERSION = "1"
 METRIC = "ip"
@@ -94,7 +102,7 @@ def first_dup(ids: pa.Array | pa.ChunkedArray) -> str | None:
 
 
 def write_embeddings(
-    root: str | os.PathLike,
+    root: str | os.PathLike | Uri,
     model: int,
     part: str,
     item_ids: Sequence[str] | np.ndarray,
@@ -103,7 +111,7 @@ def write_embeddings(
     embeddings: np.ndarray,
     *,
     normalized: bool = True,
-) -> Path:
+) -> Loc:
     """Write ``root/model=<model>/<part>.parquet`` atomically and return its path.
 
     ``embeddings`` (N, d) float; ``item_ids`` (N,) str unique within the write; ``labels``
@@ -136,31 +144,27 @@ def write_embeddings(
         pa.array(np.full(n, model, np.int32)),
         pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), d),
     ]
-    folder = Path(root) / f"model={int(model)}"
+    root = storage.location(root)
+    folder = root / f"model={int(model)}"
     final = folder / f"{part}.parquet"
-    for path, info in scan_parts(Path(root)) if Path(root).is_dir() else []:
-        if Path(path) != final and info.dim != d:
+    for path, info in scan_parts(root) if storage.is_dir(root) else []:
+        if storage.location(path) != final and info.dim != d:
             raise ValueError(
                 f"embeddings have dim {d} but the gallery already holds dim "
                 f"{info.dim} in {path}: one store holds one embedding dimension"
             )
     schema = gallery_schema(d, int(model), normalized=normalized)
+    table = pa.table(columns, schema=schema)
+    if isinstance(final, Uri):  # one upload of the whole part
+        buf = io.BytesIO()
+        _write_parquet(buf, table, schema, d)
+        storage.write_bytes(final, buf.getvalue())
+        return final
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{part}.parquet.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         with open(tmp, "wb") as fh:
-            # Looked up at call time (tests make it crash); embeddings barely compress.
-            writer = pq.ParquetWriter(
-                fh,
-                schema,
-                compression={"embedding": "none"} | {c: "snappy" for c in COLUMNS[:4]},
-                use_dictionary=["label", "task", "model"],
-            )
-            try:
-                rows = max(1, ROW_GROUP_BYTES // (4 * d))
-                writer.write_table(pa.table(columns, schema=schema), row_group_size=rows)
-            finally:
-                writer.close()
+            _write_parquet(fh, table, schema, d)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, final)
@@ -175,13 +179,42 @@ def write_embeddings(
     return final
 
 
-def scan_parts(root: Path) -> list[tuple[str, PartInfo]]:
-    """(path, PartInfo) of every ``model=<m>/*.parquet`` under root, from the footers."""
+def _write_parquet(fh, table: pa.Table, schema: pa.Schema, d: int) -> None:
+    # Looked up at call time (tests make it crash); embeddings barely compress.
+    writer = pq.ParquetWriter(
+        fh,
+        schema,
+        compression={"embedding": "none"} | {c: "snappy" for c in COLUMNS[:4]},
+        use_dictionary=["label", "task", "model"],
+    )
+    try:
+        rows = max(1, ROW_GROUP_BYTES // (4 * d))
+        writer.write_table(table, row_group_size=rows)
+    finally:
+        writer.close()
+
+
+def store_filesystem(root: str | os.PathLike | Uri):
+    """``(pyarrow filesystem, base path on it, naming)`` of a store root: local paths as
+    before (LocalFileSystem, the path as given); object stores prefix-stripped, with
+    ``naming(fs_path)`` giving back the ``s3://`` URI that errors and ``Store.parts`` show."""
+    root = storage.location(root)
+    if isinstance(root, Uri):
+        fs, base = storage.filesystem(root)
+        return fs, base, lambda p: f"{root.scheme}://{p}"
+    return None, str(root), lambda p: p
+
+
+def scan_parts(root: str | os.PathLike | Uri) -> list[tuple[str, PartInfo]]:
+    """(path, PartInfo) of every ``model=<m>/*.parquet`` under root, from the footers
+    (paths are URIs for a store on an object store)."""
+    fs, base, name = store_filesystem(root)
     found = ds.dataset(
-        str(root),
+        base,
         format="parquet",
         partitioning=HIVE,
         schema=pa.schema([("item_id", pa.string())]),
+        filesystem=fs,
     )
     out = []
     for frag in found.get_fragments():
@@ -191,16 +224,18 @@ def scan_parts(root: Path) -> list[tuple[str, PartInfo]]:
         try:
             rows, schema = frag.metadata.num_rows, frag.physical_schema
         except (pa.ArrowException, OSError) as e:
-            raise ValueError(f"corrupt or unreadable gallery part {frag.path}: {e}") from e
+            raise ValueError(f"corrupt or unreadable gallery part {name(frag.path)}: {e}") from e
         typ = schema.field("embedding").type if "embedding" in schema.names else None
         if typ is None or not pa.types.is_fixed_size_list(typ) or typ.value_type != pa.float32():
             raise ValueError(
-                f"gallery part {frag.path}: 'embedding' must be "
+                f"gallery part {name(frag.path)}: 'embedding' must be "
                 f"fixed_size_list<float32>[d], got {typ}"
             )
         said = (schema.metadata or {}).get(b"distcl.model", match.group(1).encode()).decode()
         if int(said) != int(match.group(1)):
-            raise ValueError(f"gallery part {frag.path} says model {said} but sits in {match[0]}/")
+            raise ValueError(
+                f"gallery part {name(frag.path)} says model {said} but sits in {match[0]}/"
+            )
         info = PartInfo(int(said), Path(frag.path).stem, rows, int(typ.list_size))
-        out.append((frag.path, info))
+        out.append((name(frag.path), info))
     return sorted(out, key=lambda x: (x[1].model, x[1].part))

@@ -1,7 +1,8 @@
 """The episodic memory service: ``memory.shards`` Ray actors, each owning the classes
 ``c % shards == shard``, persisted one file per task and shard, restarted from disk.
 
-Files under ``<run>/memory/`` (written once, atomically; never rewritten)::
+Files under ``<run>/memory/`` (written once, atomically; never rewritten; a local folder or an
+object-store prefix, through :mod:`distcl.storage`)::
 
     task0003-shard01.npz        the exemplars of task 3 of shard 1's classes, priority order
     means-task3-shard01.npz     per-class sums and counts of task 3's embedded items (E_c)
@@ -24,7 +25,7 @@ Test: ``.venv/bin/python -m pytest tests/test_memory_service.py -q``.
 
 from __future__ import annotations
 
-import glob
+import fnmatch
 import hashlib
 import io
 import os
@@ -34,6 +35,7 @@ from typing import Any
 import numpy as np
 import ray
 
+from distcl import storage
 from distcl.memory.selection import (
     balanced_sample,
     per_class_budget,
@@ -49,9 +51,11 @@ class MemoryFileError(RuntimeError):
     """A memory file cannot be read (the message names it)."""
 
 
-def _load_npz(path: str) -> dict[str, np.ndarray]:
+def _load_npz(path: str | storage.Loc) -> dict[str, np.ndarray]:
     try:
-        with np.load(path, allow_pickle=False) as z:
+        loc = storage.location(path)
+        src = io.BytesIO(storage.read_bytes(loc)) if storage.is_uri(loc) else loc
+        with np.load(src, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
     except Exception as e:  # BadZipFile, truncated arrays, ...
         raise MemoryFileError(
@@ -60,7 +64,7 @@ def _load_npz(path: str) -> dict[str, np.ndarray]:
         ) from None
 
 
-def _save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
+def _save_npz(path: str | storage.Loc, arrays: dict[str, np.ndarray]) -> None:
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     atomic_write(path, buf.getvalue())
@@ -91,11 +95,17 @@ class MemoryShard:
         self.tasks: dict[int, dict[str, np.ndarray]] = {}  # task -> its committed rows
         self.sums: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # key -> (sums, counts)
         if path is not None:
-            os.makedirs(path, exist_ok=True)
-            for f in sorted(glob.glob(os.path.join(path, f"task*-shard{shard:02d}.npz"))):
-                self.tasks[int(_TASK_FILE.search(f).group(1))] = _load_npz(f)
-            for f in sorted(glob.glob(os.path.join(path, f"means-*-shard{shard:02d}.npz"))):
-                z = _load_npz(f)
+            folder = storage.location(path)
+            storage.makedirs(folder)
+            names = [e.name for e in storage.listdir(folder) if not e.is_dir]
+            for f in sorted(
+                n for n in names if fnmatch.fnmatchcase(n, f"task*-shard{shard:02d}.npz")
+            ):
+                self.tasks[int(_TASK_FILE.search(f).group(1))] = _load_npz(folder / f)
+            for f in sorted(
+                n for n in names if fnmatch.fnmatchcase(n, f"means-*-shard{shard:02d}.npz")
+            ):
+                z = _load_npz(folder / f)
                 self.sums[str(z["key"])] = (z["sums"], z["counts"])
 
     def owns(self, labels: np.ndarray) -> np.ndarray:
@@ -131,7 +141,7 @@ class MemoryShard:
             "classes_seen": np.int64(-1 if classes_seen is None else classes_seen),
         }  # fmt: skip
         if self.path is not None:
-            _save_npz(os.path.join(self.path, f"task{task:04d}-shard{self.shard:02d}.npz"), rows)
+            _save_npz(storage.join(self.path, f"task{task:04d}-shard{self.shard:02d}.npz"), rows)
         self.tasks[task] = rows
         return {**self.stats(), "added": len(keep), "changed": True}
 
@@ -145,7 +155,7 @@ class MemoryShard:
         sums, counts = np.where(mine[:, None], sums, 0.0), np.where(mine, counts, 0.0)
         if self.path is not None:
             name = f"means-{key}-shard{self.shard:02d}.npz"
-            _save_npz(os.path.join(self.path, name), {"key": np.array(key), "sums": sums,
+            _save_npz(storage.join(self.path, name), {"key": np.array(key), "sums": sums,
                                                        "counts": counts})  # fmt: skip
         self.sums[key] = (sums, counts)
         return True
@@ -297,7 +307,8 @@ def create_memory_service(run_name: str, path: str, per_class: int | None = None
             name=actor_name(run_name, s), namespace=namespace, get_if_exists=True,
             max_restarts=-1, max_task_retries=-1,
             num_cpus=0,  # a light service: it must not take a Train worker's CPU
-        ).remote(os.path.abspath(path), s, shards, per_class, total, seed)
+        ).remote(path if storage.is_uri(path) else os.path.abspath(path), s, shards,
+                 per_class, total, seed)
         for s in range(shards)
     ]  # fmt: skip
     return MemoryService(actors)

@@ -10,6 +10,13 @@ passes, class statistics and exemplar candidates all run on the workers; the dri
 only the config, the scenario and per-task summaries. A finished task is never trained again;
 a crashed run resumes at its last (task, epoch) checkpoint. Then ``distcl.eval`` scores the
 run and writes the report.
+
+``output.root`` may be an object-store URI (``s3://bucket/runs``): the run directory, the shards
+and Ray Train's checkpoints (``storage_filesystem``: the same pyarrow filesystem) all live
+there, so nodes that share no file system run one job; every process needs the bucket's
+credentials (the AWS variables, ``distcl.storage``). The run-dir lock is then local to the
+driver's machine plus a lock object naming the holder (``RunDir.lock`` says what that does
+and does not guarantee).
 """
 
 from __future__ import annotations
@@ -17,13 +24,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
 
 import ray
 import yaml
 
-from distcl import faults
+from distcl import faults, storage
 from distcl.config import ConfigError, JobConfig, dump_job, parse_job, to_dict
 from distcl.data.scenario import Scenario
 from distcl.data.shards import build_shards, load_manifest
@@ -61,7 +67,7 @@ class Run:
 
     # -- set-up --------------------------------------------------------------------
     def prepare(self) -> Scenario:
-        self.dir.mkdir(parents=True, exist_ok=True)
+        storage.makedirs(self.dir)
         if removed := self.rd.clean_temp():
             self.log(f"removed {len(removed)} temp file(s) left by an interrupted write")
         self._check_same_job()
@@ -82,19 +88,19 @@ class Run:
         """A run dir belongs to one job: refuse to resume it with another training config,
         and drop Train checkpoints of another config (they would resume the wrong run)."""
         path = self.rd.job_yaml
-        if path.is_file():
-            theirs = parse_job(yaml.safe_load(path.read_text()) or {}, str(path))
+        if storage.is_file(path):
+            theirs = parse_job(yaml.safe_load(storage.read_text(path)) or {}, str(path))
             diff = [k for k in TRAINING_FIELDS if to_dict(self.job)[k] != to_dict(theirs)[k]]
-            if diff and (self.dir / "models").exists():
+            if diff and storage.exists(self.dir / "models"):
                 raise ConfigError(
                     f"{self.dir}: run dir holds models of a different job (fields differ: "
                     f"{', '.join(diff)}); use another output.root or name, or delete it"
                 )
-        if self.rd.ray_storage.is_dir():
-            for old in self.rd.ray_storage.iterdir():
-                if old.is_dir() and old.name != self.train_run_name:
-                    self.log(f"discarding {old}: a checkpoint of another training config")
-                    shutil.rmtree(old)
+        for old in storage.listdir(self.rd.ray_storage):  # [] when there is none
+            if old.is_dir and old.name != self.train_run_name:
+                where = self.rd.ray_storage / old.name
+                self.log(f"discarding {where}: a checkpoint of another training config")
+                storage.delete_dir(where)
         atomic_write(path, dump_job(self.job))
 
     def _check_external_old_model(self) -> None:
@@ -217,7 +223,7 @@ class Run:
             ),
             run_config=RunConfig(
                 name=self.train_run_name,
-                storage_path=str(self.rd.ray_storage),
+                **self.rd.ray_storage_args(),  # a path, or the bucket's pyarrow filesystem
                 failure_config=FailureConfig(max_failures=job.train.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
                 logging_config=LoggingConfig(log_level="WARNING"),  # progress bar, not logs
@@ -239,7 +245,7 @@ class Run:
         return {"wall_s": wall, "tasks": timings}
 
     def _log_task(self, t: int, timing: dict) -> None:
-        history = json.loads((self.rd.model(t) / "history.json").read_text())
+        history = storage.read_json(self.rd.model(t) / "history.json")
         last = history[-1] if history else {}
         terms = " ".join(f"{k[5:]}={v:.3f}" for k, v in last.items() if k.startswith("loss/"))
         self.log(

@@ -15,16 +15,14 @@
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from distcl import faults
+from distcl import faults, storage
 from distcl.data.shards import decode_image, exact_split, iter_shard
 from distcl.gallery.store import write_embeddings
 from distcl.memory.selection import per_class_budget
@@ -56,7 +54,7 @@ def _embed_batches(shards: Sequence[tuple[str, int]]):
     images, keys, labels, tasks = [], [], [], []
     for path, count in shards:
         n = 0
-        for key, img, lab, meta in iter_shard(Path(path)):
+        for key, img, lab, meta in iter_shard(path):
             images.append(img)
             keys.append(key)
             labels.append(lab)
@@ -141,7 +139,7 @@ def finish_task(w, t: int, model) -> dict:
     t0 = time.perf_counter()
     if w.rank == 0:  # parts of an earlier attempt (maybe another world size) go first
         for root in (rd.eval_embeddings, rd.gallery):
-            shutil.rmtree(root / f"model={t}", ignore_errors=True)
+            storage.delete_dir(root / f"model={t}")
     w.barrier()
     ev = embed_shards(model, exact_split(plan["eval_shards"], w.rank, w.world), w.device, w.loaders)
     part = f"part-{w.rank}"
@@ -206,7 +204,7 @@ def _update_memory(w, t: int, model) -> None:
     wanted = set(keys)
     found = {}
     for path, _count in shards:  # only the chosen items' images are read again
-        for key, data, _lab, _meta in iter_shard(Path(path), decode=False):
+        for key, data, _lab, _meta in iter_shard(path, decode=False):
             if key in wanted:  # decode only the chosen items
                 found[key] = decode_image(data)
     gathered = [None] * w.world

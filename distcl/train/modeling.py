@@ -3,11 +3,14 @@
 ``run_dir/models/<t>/`` holds ``model.pt`` (state dict, loaded with weights_only=True),
 ``meta.json`` (architecture signature, job name, task, scenario digest) and
 ``history.json`` (per-epoch loss terms). ``meta.json`` is written last and the folder is
-renamed into place, so a half-written model folder never counts as a finished task.
+renamed into place, so a half-written model folder never counts as a finished task. On an
+object store (``output.root: s3://...``) the folder's objects are uploaded one by one with
+``meta.json`` last, which keeps that rule.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from pathlib import Path
@@ -15,10 +18,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from distcl import storage
 from distcl.config import JobConfig
 from distcl.methods import METHODS, TaskContext
 from distcl.models.embedding import EmbeddingModel, load_state_checked, model_signature
 from distcl.rundir import RunDir, atomic_dir
+from distcl.storage import Loc, Uri
 
 
 class CheckpointError(ValueError):
@@ -58,26 +63,29 @@ def build_method(job: JobConfig, ctx: TaskContext):
     return METHODS[job.method.name](job.method.params, ctx)
 
 
-def save_model_dir(run_dir: Path, task: int, model_pt: Path, history: list, meta: dict) -> Path:
+def save_model_dir(
+    run_dir: Path | Uri | str, task: int, model_pt: Path, history: list, meta: dict
+) -> Loc:
     """Move a finished task's model into ``models/<task>`` atomically (meta.json last)."""
     final = RunDir(run_dir).model(task)
-    with atomic_dir(final) as tmp:
+    with atomic_dir(final, last="meta.json") as tmp:
         shutil.copyfile(model_pt, tmp / "model.pt")
         (tmp / "history.json").write_text(json.dumps(history, indent=1))
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     return final
 
 
-def read_meta(model_dir: str | Path) -> dict:
-    path = Path(model_dir) / "meta.json"
-    if not path.is_file():
-        raise CheckpointError(f"{model_dir}: not a finished model folder (no meta.json)")
-    return json.loads(path.read_text())
+def read_meta(model_dir: str | Path | Uri) -> dict:
+    path = storage.join(model_dir, "meta.json")
+    try:
+        return json.loads(storage.read_bytes(path))
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise CheckpointError(f"{model_dir}: not a finished model folder (no meta.json)") from None
 
 
 def load_model_dir(
     model: nn.Module,
-    model_dir: str | Path,
+    model_dir: str | Path | Uri,
     job_name: str | None = None,
     scenario_digest: str | None = None,
 ) -> dict:
@@ -90,7 +98,9 @@ def load_model_dir(
         )
     if scenario_digest is not None and meta.get("scenario") != scenario_digest:
         raise CheckpointError(f"{model_dir}: checkpoint trained on another scenario")
-    state = torch.load(Path(model_dir) / "model.pt", map_location="cpu", weights_only=True)
+    path = storage.join(model_dir, "model.pt")
+    src = io.BytesIO(storage.read_bytes(path)) if isinstance(path, Uri) else path
+    state = torch.load(src, map_location="cpu", weights_only=True)
     try:
         load_state_checked(model, state, meta["signature"])
     except ValueError as e:
@@ -98,7 +108,7 @@ def load_model_dir(
     return meta
 
 
-def load_frozen_model(model_dir: str | Path, job: JobConfig) -> EmbeddingModel:
+def load_frozen_model(model_dir: str | Path | Uri, job: JobConfig) -> EmbeddingModel:
     """The model of ``model_dir`` built from its own saved signature (it may differ from
     the job's architecture: BCT's old model), frozen and in eval mode."""
     sig = read_meta(model_dir)["signature"]

@@ -1,0 +1,89 @@
+"""A whole ``distcl run`` with ``output.root: s3://...`` (moto on 127.0.0.1, ``s3server.py``):
+shards built by Ray tasks into the bucket, Ray Train's checkpoints, models, done markers, the
+memory service's files, the gallery and evaluation Parquet parts, eval rows, metrics.json,
+report.md and plots all written there and read back from there; nothing written locally
+under the run's name; a re-run trains nothing.
+
+Run: ``.venv/bin/python -m pytest tests/test_run_s3.py -q`` (~1 min on 2 cores)
+"""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+import ray
+
+from distcl import storage
+from distcl.storage import Uri
+from distcl.train.driver import init_ray, run_job
+
+pytestmark = pytest.mark.ray
+
+TINY = {
+    "data": {"synthetic_classes": 4, "synthetic_train_per_class": 24,
+             "synthetic_test_per_class": 6, "shard_size": 24},
+    "scenario": {"tasks": 2},
+    "model": {"embedding_dim": 8},
+    "memory": {"per_class": 4},
+    "method": {"name": "cvs"},  # old model + class means + exemplars: every memory file
+    "train": {"epochs": 1, "batch_size_per_worker": 8, "workers": 1, "max_failures": 0},
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def s3_run(s3, make_job, tmp_path_factory):
+    """One 2-task run on the bucket (Ray started after the AWS variables are set: its
+    workers inherit them)."""
+    init_ray(num_cpus=2)
+    try:
+        cwd = tmp_path_factory.mktemp("cwd")
+        job = make_job(cwd, name="s3-run", output={"root": s3.prefix("runs")}, **TINY)
+        out = run_job(job, progress=False, log=lambda *a: None)
+        yield job, out, cwd
+    finally:
+        ray.shutdown()
+
+
+def test_a_run_on_s3_writes_everything_to_the_bucket(s3_run):
+    job, out, cwd = s3_run
+    rd = job.run_dir
+    assert isinstance(rd, Uri) and out["run_dir"] == str(rd)
+    names = {str(p)[len(str(rd)) + 1 :] for p in storage.walk_files(rd)}
+    for t in (0, 1):
+        assert {f"models/{t}/{f}" for f in ("model.pt", "meta.json", "history.json",
+                                            "done.json")} <= names  # fmt: skip
+        for kind in ("gallery", "eval/embeddings"):
+            assert f"{kind}/model={t}/part-0.parquet" in names
+        assert f"eval/rows/{t}.json" in names
+    assert {"job.yaml", "scenario.json", "metrics.json", "report.md", "compat_all.png",
+            "curves.png"} <= names  # fmt: skip
+    assert any(n.startswith("memory/task0000-shard00.npz") for n in names)
+    assert any(n.startswith("memory/means-") for n in names)
+    assert any(n.startswith("ray/seq-") and n.endswith("step.pt") for n in names)  # Train ckpt
+    assert ".lock" not in names and not any("/.tmp-" in n or n.startswith(".tmp-") for n in names)
+    shards = {e.name for e in storage.listdir(job.shards_dir)}
+    assert "manifest.json" in shards and str(job.shards_dir).startswith("s3://")
+    # the Parquet parts are ordinary Parquet objects, readable by any pyarrow reader
+    fs, path = storage.filesystem(rd / "eval" / "embeddings" / "model=1" / "part-0.parquet")
+    assert pq.read_table(path, filesystem=fs).num_rows == 4 * 6
+    report = storage.read_text(rd / "report.md")
+    assert "# s3-run (cvs)" in report and "![all](compat_all.png)" in report
+    assert storage.read_json(rd / "metrics.json")["tasks"] == 2
+    assert not list(cwd.rglob("s3:*")) and not (cwd / "runs").exists()  # nothing local
+
+
+def test_a_rerun_on_s3_trains_nothing_and_evaluates_from_the_bucket(s3_run):
+    from distcl.eval.evaluate import evaluate_run
+
+    job, _, _ = s3_run
+    model = job.run_dir / "models" / "1" / "model.pt"
+    before = storage.stat(model).mtime_ns
+    lines: list[str] = []
+    run_job(job, progress=False, evaluate=False, log=lines.append)
+    assert sum("done, skipped" in line for line in lines) == 2
+    assert storage.stat(model).mtime_ns == before
+    again = evaluate_run(str(job.run_dir), log=lambda *a: None)  # rows from the bucket's cache
+    stored = storage.read_json(job.run_dir / "metrics.json")
+    assert json.dumps(again["protocols"]) == json.dumps(stored["protocols"])  # NaN: as text
