@@ -125,7 +125,8 @@ def test_compare_table_and_figure_from_evaluated_runs(fake_run, synthetic_job, t
     run, *_ = fake_run
     result = evaluate_run(run, log=lambda *a: None)
     for t in range(3):
-        (run / "models" / str(t) / "meta.json").write_text(json.dumps({"train_s": 10.0 + t}))
+        history = [{"epoch": 0, "epoch_s": 4.0 + t}, {"epoch": 1, "epoch_s": 6.0}]
+        (run / "models" / str(t) / "history.json").write_text(json.dumps(history))
     job = synthetic_job(name="fake", data={"synthetic_classes": 6}, scenario={"tasks": 3})
     row = _row(job, result, run)
     s = result["protocols"]["all"]["summary"]

@@ -42,9 +42,12 @@ def _row(job: JobConfig, metrics: dict, run_dir: Path) -> dict:
         out["final_map"] = float(np.asarray(first["matrices"]["map"], dtype=float)[-1, -1])
     stale = metrics["stale_gallery"]
     out["stale_recall@1"] = float(np.mean([r["recall@1"] for r in stale]))
+    # Seconds inside training epochs (the histories; meta.json of the one-run engine has no
+    # per-task wall time, and start-up is the run's, not a task's).
     out["train_s"] = sum(
-        storage.read_json(run_dir / "models" / str(t) / "meta.json").get("train_s", 0.0)
+        h.get("epoch_s", 0.0)
         for t in range(metrics["tasks"])
+        for h in storage.read_json(run_dir / "models" / str(t) / "history.json")
     )
     return out
 
