@@ -52,6 +52,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from distcl import storage
 from distcl.eval.engine import Cell, Engine, EvalSettings, Partial, apply_cell
 
 HEAD_RESOURCE = "node:__internal_head__"  # Ray gives this resource to the head node only
@@ -171,7 +172,9 @@ def ray_rows(
     gpu = settings.use_gpu and ray.cluster_resources().get("GPU", 0) > 0
     options = _options(worker_nodes(ray.nodes(), gpu), gpu)
     plan, scan, finish = (ray.remote(f) for f in (_plan, _scan, _finish))
-    args = (str(Path(run_dir).resolve()), settings, ray.put(scenario), uuid.uuid4().hex)
+    loc = storage.location(run_dir)  # a local path (absolute: workers run elsewhere) or a URI
+    root = str(loc.resolve()) if isinstance(loc, Path) else str(loc)
+    args = (root, settings, ray.put(scenario), uuid.uuid4().hex)
     rows, cells = ray.get(plan.options(**next(options)[1]).remote(*args, list(tasks), stale))
     pending: dict[Any, int] = {}
     for n, (cell, shards) in enumerate(cells):
