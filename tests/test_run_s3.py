@@ -46,10 +46,6 @@ def s3_run(s3, make_job, tmp_path_factory):
         ray.shutdown()
 
 
-@pytest.mark.skip(
-    reason="known gap (issue 16): evaluating an s3:// run dir with the "
-    "sharded engine of issue 14 finds no positives (merge of the two branches)"
-)
 def test_a_run_on_s3_writes_everything_to_the_bucket(s3_run):
     job, out, cwd = s3_run
     rd = job.run_dir
@@ -78,7 +74,6 @@ def test_a_run_on_s3_writes_everything_to_the_bucket(s3_run):
     assert not list(cwd.rglob("s3:*")) and not (cwd / "runs").exists()  # nothing local
 
 
-@pytest.mark.skip(reason="known gap (issue 16): see the test above")
 def test_a_rerun_on_s3_trains_nothing_and_evaluates_from_the_bucket(s3_run):
     from distcl.eval.evaluate import evaluate_run
 

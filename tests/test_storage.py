@@ -142,6 +142,12 @@ def test_gallery_store_on_an_object_store(s3):
     got = read_embeddings(root, models=[2])
     np.testing.assert_array_equal(got.embeddings, emb)
     assert got.item_ids.tolist() == [f"i{k}" for k in range(6)]
+    # a gallery shard (the parts one search task reads) on the bucket: its rows, not none
+    from distcl.gallery.store import iter_batches, sub_store
+
+    shard = sub_store(store, [store.parts[1][0]])
+    ids = [i for rb in iter_batches(shard) for i in rb["item_id"].to_pylist()]
+    assert ids == ["i3", "i4", "i5"]
     storage.write_bytes(root / "model=3" / "part-0.parquet", b"not parquet")
     with pytest.raises(ValueError, match=rf"{root}/model=3/part-0.parquet"):
         open_store(root)

@@ -130,7 +130,13 @@ def sub_store(store: Store, paths: Iterable[str]) -> Store:
         raise ValueError(f"{missing[0]} is not a part of the gallery store {store.root}")
     if not parts or store.dataset is None:
         return Store(store.root, (), store.dim, None)
-    frags = [f for f in store.dataset.get_fragments() if f.path in want]
+    # The dataset names its files as its file system does: a local path, or "bucket/key"
+    # (no scheme) on an object store; the parts keep their full URIs.
+    fs, _, _ = store_filesystem(store.root)
+    names = {p if fs is None else storage.location(p).path for p, _ in parts}
+    frags = [f for f in store.dataset.get_fragments() if f.path in names]
+    if len(frags) != len(parts):  # a silent empty shard would read as "no rows"
+        raise ValueError(f"{len(parts)} parts of {store.root} matched {len(frags)} files")
     data = store.dataset
     shard = ds.FileSystemDataset(frags, data.schema, data.format, data.filesystem)
     return Store(store.root, parts, store.dim, shard)
