@@ -2,7 +2,8 @@
 
 - ``DISTCL_PAUSE_AT=<point>:<task>:<marker>``: the first process to reach ``point`` of task
   ``task`` writes ``marker`` (its pid) and sleeps, so a test can SIGKILL the driver at that
-  exact moment. Points: ``epoch`` (a Train worker at the start of an epoch after the first),
+  exact moment. Points: ``epoch`` (a Train worker at the start of an epoch after the first,
+  once Ray Train's controller took the previous epoch's report),
   ``saved`` (rank 0 after writing ``models/<t>/``, before the end-of-task work), ``memory``
   (rank 0 after exemplar selection, before the commit), ``eval`` (the driver, before the
   evaluation).
@@ -28,8 +29,10 @@ def pause_point(spec: str | None, point: str, task: int) -> None:
         return
     name, t, marker = spec.split(":", 2)
     if name == point and int(t) == task and not os.path.exists(marker):
+        if point == "epoch":  # a Train worker: the epoch before is reported, as in a crash
+            _wait_until_reports_taken()
         Path(marker).write_text(str(os.getpid()))
-        time.sleep(600)  # the test kills the driver now
+        time.sleep(600)  # the test kills the driver (or a node) now
 
 
 def maybe_exit(spec: str | None, task: int, epoch: int, batch: int, batches: int) -> None:

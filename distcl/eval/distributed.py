@@ -54,8 +54,7 @@ from typing import Any
 
 from distcl import storage
 from distcl.eval.engine import Cell, Engine, EvalSettings, Partial, apply_cell
-
-HEAD_RESOURCE = "node:__internal_head__"  # Ray gives this resource to the head node only
+from distcl.placement import HEAD_RESOURCE, spread_options, worker_nodes  # noqa: F401
 
 _engine_cache: tuple[str, Engine] | None = None  # one per worker process, per evaluation
 
@@ -84,30 +83,11 @@ def compute_rows(
     return Engine(run_dir, settings, scenario).rows(tasks, log=log, stale=stale)
 
 
-def worker_nodes(nodes: list[dict], gpu: bool) -> list[str]:
-    """Ids of the nodes to run evaluation tasks on (``nodes`` as ``ray.nodes()``): the alive
-    ones other than the head with CPUs (with GPUs when ``gpu``); empty when there is none
-    (one-node Ray: the default scheduling, on the head)."""
-    need = "GPU" if gpu else "CPU"
-    return [
-        n["NodeID"]
-        for n in nodes
-        if n.get("Alive")
-        and HEAD_RESOURCE not in n.get("Resources", {})
-        and n.get("Resources", {}).get(need, 0) > 0
-    ]
-
-
 def _options(nodes: list[str], gpu: bool) -> Iterator[tuple[dict, dict]]:
     """(options of a scan task, options of a plan or finish task), round-robin over nodes."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
     n = 0
     while True:
-        where = {}
-        if nodes:
-            node = nodes[n % len(nodes)]
-            where = {"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=True)}
+        where = spread_options(n, nodes)
         n += 1
         yield {"num_cpus": 1, "num_gpus": 1 if gpu else 0, **where}, {"num_cpus": 1, **where}
 

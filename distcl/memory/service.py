@@ -220,6 +220,10 @@ class MemoryShard:
                 "budget_per_class": self.budget(), "tasks": sorted(self.tasks),
                 "bytes": int(sum(v.nbytes for v in st.values()))}  # fmt: skip
 
+    def node(self) -> str | None:
+        """The Ray node this shard runs on (None outside Ray)."""
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
     def digest(self) -> str:
         """sha256 of the content and the class means (equal content, equal digest)."""
         h = hashlib.sha256()
@@ -292,6 +296,9 @@ class MemoryService:
         return ray.get([a.stats.remote() for a in self.actors])
 
 
+SHARD_MEMORY = 64 * 2**20  # bytes of node memory reserved per memory shard (a placement hint)
+
+
 def actor_name(run_name: str, shard: int = 0) -> str:
     return f"memory-{run_name}-{shard}"
 
@@ -301,12 +308,21 @@ def create_memory_service(run_name: str, path: str, per_class: int | None = None
                           namespace: str = "distcl") -> MemoryService:  # fmt: skip
     """Create (or get) the run's ``shards`` named memory actors. Restarts reload from
     ``path`` (on a cluster: shared storage); calls are retried (writes are idempotent)."""
+    from distcl.placement import spread_options, worker_nodes
+
     per_class_budget(0, per_class, total)  # fail in the caller, not in an actor
+    # Shard s on worker node s mod n (off the head; on the head of a one-node Ray); a shard
+    # whose node is lost restarts on another one and reloads its files.
+    nodes = worker_nodes(ray.nodes(), gpu=False)
     actors = [
         MemoryActor.options(
             name=actor_name(run_name, s), namespace=namespace, get_if_exists=True,
             max_restarts=-1, max_task_retries=-1,
             num_cpus=0,  # a light service: it must not take a Train worker's CPU
+            # A resource request, so that the placement holds: Ray puts an actor that asks
+            # for nothing on a random node, whatever its scheduling strategy.
+            memory=SHARD_MEMORY,
+            **spread_options(s, nodes),
         ).remote(path if storage.is_uri(path) else os.path.abspath(path), s, shards,
                  per_class, total, seed)
         for s in range(shards)

@@ -155,8 +155,11 @@ def finish_task(w, t: int, model) -> dict:
     if plan["uses_memory"]:
         _update_memory(w, t, model)
     counts = torch.tensor([len(ev["keys"])], dtype=torch.int64)
+    nodes = [_node_id()]
     if w.distributed:
         dist.all_reduce(counts)
+        nodes = [None] * w.world
+        dist.all_gather_object(nodes, _node_id())
     if w.rank == 0:
         if int(counts) != plan["eval_count"]:
             raise RuntimeError(
@@ -164,10 +167,17 @@ def finish_task(w, t: int, model) -> dict:
                 f"lists {plan['eval_count']}"
             )
         info = {"embed_s": embed_s, "memory_s": time.perf_counter() - t0 - embed_s,
-                "eval_items": int(counts), "workers": w.world}  # fmt: skip
+                "eval_items": int(counts), "workers": w.world, "nodes": nodes}  # fmt: skip
         rd.mark_done(t, info)
     w.barrier()
     return {"embed_s": embed_s, "end_task_items": int(counts)}
+
+
+def _node_id() -> str | None:
+    """This rank's Ray node (``done.json`` records where each rank ran)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
 def _update_memory(w, t: int, model) -> None:
