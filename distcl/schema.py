@@ -229,6 +229,10 @@ class EvalConfig(Section):
     identification: Literal["templates", "items"] = "templates"
     exact_map: Bool = True  #: full-ranking mAP where feasible; else mAP@k from top-k lists
     memory_budget_mb: Pos = 1024
+    #: faiss-gpu for the gallery search, decided where each search runs: ``auto`` uses a GPU
+    #: when that process sees one (a Ray scan task gets one when the cluster has GPUs),
+    #: ``yes`` fails where none is usable, ``no`` searches on CPUs
+    use_gpu: Literal["auto", "yes", "no"] = "auto"
 
     @field_validator("metric")
     @classmethod

@@ -84,6 +84,16 @@ def test_ray_tasks_equal_the_in_process_engine(local_ray, openrun, kw):
 
 
 @pytest.mark.ray
+def test_eval_use_gpu_yes_on_a_cluster_without_gpus_names_the_field(local_ray, openrun):
+    job, run, scen, *_ = openrun
+    assert not ray.cluster_resources().get("GPU")
+    with pytest.raises(ValueError, match="eval.use_gpu is yes, but the Ray cluster has no GPU"):
+        dist.ray_rows(run, _settings(job, use_gpu=True), scen, [0])
+    # auto: scan tasks without a GPU search on CPUs (resolved in each task)
+    assert dist.ray_rows(run, _settings(job, use_gpu="auto"), scen, [0])[0]["protocols"]
+
+
+@pytest.mark.ray
 def test_evaluate_run_in_a_ray_driver_searches_in_tasks(local_ray, openrun, monkeypatch):
     job, run, scen, *_ = openrun
     s = _settings(job, exact_map=False, shard_rows=30)

@@ -231,6 +231,23 @@ def test_gpu_search_equals_cpu(openrun):
                                        cpu[2]["protocols"][proto]["values"][k])  # fmt: skip
 
 
+def test_eval_use_gpu_is_resolved_where_the_search_runs(openrun, monkeypatch):
+    from distcl.gallery import index
+
+    job, run, scen, *_ = openrun
+    for value, want in (("auto", "auto"), ("yes", True), ("no", False)):
+        got = EvalSettings.from_job(job.model_copy(update={"eval": job.eval.model_copy(
+            update={"use_gpu": value})})).use_gpu  # fmt: skip
+        assert got == want and type(got) is type(want), value
+    monkeypatch.setattr(index, "gpu_available", lambda: False)
+    assert Engine(run, _settings(job, use_gpu="auto"), scen).on_gpu is False
+    with pytest.raises(ValueError, match="eval.use_gpu is yes, but faiss sees no GPU"):
+        Engine(run, _settings(job, use_gpu=True), scen)
+    monkeypatch.setattr(index, "gpu_available", lambda: True)  # a GPU worker: auto takes it
+    assert Engine(run, _settings(job, use_gpu="auto"), scen).on_gpu is True
+    assert Engine(run, _settings(job, use_gpu=False), scen).on_gpu is False
+
+
 def test_rows_are_cached_and_recomputed_when_inputs_change(openrun, monkeypatch):
     job, run, scen, ids, labels, tasks, embs = openrun
     s = _settings(job)

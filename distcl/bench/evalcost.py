@@ -75,7 +75,7 @@ def _settings(budget_mb: int, index: str, seed: int):
 
     return EvalSettings(
         protocols=("open",), exact_map=False, index=index, seed=seed, memory_budget_mb=budget_mb,
-        probes_per_class=2, use_gpu=gpu_available(),
+        probes_per_class=2, use_gpu=gpu_available(),  # the raw-faiss baseline's device
     )  # fmt: skip
 
 

@@ -149,7 +149,12 @@ def ray_rows(
     import ray
 
     t0 = time.perf_counter()
-    gpu = settings.use_gpu and ray.cluster_resources().get("GPU", 0) > 0
+    # Scan tasks take a GPU each when the cluster has GPUs and eval.use_gpu allows; each task
+    # then resolves "auto" where it runs (faiss-gpu there, or a CPU search).
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if settings.use_gpu is True and not gpus:
+        raise ValueError("eval.use_gpu is yes, but the Ray cluster has no GPU")
+    gpu = settings.use_gpu is not False and gpus > 0
     options = _options(worker_nodes(ray.nodes(), gpu), gpu)
     plan, scan, finish = (ray.remote(f) for f in (_plan, _scan, _finish))
     loc = storage.location(run_dir)  # a local path (absolute: workers run elsewhere) or a URI

@@ -75,22 +75,21 @@ class EvalSettings:
     index: str = "flat"
     exact_map: bool = True
     memory_budget_mb: int = 1024
-    use_gpu: bool = False
+    use_gpu: bool | str = "auto"  # "auto", True or False; resolved where the search runs
     block_rows: int | None = None  # streamed gallery block size; None: from the budget
     shard_rows: int | None = None  # rows per gallery shard (a Ray task each); None: a budget
 
     @classmethod
-    def from_job(cls, job: Any, use_gpu: bool | None = None) -> EvalSettings:
+    def from_job(cls, job: Any, use_gpu: bool | str | None = None) -> EvalSettings:
+        """``use_gpu`` overrides ``eval.use_gpu`` (yes: True, no: False, auto: "auto")."""
         e = job.eval
         if use_gpu is None:
-            from distcl.gallery.index import gpu_available
-
-            use_gpu = gpu_available()
+            use_gpu = {"yes": True, "no": False}.get(e.use_gpu, "auto")
         return cls(
             tuple(e.protocols), e.metric, tuple(e.topk), tuple(e.recall_ks), e.items_per_class,
             job.seed, e.ties, e.probes_per_class, e.distractor_classes, e.verification_pairs,
             e.folds, tuple(e.fars), e.identification, e.index, e.exact_map, e.memory_budget_mb,
-            bool(use_gpu),
+            use_gpu,
         )  # fmt: skip
 
     def key(self) -> dict:
@@ -237,6 +236,20 @@ def _retrieval(
     return out
 
 
+def _resolve_gpu(use_gpu: bool | str) -> bool:
+    """``eval.use_gpu`` in this process: "auto" is whether faiss sees a GPU here."""
+    from distcl.gallery.index import gpu_available
+
+    if use_gpu == "auto":
+        return gpu_available()
+    if use_gpu is True and not gpu_available():
+        raise ValueError("eval.use_gpu is yes, but faiss sees no GPU in this process "
+                         "(install faiss-gpu, or set eval.use_gpu: auto or no)")  # fmt: skip
+    if not isinstance(use_gpu, bool):
+        raise ValueError(f"eval.use_gpu must be auto, yes or no, got {use_gpu!r}")
+    return use_gpu
+
+
 def _add_rows(sums: np.ndarray, index: np.ndarray, rows: np.ndarray) -> None:
     """sums[index[r]] += rows[r] for every r (np.add.at, but one sort instead of a slow loop)."""
     if len(index) == 0:
@@ -252,6 +265,7 @@ class Engine:
     def __init__(self, run_dir: str | Path | Uri, settings: EvalSettings, scenario: Any) -> None:
         self.run_dir = storage.location(run_dir)  # a local path or an object-store URI
         self.s = settings
+        self.on_gpu = _resolve_gpu(settings.use_gpu)  # here, where this engine searches
         self.scenario = scenario
         self.eval_store = open_store(self.run_dir / "eval" / "embeddings")
         if self.eval_store.dim is None:
@@ -444,7 +458,7 @@ class Engine:
             if not t.exact:
                 qsets = [QuerySet(q[1], self._k(q[4]), q[3]) for q in t.queries]
                 search = StreamSearch(qsets, self.dim, kind=self.s.index, nlist=self._nlist(n),
-                                      use_gpu=self.s.use_gpu, seed=self.s.seed)  # fmt: skip
+                                      use_gpu=self.on_gpu, seed=self.s.seed)  # fmt: skip
                 if self.s.index != "flat":
                     search.train(self._train_sample(store, models, filt, t), n_rows[t.name])
             buf = np.empty((max(cap, 1), self.dim), np.float32)  # (cap, d)
