@@ -22,3 +22,20 @@ def test_bench_data_tiny_run_writes_identical_shards():
     )
     text = format_data_bench(r)
     assert "2 Ray task(s) in flight" in text and "byte-identical across all variants: yes" in text
+
+
+def test_bench_data_writes_to_an_object_store_and_cleans_up(s3):
+    import ray
+
+    from distcl import storage
+
+    if ray.is_initialized():  # the bench's own Ray starts after the AWS variables are set
+        ray.shutdown()
+    root = s3.prefix("bench")
+    r = run_data_bench(per_class=6, shard_size=20, tasks=(1,), rounds=1, log=lambda *a: None,
+                       out=root)  # fmt: skip
+    assert r["byte_identical"] is True and r["out"] == root
+    assert f"written to {root}" in format_data_bench(r)
+    assert not storage.is_dir(storage.location(root)) or not list(
+        storage.walk_files(storage.location(root))
+    )  # its sub-folder is gone

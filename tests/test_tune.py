@@ -722,6 +722,18 @@ def test_tuning_folder_refuses_another_job(tmp_path, synthetic_raw_job):
         _check_same_tuning(parse_job(raw), tmp_path)
 
 
+def test_tuning_on_an_object_store_root_is_refused_naming_the_field(tmp_path, synthetic_raw_job):
+    from distcl.tune.search import tune_job
+
+    raw = _raw(
+        tmp_path, synthetic_raw_job, {"space": {"train.lr": {"type": "choice", "values": [0.1]}}}
+    )
+    raw["output"] = {"root": "s3://bucket/runs"}
+    with pytest.raises(ConfigError, match="output.root: s3://bucket/runs is an object store"):
+        tune_job(parse_job(raw))
+    assert not list(tmp_path.rglob("s3:*"))  # nothing written under a folder named "s3:"
+
+
 def _start_job(tmp_path, synthetic_raw_job, space, search="optuna"):
     return parse_job(_raw(tmp_path, synthetic_raw_job,
                           {"space": space, "search": search, "start_with_job": True}))  # fmt: skip

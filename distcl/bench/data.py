@@ -3,12 +3,15 @@ tasks in flight, against the single-process writer, on the same data in one run.
 
     distcl bench data                                  # Fashion-MNIST if installed, else synthetic
     distcl bench data --per-class 600 --shard-size 250 --format jpeg --json
+    distcl bench data --out s3://my-bucket/bench      # write where the jobs will: a bucket, NFS
 
 Every variant writes the same planned shards (:func:`distcl.data.shards.plan_shards`) into
 its own folder; the bench checks that all of them wrote byte-identical shards. Ray's worker
 processes are warmed up first (each opens the source once and keeps it), so the figures are
 steady-state throughput; the one-off start-up is reported apart. Per-sample cost =
-seconds per sample of one process (the serial writer), and of the encoder alone.
+seconds per sample of one process (the serial writer), and of the encoder alone. ``--out``
+writes the shards under a folder or object-store URI of your choice (a fresh sub-folder,
+deleted afterwards) instead of a local temporary folder.
 """
 
 from __future__ import annotations
@@ -16,10 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import tempfile
 import time
-from pathlib import Path
+import uuid
 
 
 def _job(root: str, per_class: int, shard_size: int, fmt: str, source: str):
@@ -42,8 +44,11 @@ def run_data_bench(
     tasks: tuple[int, ...] = (1, 2, 4),
     rounds: int = 2,
     log=print,
+    out: str | None = None,
 ) -> dict:
     import ray
+
+    from distcl import storage
 
     from distcl.data import shards as sh
     from distcl.data.scenario import build_scenario
@@ -58,6 +63,7 @@ def run_data_bench(
         source = "synthetic"
     with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
         job = _job(tmp, per_class, shard_size, fmt, source)
+        root = storage.join(out, f"bench-data-{uuid.uuid4().hex[:8]}") if out else tmp
         data = sh._portable_data(job.data)
         src = sh._cached_source(data, job.seed)  # opened once here, as each worker does
         scen = build_scenario(src.train_labels, src.test_labels, job.scenario, job.seed,
@@ -75,12 +81,12 @@ def run_data_bench(
 
         def timed(name: str, write) -> tuple[float, float, list[dict]]:
             """Wall seconds, CPU seconds (this process + the Ray tasks), entries."""
-            out = Path(tmp) / name
-            shutil.rmtree(out, ignore_errors=True)
-            out.mkdir()
+            where = storage.join(root, name)
+            storage.delete_dir(where)
+            storage.makedirs(where)
             task_cpu.clear()
             t, cpu = time.perf_counter(), time.process_time()
-            entries = write(str(out))
+            entries = write(str(where))
             cpu = time.process_time() - cpu + sum(task_cpu.values())
             return time.perf_counter() - t, cpu, entries
 
@@ -89,8 +95,9 @@ def run_data_bench(
         t = time.perf_counter()
         started = not ray.is_initialized()
         init_ray(num_cpus=max(max(tasks), os.cpu_count() or 1))
-        ref = sh.write_shards_serial(plans, str(Path(tmp)), data, job.seed, fmt)
-        warm = sh.write_shards_ray(plans[: max(tasks)], str(Path(tmp)), data,
+        storage.makedirs(root)
+        ref = sh.write_shards_serial(plans, str(root), data, job.seed, fmt)
+        warm = sh.write_shards_ray(plans[: max(tasks)], str(root), data,
                                    job.seed, fmt, parallel=max(tasks))  # fmt: skip
         startup_s = time.perf_counter() - t
         identical = warm == ref[: len(warm)]
@@ -112,10 +119,12 @@ def run_data_bench(
                 log(f"  round {r + 1}: {key}: {secs:.1f}s wall, {cpu:.1f}s CPU")
         serial_s, serial_cpu = best.pop("serial"), best_cpu.pop("serial")
         ray_s = best
+        if out:
+            storage.delete_dir(root)
         if started:
             ray.shutdown()
     return {
-        "source": source, "format": fmt, "samples": n, "shards": len(plans),
+        "source": source, "format": fmt, "out": out or "local temporary folder", "samples": n, "shards": len(plans),
         "shard_size": shard_size, "cores": os.cpu_count(), "ray_startup_s": startup_s,
         "rounds": rounds, "load_avg_1min": os.getloadavg()[0],
         "serial_samples_per_s": n / serial_s, "serial_ms_per_sample": 1e3 * serial_s / n,
@@ -133,7 +142,7 @@ def format_data_bench(r: dict) -> str:
     lines = [
         f"distcl bench data ({r['source']}, {r['samples']} samples, {r['shards']} shards of "
         f"<= {r['shard_size']}, {r['format']}, {r['cores']} cores, best of {r['rounds']} "
-        f"rounds, load average {r['load_avg_1min']:.1f})",
+        f"rounds, load average {r['load_avg_1min']:.1f}; written to {r['out']})",
         f"  single process (serial writer): {r['serial_samples_per_s']:9.0f} samples/s "
         f"(wall {r['serial_ms_per_sample']:.3f} ms/sample; CPU "
         f"{r['serial_cpu_ms_per_sample']:.3f} ms/sample, of which encoding "
@@ -158,7 +167,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--shard-size", type=int, default=250)
     p.add_argument("--format", choices=["png", "jpeg"], default="png")
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds, best of each")
+    p.add_argument("--out", help="write the shards under this folder or s3:// / gs:// URI")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
-    r = run_data_bench(a.per_class, a.shard_size, a.format, rounds=a.rounds, log=lambda *x: None)
+    r = run_data_bench(a.per_class, a.shard_size, a.format, rounds=a.rounds,
+                       log=lambda *x: None, out=a.out)  # fmt: skip
     print(json.dumps(r, indent=2) if a.json else format_data_bench(r))

@@ -51,6 +51,7 @@ from typing import Any
 
 from ray.tune.schedulers import ASHAScheduler
 
+from distcl import storage
 from distcl.config import ConfigError, JobConfig, TuneConfig, dump_job, parse_job, to_dict
 from distcl.tune.base import prepare_bases
 from distcl.tune.groups import ReleaseTrialGroups
@@ -196,6 +197,13 @@ def tune_job(
     tc: TuneConfig = validate_tune(job)
     if tc.objectives:
         pick_weights(tc.pick, tc.objectives)  # a bad --pick fails before anything runs
+    if storage.is_uri(job.output.root):
+        raise ConfigError(
+            f"output.root: {job.output.root} is an object store; distcl tune keeps its search "
+            "state, trial run dirs and shared base task on a file system every node mounts "
+            "(NFS, an RWX volume: cluster/README.md). Object-store URIs work for distcl run "
+            "and for data.shards_dir, which tune reads too"
+        )
     tune_dir = Path(job.output.root).resolve() / f"{job.name}-tune"
     tune_dir.mkdir(parents=True, exist_ok=True)
     _check_same_tuning(job, tune_dir)
