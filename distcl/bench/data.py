@@ -49,7 +49,6 @@ def run_data_bench(
     import ray
 
     from distcl import storage
-
     from distcl.data import shards as sh
     from distcl.data.scenario import build_scenario
     from distcl.data.shards import encode_image
