@@ -123,7 +123,8 @@ def run_data_bench(
         if started:
             ray.shutdown()
     return {
-        "source": source, "format": fmt, "out": out or "local temporary folder", "samples": n, "shards": len(plans),
+        "source": source, "format": fmt, "out": out or "local temporary folder", "samples": n,
+        "shards": len(plans),
         "shard_size": shard_size, "cores": os.cpu_count(), "ray_startup_s": startup_s,
         "rounds": rounds, "load_avg_1min": os.getloadavg()[0],
         "serial_samples_per_s": n / serial_s, "serial_ms_per_sample": 1e3 * serial_s / n,
