@@ -7,6 +7,7 @@ Run: ``.venv/bin/python -m pytest tests/test_memory_service.py -q``.
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -207,6 +208,15 @@ def test_sharded_service_selects_commits_and_snapshots_like_one_shard(ray_local,
 
 
 @pytest.mark.ray
+def _running(pid: int) -> bool:
+    """The process exists and is not a zombie (Linux /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def test_killed_actor_restarts_with_identical_content(ray_local, tmp_path) -> None:
     svc = create_memory_service("restart", str(tmp_path), total=12, shards=2)
     b = make_batch(0, [0, 1], 8)
@@ -215,6 +225,12 @@ def test_killed_actor_restarts_with_identical_content(ray_local, tmp_path) -> No
     actor = svc.actors[1]
     pid = ray.get(actor.__ray_call__.remote(lambda self: os.getpid()))
     ray.kill(actor, no_restart=False)
+    # ray.kill is asynchronous: wait until the old process is gone, so that the snapshot
+    # below is served by the restarted actor (not, now and then, by the one being killed).
+    deadline = time.monotonic() + 60
+    while _running(pid):
+        assert time.monotonic() < deadline, f"actor process {pid} still runs after ray.kill"
+        time.sleep(0.05)
     after = svc.snapshot()  # retried until the restarted actor has reloaded its files
     for key in before:
         np.testing.assert_array_equal(after[key], before[key])
