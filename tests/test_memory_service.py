@@ -238,3 +238,16 @@ def test_killed_actor_restarts_with_identical_content(ray_local, tmp_path) -> No
     again = create_memory_service("restart", str(tmp_path), total=12, shards=2)
     assert again.actors == svc.actors  # get_if_exists: the same service by name
     kill_memory_service(svc)
+
+
+def test_bench_memory_runs_on_the_jobs_backbone(ray_local) -> None:
+    """``distcl bench memory --backbone resnet32`` end to end on a few steps (no timing
+    assertions: a benchmark reports, the test checks it runs and its figures agree)."""
+    from distcl.bench.memory import format_memory_bench, run_memory_bench
+
+    r = run_memory_bench(classes=4, per_class=3, image=(1, 28, 28), batch_size=4, steps=2,
+                         shards=2, backbone="resnet32")  # fmt: skip
+    assert (r["memory_rows"], r["replay_rows"], r["net"]) == (12, 4, "resnet32")
+    assert r["step_plain_ms"] > 0 and r["step_replay_ms"] > 0 and r["sample_ms"] > 0
+    assert r["sampling_overhead"] == pytest.approx(r["sample_ms"] / r["step_plain_ms"])
+    assert "resnet32, images 1x28x28, batch 4 + 4 replayed rows" in format_memory_bench(r)

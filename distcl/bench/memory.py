@@ -5,8 +5,9 @@ and samples replay rows locally (``BalancedSampler``), so a step pays no actor r
 Measured in ONE run against live memory shards on a local Ray (``num_cpus=2`` unless Ray is
 already initialised):
 
-(a) the mean time of a small training step (tiny conv net, forward + backward + SGD step on
-    ``batch_size`` in-memory rows) without replay, against the same step whose batch also
+(a) the mean time of a training step (forward + backward + SGD step on ``batch_size``
+    in-memory rows; a tiny conv net, or ``--backbone resnet32`` as the Fashion-MNIST jobs
+    train, at their batch 32 and 1-channel 28x28 images) without replay, against the same step whose batch also
     takes ``replay_fraction`` rows sampled locally from the snapshot; the steps alternate so
     drift hits both alike; overhead = ``(t_replay - t_plain) / t_plain`` (the added rows'
     own compute included, as in training);
@@ -14,7 +15,7 @@ already initialised):
     the memory's own cost per step, as a fraction of the plain step;
 (c) the snapshot's time, once per task, against ``steps_per_task`` plain steps.
 
-Run: ``distcl bench memory [--shards 2]``.
+Run: ``distcl bench memory [--shards 2] [--backbone resnet32]``.
 """
 
 from __future__ import annotations
@@ -44,10 +45,19 @@ def _tiny_net(channels: int, n_classes: int) -> nn.Module:
     )  # fmt: skip
 
 
+def _net(backbone: str | None, channels: int, n_classes: int) -> nn.Module:
+    if backbone is None:
+        return _tiny_net(channels, n_classes)
+    from distcl.models.backbones import build_backbone
+
+    body, dim = build_backbone(backbone, channels, small_input=True)
+    return nn.Sequential(body, nn.Linear(dim, n_classes))
+
+
 def run_memory_bench(
     classes: int = 50, per_class: int = 20, image: tuple[int, int, int] = (3, 32, 32),
     batch_size: int = 64, replay_fraction: float = 0.5, steps: int = 60,
-    steps_per_task: int = 500, shards: int = 2, seed: int = 0,
+    steps_per_task: int = 500, shards: int = 2, seed: int = 0, backbone: str | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Run the benchmark (see the module docstring); returns plain numbers."""
     if not ray.is_initialized():
@@ -67,7 +77,7 @@ def run_memory_bench(
         snap = svc.snapshot()
         snapshot_s = time.perf_counter() - t0
         n_mem = max(1, round(batch_size * replay_fraction / (1 - replay_fraction)))
-        net = _tiny_net(image[0], classes)
+        net = _net(backbone, image[0], classes)
         opt = torch.optim.SGD(net.parameters(), lr=0.01)
         x = torch.rand(batch_size, *image)
         y = torch.randint(0, classes, (batch_size,))
@@ -100,6 +110,7 @@ def run_memory_bench(
         mean = {k: float(np.mean(v)) for k, v in times.items()}
         return {
             "shards": shards, "memory_rows": len(snap["labels"]), "batch_size": batch_size,
+            "net": backbone or "tiny conv net", "image": list(image),
             "replay_rows": n_mem, "step_plain_ms": 1e3 * mean["plain"],
             "step_replay_ms": 1e3 * mean["replay"], "sample_ms": 1e3 * mean["sample"],
             "replay_overhead": (mean["replay"] - mean["plain"]) / mean["plain"],
@@ -115,6 +126,7 @@ def run_memory_bench(
 def format_memory_bench(r: dict[str, Any]) -> str:
     return "\n".join([
         f"distcl bench memory ({r['memory_rows']} exemplars on {r['shards']} shards, "
+        f"{r['net']}, images {'x'.join(map(str, r['image']))}, "
         f"batch {r['batch_size']} + {r['replay_rows']} replayed rows)",
         f"  plain step:                         {r['step_plain_ms']:8.2f} ms",
         f"  step with local replay:             {r['step_replay_ms']:8.2f} ms "
@@ -130,7 +142,13 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="distcl bench memory", description=__doc__)
     p.add_argument("--shards", type=int, default=2)
     p.add_argument("--steps", type=int, default=60)
+    p.add_argument(
+        "--backbone",
+        help="a distcl backbone (resnet32: the Fashion-MNIST jobs' "
+        "step, batch 32, 1x28x28 images); default: a tiny conv net, batch 64, 3x32x32",
+    )
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
-    r = run_memory_bench(shards=a.shards, steps=a.steps)
+    kw = {"backbone": a.backbone, "batch_size": 32, "image": (1, 28, 28)} if a.backbone else {}
+    r = run_memory_bench(shards=a.shards, steps=a.steps, **kw)
     print(json.dumps(r, indent=1) if a.json else format_memory_bench(r))
