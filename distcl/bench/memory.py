@@ -7,10 +7,10 @@ already initialised):
 
 (a) the mean time of a training step (forward + backward + SGD step on ``batch_size``
     in-memory rows; a tiny conv net, or ``--backbone resnet32`` as the Fashion-MNIST jobs
-    train, at their batch 32 and 1-channel 28x28 images) without replay, against the same step whose batch also
-    takes ``replay_fraction`` rows sampled locally from the snapshot; the steps alternate so
-    drift hits both alike; overhead = ``(t_replay - t_plain) / t_plain`` (the added rows'
-    own compute included, as in training);
+    train, at their batch 32 and 1-channel 28x28 images) without replay, against the same
+    step whose batch also takes ``replay_fraction`` rows sampled locally from the snapshot;
+    the steps alternate so drift hits both alike; overhead = ``(t_replay - t_plain) /
+    t_plain`` (the added rows' own compute included, as in training);
 (b) the sampling alone (``BalancedSampler.sample`` + the uint8 row gather, no compute):
     the memory's own cost per step, as a fraction of the plain step;
 (c) the snapshot's time, once per task, against ``steps_per_task`` plain steps.
