@@ -774,3 +774,36 @@ def test_start_with_job_names_a_value_outside_the_space(
 ):
     with pytest.raises(ConfigError, match=f"tune.start_with_job: .*{message}"):
         validate_tune(_start_job(tmp_path, synthetic_raw_job, space, search))
+
+
+@pytest.mark.ray
+def test_an_unrecorded_idle_group_of_the_search_is_removed(local_ray, tmp_path):
+    """A placement group nothing uses and no trial recorded (a dying Train controller's) is
+    removed after ``orphan_s``; a used one and a recorded one stay."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from distcl.tune.groups import ReleaseTrialGroups
+
+    @ray.remote(num_cpus=0.01)
+    class Holder:
+        def ping(self):
+            return 1
+
+    groups = [placement_group([{"CPU": 0.01}]) for _ in range(3)]
+    ray.get([g.ready() for g in groups])
+    orphan, used, recorded = groups
+    holder = Holder.options(scheduling_strategy=PlacementGroupSchedulingStrategy(used)).remote()
+    assert ray.get(holder.ping.remote()) == 1
+    (tmp_path / "trial.txt").write_text(recorded.id.hex() + "\n")
+    release = ReleaseTrialGroups(tmp_path, orphan_s=60.0)
+    assert release.sweep_orphans(now=1000.0) == []  # idle from now on
+    assert release.sweep_orphans(now=1059.0) == []  # not yet orphan_s
+    assert release.sweep_orphans(now=1060.0) == [orphan.id.hex()]
+    table = ray.util.placement_group_table()
+    assert table[orphan.id.hex()]["state"] == "REMOVED"
+    assert table[used.id.hex()]["state"] == table[recorded.id.hex()]["state"] == "CREATED"
+    ray.kill(holder)
+    for g in (used, recorded):
+        remove_placement_group(g)

@@ -21,11 +21,57 @@ class ReleaseTrialGroups(Callback):
     trial is watched for ``linger_s`` more (a dying Train controller may still start a
     group), then dropped. Needs only the GCS (no State API, no dashboard)."""
 
-    def __init__(self, groups_dir: str | Path, linger_s: float = 120.0):
+    def __init__(self, groups_dir: str | Path, linger_s: float = 120.0,
+                 orphan_s: float = 180.0, sweep_every_s: float = 10.0):  # fmt: skip
         self.groups_dir = Path(groups_dir)
         self.linger_s = linger_s
+        self.orphan_s, self.sweep_every_s = orphan_s, sweep_every_s
         self.ended: dict[str, float] = {}
+        self.idle: dict[str, float] = {}  # unrecorded group -> when first seen idle
+        self.last_sweep = float("-inf")
         self.released = 0
+
+    def sweep_orphans(self, now: float | None = None) -> list[str]:
+        """Remove this search's groups that no trial recorded and nothing has used for
+        ``orphan_s``; returns their ids.
+
+        The recorder sees a group only once its workers started. A Train controller whose
+        trial is ending can still create one (its worker group failed as the trial actor
+        died, and it restarts it) and die before the workers start; Ray keeps that group,
+        and its CPUs, until the search's job ends, and the next trial's workers then wait
+        forever (seen once in the reference search, in Ray 2.60). A group counts as this
+        search's when Ray's id names this driver's job (trial actors and their Train
+        controllers run under it); idle when its ``bundle_group_<id>`` resource is all
+        available (any actor or task placed in it holds a share).
+        """
+        import ray
+        from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+        now = time.monotonic() if now is None else now
+        job = ray.get_runtime_context().get_job_id()
+        recorded = {
+            pg for f in self.groups_dir.glob("*.txt") for pg in f.read_text().split()
+        } if self.groups_dir.is_dir() else set()  # fmt: skip
+        avail, total = ray.available_resources(), ray.cluster_resources()
+        removed = []
+        for pg_id, info in ray.util.placement_group_table().items():
+            key = f"bundle_group_{pg_id}"
+            idle = (info["state"] == "CREATED" and pg_id.endswith(job) and pg_id not in recorded
+                    and key in total and avail.get(key, 0.0) >= total[key])  # fmt: skip
+            if not idle:
+                self.idle.pop(pg_id, None)
+                continue
+            if now - self.idle.setdefault(pg_id, now) >= self.orphan_s:
+                try:
+                    remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(pg_id)))
+                    removed.append(pg_id)
+                    self.released += 1
+                    print(f"removed placement group {pg_id}: no trial recorded it and nothing "
+                          f"used it for {self.orphan_s:.0f}s", flush=True)  # fmt: skip
+                except Exception as e:  # removed meanwhile
+                    print(f"placement group {pg_id}: {e}", flush=True)
+                self.idle.pop(pg_id, None)
+        return removed
 
     def _release(self, trial_id: str) -> None:
         import ray
@@ -60,6 +106,9 @@ class ReleaseTrialGroups(Callback):
             self._release(trial_id)
             if now - t > self.linger_s:
                 del self.ended[trial_id]
+        if now - self.last_sweep >= self.sweep_every_s:
+            self.last_sweep = now
+            self.sweep_orphans(now)
 
     def on_experiment_end(self, trials, **info):
         for trial_id in list(self.ended):
