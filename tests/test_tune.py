@@ -734,6 +734,26 @@ def test_tuning_on_an_object_store_root_is_refused_naming_the_field(tmp_path, sy
     assert not list(tmp_path.rglob("s3:*"))  # nothing written under a folder named "s3:"
 
 
+def test_a_search_on_few_open_probes_is_warned_about(tmp_path, synthetic_raw_job):
+    from types import SimpleNamespace
+
+    from distcl.tune.search import _warn_few_probes
+    from distcl.tune.space import validate_tune
+
+    space = {"train.lr": {"type": "choice", "values": [0.1]}}
+    scen = SimpleNamespace(heldout_classes=(6, 7))
+    for probes, warned in ((2, True), (25, False)):
+        job = parse_job(_raw(tmp_path, synthetic_raw_job, {"space": space, "protocol": "open"},
+                             eval={"probes_per_class": probes}))  # fmt: skip
+        lines: list[str] = []
+        _warn_few_probes(job, validate_tune(job), scen, lines.append)
+        assert bool(lines) is warned, lines
+    job = parse_job(_raw(tmp_path, synthetic_raw_job, {"space": space, "protocol": "open"}))
+    lines = []
+    _warn_few_probes(job, validate_tune(job), scen, lines.append)
+    assert "scores 4 probes in all" in lines[0] and "steps of 1/4" in lines[0]
+
+
 def _start_job(tmp_path, synthetic_raw_job, space, search="optuna"):
     return parse_job(_raw(tmp_path, synthetic_raw_job,
                           {"space": space, "search": search, "start_with_job": True}))  # fmt: skip

@@ -142,6 +142,20 @@ def _check_same_tuning(job: JobConfig, tune_dir: Path) -> None:
     path.write_text(dump_job(job))
 
 
+def _warn_few_probes(job: JobConfig, tc: TuneConfig, scenario, log, floor: int = 50) -> None:
+    """A search on an open protocol scores a few probes: say so when they are few (the
+    reference search scored 4, so its matrix entries moved in steps of 0.25)."""
+    if tc.protocol not in ("open", "identification"):
+        return
+    classes = len(scenario.heldout_classes or ()) - job.eval.distractor_classes
+    probes = job.eval.probes_per_class * max(classes, 0)
+    if probes < floor:
+        log(f"warning: tune.protocol {tc.protocol} scores {probes} probes in all "
+            f"(eval.probes_per_class {job.eval.probes_per_class} x {classes} held-out classes): "
+            f"each matrix entry moves in steps of 1/{max(probes, 1)}; raise "
+            "eval.probes_per_class")  # fmt: skip
+
+
 def _cluster_concurrency(tc: TuneConfig, probe: JobConfig, log) -> tuple[int, bool]:
     """(trials at once, GPUs?) for this cluster."""
     import ray
@@ -215,6 +229,7 @@ def tune_job(
     probe = trial_job(base, {}, f"{job.name}-trial", str(trials_root))
     _, scenario, _ = build_shards(probe)
     num_tasks = scenario.num_tasks
+    _warn_few_probes(job, tc, scenario, log)
     metrics = search_metrics(tc)
     exp_dir = tune_dir / "experiment"
     if report_only:
