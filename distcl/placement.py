@@ -11,9 +11,9 @@ HEAD_RESOURCE = "node:__internal_head__"  # Ray gives this resource to the head 
 
 
 def worker_nodes(nodes: list[dict], gpu: bool) -> list[str]:
-    """Ids of the nodes to run evaluation tasks on (``nodes`` as ``ray.nodes()``): the alive
-    ones other than the head with CPUs (with GPUs when ``gpu``); empty when there is none
-    (one-node Ray: the default scheduling, on the head)."""
+    """Ids of the nodes to run evaluation tasks and memory shards on (``nodes`` as
+    ``ray.nodes()``): the alive ones other than the head with CPUs (with GPUs when ``gpu``);
+    empty when there is none (one-node Ray: the default scheduling, on the head)."""
     need = "GPU" if gpu else "CPU"
     return [
         n["NodeID"]
@@ -33,3 +33,10 @@ def spread_options(index: int, nodes: list[str]) -> dict:
 
     return {"scheduling_strategy": NodeAffinitySchedulingStrategy(nodes[index % len(nodes)],
                                                                    soft=True)}  # fmt: skip
+
+
+def node_id() -> str | None:
+    """This process's Ray node (None outside Ray)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None

@@ -225,6 +225,15 @@ def _check_smoke_run(variant, job, out):
     assert all((h["replay_rows"] > 0) == replays for h in hist), hist
     if replays:
         assert (run_dir / "memory").is_dir()
+        # Exemplar candidates are embedded only where something uses their features (CVS's
+        # class means, herding); random selection reads their labels and stores none.
+        files = sorted((run_dir / "memory").glob("task*-shard*.npz"))
+        assert [f.name[:8] for f in files] == ["task0000", "task0001"]
+        for f in files:
+            with np.load(f) as z:
+                assert len(z["labels"]) == len(z["images"]) == len(z["embeddings"]) > 0
+                width = z["embeddings"].shape[1]
+            assert width == (8 if variant.startswith("cvs") else 0), (f.name, width)
 
 
 def test_rerun_skips_finished_tasks_and_other_jobs_are_refused(finetune_run, make_job):

@@ -344,6 +344,33 @@ def test_embed_shards_same_with_loader_workers(built):
         np.testing.assert_array_equal(a[f][ia], b[f][ib])
 
 
+def test_shard_labels_equal_the_embedding_pass_without_decoding(built, monkeypatch):
+    """Random exemplar selection reads candidates' keys and labels only: the same rows as
+    the embedding pass, no image decoded; a shard shorter than its count is named."""
+    from distcl.data import shardio
+    from distcl.train import endtask
+
+    class Flat:
+        embedding_dim = 2
+
+        def embed(self, x):
+            return x.flatten(1)[:, :2]
+
+    _, out, _, _ = built
+    counts = shard_counts(out)
+    shards = [(str(p), counts[p.name]) for p in shard_paths(out, [0, 1], "train")]
+    full = endtask.embed_shards(Flat(), shards, "cpu")
+    calls = []
+    monkeypatch.setattr(shardio, "decode_image", lambda b: calls.append(1) or decode_image(b))
+    quick = endtask.shard_labels(shards)
+    assert calls == [] and quick["emb"].shape == (256, 0)
+    np.testing.assert_array_equal(quick["keys"], full["keys"])
+    np.testing.assert_array_equal(quick["labels"], full["labels"])
+    path, n = shards[0]
+    with pytest.raises(Exception, match=Path(path).name):
+        endtask.shard_labels([(path, n + 1)])
+
+
 def test_train_epoch_has_no_repeats_when_shares_suffice(built):
     # 8 equal shards over 2 ranks: each rank's 64 samples fill exactly 4 batches of 16,
     # so an epoch shows every one of them once.

@@ -238,16 +238,12 @@ def _retrieval(
 
 def _resolve_gpu(use_gpu: bool | str) -> bool:
     """``eval.use_gpu`` in this process: "auto" is whether faiss sees a GPU here."""
-    from distcl.gallery.index import gpu_available
+    from distcl.gallery import index
 
-    if use_gpu == "auto":
-        return gpu_available()
-    if use_gpu is True and not gpu_available():
+    if use_gpu is True and not index.gpu_available():  # name the job's field
         raise ValueError("eval.use_gpu is yes, but faiss sees no GPU in this process "
                          "(install faiss-gpu, or set eval.use_gpu: auto or no)")  # fmt: skip
-    if not isinstance(use_gpu, bool):
-        raise ValueError(f"eval.use_gpu must be auto, yes or no, got {use_gpu!r}")
-    return use_gpu
+    return index._resolve_gpu(use_gpu)
 
 
 def _add_rows(sums: np.ndarray, index: np.ndarray, rows: np.ndarray) -> None:

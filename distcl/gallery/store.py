@@ -111,7 +111,7 @@ def open_store(root: str | os.PathLike | Uri) -> Store:
             )
     fs, base, _ = store_filesystem(root)
     dataset = ds.dataset(
-        [p if fs is None else storage.location(p).path for p, _ in parts],
+        _fs_paths(fs, parts),
         schema=gallery_schema(first.dim, 0),
         format="parquet",
         partitioning=HIVE,
@@ -119,6 +119,11 @@ def open_store(root: str | os.PathLike | Uri) -> Store:
         filesystem=fs,
     )
     return Store(root, tuple(parts), first.dim, dataset)
+
+
+def _fs_paths(fs, parts) -> list[str]:
+    """The parts' names as their file system names them (an object store: ``bucket/key``)."""
+    return [p if fs is None else storage.location(p).path for p, _ in parts]
 
 
 def sub_store(store: Store, paths: Iterable[str]) -> Store:
@@ -133,7 +138,7 @@ def sub_store(store: Store, paths: Iterable[str]) -> Store:
     # The dataset names its files as its file system does: a local path, or "bucket/key"
     # (no scheme) on an object store; the parts keep their full URIs.
     fs, _, _ = store_filesystem(store.root)
-    names = {p if fs is None else storage.location(p).path for p, _ in parts}
+    names = set(_fs_paths(fs, parts))
     frags = [f for f in store.dataset.get_fragments() if f.path in names]
     if len(frags) != len(parts):  # a silent empty shard would read as "no rows"
         raise ValueError(f"{len(parts)} parts of {store.root} matched {len(frags)} files")

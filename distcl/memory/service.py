@@ -41,6 +41,7 @@ from distcl.memory.selection import (
     per_class_budget,
     select_exemplars,
 )
+from distcl.placement import node_id
 from distcl.rundir import atomic_write
 
 _TASK_FILE = re.compile(r"task(\d+)-shard(\d+)\.npz$")
@@ -222,7 +223,7 @@ class MemoryShard:
 
     def node(self) -> str | None:
         """The Ray node this shard runs on (None outside Ray)."""
-        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+        return node_id()
 
     def digest(self) -> str:
         """sha256 of the content and the class means (equal content, equal digest)."""

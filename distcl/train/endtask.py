@@ -27,6 +27,7 @@ from distcl.data.shards import decode_image, exact_split, iter_shard
 from distcl.gallery.store import write_embeddings
 from distcl.memory.selection import per_class_budget
 from distcl.methods.base import TaskContext
+from distcl.placement import node_id
 
 EMBED_BATCH = 256
 
@@ -155,11 +156,11 @@ def finish_task(w, t: int, model) -> dict:
     if plan["uses_memory"]:
         _update_memory(w, t, model)
     counts = torch.tensor([len(ev["keys"])], dtype=torch.int64)
-    nodes = [_node_id()]
+    nodes = [node_id()]
     if w.distributed:
         dist.all_reduce(counts)
         nodes = [None] * w.world
-        dist.all_gather_object(nodes, _node_id())
+        dist.all_gather_object(nodes, node_id())
     if w.rank == 0:
         if int(counts) != plan["eval_count"]:
             raise RuntimeError(
@@ -173,18 +174,29 @@ def finish_task(w, t: int, model) -> dict:
     return {"embed_s": embed_s, "end_task_items": int(counts)}
 
 
-def _node_id() -> str | None:
-    """This rank's Ray node (``done.json`` records where each rank ran)."""
-    import ray
-
-    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+def shard_labels(shards: Sequence[tuple[str, int]]) -> dict[str, np.ndarray]:
+    """``embed_shards``' keys and labels of ``shards`` without decoding or embedding a
+    sample; ``emb`` is (N, 0). For selections that do not look at features."""
+    keys, labels = [], []
+    for path, count in shards:
+        for key, _data, lab, _meta in iter_shard(path, expected=count, decode=False):
+            keys.append(key)
+            labels.append(int(lab))
+    return {"keys": np.asarray(keys, dtype=str), "labels": np.asarray(labels, np.int64),
+            "emb": np.zeros((len(keys), 0), np.float32)}  # fmt: skip
 
 
 def _update_memory(w, t: int, model) -> None:
-    """Class means and exemplars of task t (selection on the memory service)."""
+    """Class means and exemplars of task t (selection on the memory service). Task t's
+    training items are embedded only where something uses the features (class means,
+    herding); random selection needs their labels only, and stores exemplars without
+    embeddings (training replays images; nothing reads the stored features)."""
     job, plan, needs = w.job, w.plan, w.plan["needs"]
     shards = exact_split(plan["tasks"][t]["memory_shards"], w.rank, w.world)
-    tr = embed_shards(model, shards, w.device, w.loaders)
+    if needs["class_means"] or job.memory.selection != "random":
+        tr = embed_shards(model, shards, w.device, w.loaders)
+    else:
+        tr = shard_labels(shards)
     emb = tr["emb"]
     if needs["class_means"]:
         sums, counts = _class_sums(w, tr["labels"], emb)

@@ -45,7 +45,6 @@ class ReleaseTrialGroups(Callback):
         available (any actor or task placed in it holds a share).
         """
         import ray
-        from ray.util.placement_group import PlacementGroup, remove_placement_group
 
         now = time.monotonic() if now is None else now
         job = ray.get_runtime_context().get_job_id()
@@ -62,20 +61,28 @@ class ReleaseTrialGroups(Callback):
                 self.idle.pop(pg_id, None)
                 continue
             if now - self.idle.setdefault(pg_id, now) >= self.orphan_s:
-                try:
-                    remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(pg_id)))
+                if self._remove(pg_id):
                     removed.append(pg_id)
-                    self.released += 1
                     print(f"removed placement group {pg_id}: no trial recorded it and nothing "
                           f"used it for {self.orphan_s:.0f}s", flush=True)  # fmt: skip
-                except Exception as e:  # removed meanwhile
-                    print(f"placement group {pg_id}: {e}", flush=True)
                 self.idle.pop(pg_id, None)
         return removed
 
-    def _release(self, trial_id: str) -> None:
+    def _remove(self, pg_id: str) -> bool:
+        """Remove the group ``pg_id``; False if it was removed meanwhile."""
         import ray
         from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+        try:
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(pg_id)))
+        except Exception as e:  # removed meanwhile
+            print(f"placement group {pg_id}: {e}", flush=True)
+            return False
+        self.released += 1
+        return True
+
+    def _release(self, trial_id: str) -> None:
+        import ray
 
         path = self.groups_dir / f"{trial_id}.txt"
         if not path.is_file():
@@ -84,11 +91,7 @@ class ReleaseTrialGroups(Callback):
         for pg_id in dict.fromkeys(path.read_text().split()):
             if table.get(pg_id, {}).get("state", "REMOVED") == "REMOVED":
                 continue
-            try:
-                remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(pg_id)))
-                self.released += 1
-            except Exception as e:  # removed meanwhile
-                print(f"placement group {pg_id}: {e}", flush=True)
+            self._remove(pg_id)
 
     def _ended(self, trial) -> None:
         self.ended[trial.trial_id] = time.monotonic()
