@@ -127,7 +127,11 @@ def cmd_tune(args) -> int:
 
     if args.report and args.confirm:
         raise ValueError("--report runs nothing; --confirm runs 2K jobs: use one of them")
-    tune_job(_job(args), report_only=args.report, confirm=args.confirm, pick=args.pick)
+    if args.best and (args.report or not args.confirm):
+        raise ValueError("--best FILE confirms FILE's values: use it with --confirm K")
+    best = load_job(args.best) if args.best else None
+    tune_job(_job(args), report_only=args.report, confirm=args.confirm, pick=args.pick,
+             best_from=best)  # fmt: skip
     return 0
 
 
@@ -224,6 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="K",
         help="after the search, rerun the best trial and the job's own values on K seeds "
         "each; report mean and spread (default: tune.confirm_seeds)",
+    )
+    p.add_argument(
+        "--best",
+        metavar="FILE",
+        help="with --confirm: run no search, confirm FILE's values of the searched keys "
+        "(a best.yaml an earlier search wrote) against the job's own",
     )
     p.add_argument(
         "--pick",

@@ -605,6 +605,32 @@ def test_confirm_reports_two_seeds_per_configuration(pareto):
 
 
 @pytest.mark.ray
+def test_confirm_a_best_file_runs_no_search(pareto, local_ray):
+    """``--confirm 1 --best FILE``: no search; FILE's alpha and the job's own on seed 0, both
+    run under confirm/ (no search trial to read), from one shared base."""
+    from distcl.tune.search import tune_job
+
+    job = pareto.job.model_copy(update={"output": pareto.job.output.model_copy(
+        update={"root": str(pareto.root / "confirm-only")})})  # fmt: skip
+    best = pareto.job.model_copy(update={"name": "somebest", "tune": None, "method":
+        pareto.job.method.model_copy(update={"params": {"alpha": 2.0}})})  # fmt: skip
+    logs: list[str] = []
+    out = tune_job(job, log=logs.append, confirm=1, best_from=best)
+    tune_dir = Path(out["tune_dir"])
+    assert out["rows"] == [] and not list(tune_dir.glob("trials/two-*"))  # no search
+    c = json.loads((tune_dir / "confirm.json").read_text())
+    assert c["points"] == {"best": {"method.params.alpha": 2.0},
+                           "baseline": {"method.params.alpha": 1.0}}  # fmt: skip
+    assert sorted(p.name for p in (tune_dir / "confirm").glob("two-*")) == [
+        "two-base", "two-baseline-seed0", "two-best-seed0"]  # fmt: skip
+    assert "one seed" in c["summary"]["am"]["verdict"]
+    with pytest.raises(ConfigError, match=r"--best \(somebest\) sets no value"):
+        from distcl.tune.confirm import baseline_point
+
+        baseline_point(best, ["method.params.beta"], what="--best (somebest)")
+
+
+@pytest.mark.ray
 def test_no_placement_group_is_left(pareto, local_ray):
     """Trials that ended (completed here; ASHA-stopped and failed ones in the other tests)
     leave no Train placement group behind, without Ray's State API (no dashboard here)."""

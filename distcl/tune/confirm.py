@@ -36,15 +36,17 @@ from distcl.config import ConfigError, JobConfig, TuneConfig
 from distcl.tune.space import base_dict
 
 
-def baseline_point(job: JobConfig) -> dict[str, Any]:
-    """The job's own value of every searched key (it may lie outside the space)."""
+def baseline_point(job: JobConfig, keys: Sequence[str] | None = None,
+                   what: str = "the job") -> dict[str, Any]:  # fmt: skip
+    """``job``'s value of every searched key (``keys``, default ``job.tune.space``; it may
+    lie outside the space). ``what`` names the job in the error."""
     raw = base_dict(job, resolve_paths=False)
     out = {}
-    for key in job.tune.space:
+    for key in job.tune.space if keys is None else keys:
         node: Any = raw
         for part in key.split("."):
             if not isinstance(node, Mapping) or part not in node:
-                raise ConfigError(f"--confirm: the job sets no value for tune.space.{key}")
+                raise ConfigError(f"--confirm: {what} sets no value for tune.space.{key}")
             node = node[part]
         out[key] = node
     return out

@@ -185,6 +185,7 @@ def tune_job(
     report_only: bool = False,
     confirm: int | None = None,
     pick: str | None = None,
+    best_from: JobConfig | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) the search of ``job.tune``; write the table, plots and best job;
     then (``confirm`` K, default ``tune.confirm_seeds``) rerun best and baseline on K seeds.
@@ -192,6 +193,8 @@ def tune_job(
     ``report_only``: run nothing; write the table, plots and best job of the trials stored so
     far (a tuning run that is still going, or was interrupted). Trials that have not reached
     the last task are then "stopped early or unfinished". ``pick`` overrides ``tune.pick``.
+    ``best_from``: run no search; confirm this job's values of the searched keys (a
+    ``best.yaml`` an earlier search wrote) against the job's own, on ``confirm`` seeds.
 
     Returns ``{"tune_dir", "rows", "best" (row or None), "best_job" (path or None),
     "confirm" (dict or None)}``. Failed trials are rows with status ``error``; ValueError if
@@ -241,6 +244,17 @@ def tune_job(
         return _write_results(job, tc, grid, num_tasks, tune_dir, log, partial=True)
 
     concurrency, _ = _cluster_concurrency(tc, probe, log)
+    if best_from is not None:
+        from distcl.tune.confirm import baseline_point, confirm_best
+
+        k = tc.confirm_seeds if confirm is None else confirm
+        if not k:
+            raise ConfigError("--best: give the number of seeds with --confirm K")
+        best = baseline_point(best_from, list(tc.space), what=f"--best ({best_from.name})")
+        log(f"confirm: the values of {best_from.name}: {best} (no search)")
+        out = {"tune_dir": tune_dir, "rows": [], "best": best, "best_job": None}
+        out["confirm"] = confirm_best(job, tc, best, k, tune_dir, concurrency, log)
+        return out
     shared_base, later = prepare_bases(job, tc, base, trials_root, [job.seed], log)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=base, trials_root=str(trials_root),
