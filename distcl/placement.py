@@ -26,9 +26,12 @@ def worker_nodes(nodes: list[dict], gpu: bool) -> list[str]:
 
 def spread_options(index: int, nodes: list[str]) -> dict:
     """Ray options placing item ``index`` of a service on ``nodes[index % len(nodes)]``, softly
-    (it runs elsewhere if that node dies or cannot fit it); none for an empty list."""
+    (it runs elsewhere if that node dies or cannot fit it); Ray's default scheduling for an
+    empty list. Either way outside the caller's placement group: a Tune trial captures its
+    children into its own (a 0.1-CPU bundle), which a service's resource request would not
+    fit (seen: CL2R's memory shards failed every trial of the reference search's job)."""
     if not nodes:
-        return {}
+        return {"scheduling_strategy": "DEFAULT"}
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     return {"scheduling_strategy": NodeAffinitySchedulingStrategy(nodes[index % len(nodes)],

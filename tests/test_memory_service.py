@@ -208,6 +208,34 @@ def test_sharded_service_selects_commits_and_snapshots_like_one_shard(ray_local,
 
 
 @pytest.mark.ray
+def test_service_created_inside_a_tune_trials_placement_group(ray_local, tmp_path):
+    """A tuning trial runs in a placement group that captures its children (a 0.1-CPU
+    bundle here, as Tune gives it); the memory shards ask for memory and must be placed
+    outside it, not fail (the reference Pareto search's CL2R trials all failed so)."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    pg = placement_group([{"CPU": 0.1}])
+    ray.get(pg.ready())
+
+    @ray.remote(num_cpus=0.1)
+    def trial(path: str, b: dict) -> int:
+        from distcl.memory.service import create_memory_service, kill_memory_service
+
+        svc = create_memory_service("in-trial", path, per_class=2, shards=2)
+        svc.commit(0, b["ids"], b["images"], b["labels"], b["embeddings"], classes_seen=2)
+        n = len(svc.snapshot()["labels"])
+        kill_memory_service(svc)
+        return n
+
+    inside = PlacementGroupSchedulingStrategy(pg, placement_group_capture_child_tasks=True)
+    b = make_batch(0, [0, 1], 4)
+    try:
+        assert ray.get(trial.options(scheduling_strategy=inside).remote(str(tmp_path), b)) == 4
+    finally:
+        remove_placement_group(pg)
+
+
 def _running(pid: int) -> bool:
     """The process exists and is not a zombie (Linux /proc)."""
     try:
@@ -217,6 +245,7 @@ def _running(pid: int) -> bool:
         return False
 
 
+@pytest.mark.ray
 def test_killed_actor_restarts_with_identical_content(ray_local, tmp_path) -> None:
     svc = create_memory_service("restart", str(tmp_path), total=12, shards=2)
     b = make_batch(0, [0, 1], 8)
