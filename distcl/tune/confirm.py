@@ -5,12 +5,14 @@ The best trial's values and the job's own values of the searched keys (the basel
 each run again on K seeds (``seed, seed + 1, ..., seed + K - 1``; the seed also draws the
 scenario's class order and data subset, so the spread includes them), as one Tune run of
 2K trials packed like the search's (no early stopping). Run dirs:
-``<tune_dir>/confirm/<job>-{best,baseline}-seed<s>/``; a rerun finds the finished ones (no
-task is retrained). When the search shares its first task, best and baseline of one seed
-share theirs too (one base per seed). A configuration the search already ran to its last
-task on the job's own seed (the best trial; the baseline where ``tune.start_with_job`` or
-the grid holds the job's values) is not run again: that trial's run dir is read instead,
-since the same config and seed train the same models.
+``<tune_dir>/confirm/<job>-{best-<values digest>,baseline}-seed<s>/``; a rerun finds the
+finished ones (no task is retrained), and a best of other values (a search resumed with
+more trials, ``--best`` another file) gets run dirs of its own. When the search shares its
+first task, best and baseline of one seed share theirs too (one base per seed). A
+configuration the search already ran to its last task on the job's own seed (the best
+trial; the baseline where ``tune.start_with_job`` or the grid holds the job's values) is not
+run again: that trial's run dir is read instead, since the same config and seed train the
+same models.
 
 Reported per objective metric (``tune.objectives``, or AC and AM): the mean and the spread
 (sample standard deviation over the seeds; 0 for one seed) of each configuration, and the
@@ -23,16 +25,18 @@ Test: ``.venv/bin/python -m pytest tests/test_tune.py -q -k confirm``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from distcl import storage
 from distcl.config import ConfigError, JobConfig, TuneConfig
+from distcl.storage import Loc
 from distcl.tune.space import base_dict
 
 
@@ -114,10 +118,15 @@ def _point_key(point: Mapping[str, Any]) -> str:
     return json.dumps({k: point[k] for k in sorted(point)}, default=str)
 
 
+def point_digest(point: Mapping[str, Any]) -> str:
+    """8 hex digits naming a configuration's values (its confirm run dirs)."""
+    return hashlib.sha256(_point_key(point).encode()).hexdigest()[:8]
+
+
 def finished_search_runs(
-    job: JobConfig, rows: Sequence[Mapping[str, Any]], params: Sequence[str], tune_dir: Path,
+    job: JobConfig, rows: Sequence[Mapping[str, Any]], params: Sequence[str], tune_dir: Loc,
     num_tasks: int,
-) -> dict[str, Path]:  # fmt: skip
+) -> dict[str, Loc]:  # fmt: skip
     """{point key: run dir} of the search's trials that finished every task."""
     from distcl.rundir import RunDir
 
@@ -134,7 +143,7 @@ def confirm_best(
     tc: TuneConfig,
     best: Mapping[str, Any] | None,
     k: int,
-    tune_dir: Path,
+    tune_dir: Loc,
     concurrency: int,
     log=print,
     searched: Mapping[str, Path] | None = None,
@@ -147,6 +156,7 @@ def confirm_best(
     from distcl.rundir import RunDir
     from distcl.tune.base import prepare_bases
     from distcl.tune.groups import ReleaseTrialGroups
+    from distcl.tune.search import tune_storage
     from distcl.tune.space import trial_job
     from distcl.tune.trial import score_tune
 
@@ -157,21 +167,24 @@ def confirm_best(
     seeds = [job.seed + i for i in range(k)]
     base = base_dict(job)
     root = tune_dir / "confirm"
-    run_dirs = {(v, s): root / f"{job.name}-{v}-seed{s}" for v in points for s in seeds}
+    # The baseline's values are the job's (a changed job is refused); the best's may change.
+    tags = {"best": f"best-{point_digest(points['best'])}", "baseline": "baseline"}
+    run_dirs = {(v, s): root / f"{job.name}-{tags[v]}-seed{s}" for v in points for s in seeds}
     for v in points:  # the search's own run of this config on the job's seed
         found = (searched or {}).get(_point_key(points[v]))
         if found is not None:
             run_dirs[(v, job.seed)] = found
             log(f"confirm: {v} on seed {job.seed} is the search's {found.name} (not run again)")
-    configs = [{"variant": v, "point": {**points[v], "seed": s}} for v in points for s in seeds
-               if run_dirs[(v, s)].parent == root]  # fmt: skip
+    configs = [{"variant": tags[v], "point": {**points[v], "seed": s}} for v in points
+               for s in seeds if run_dirs[(v, s)].parent == root]  # fmt: skip
     to_run = sorted({c["point"]["seed"] for c in configs})
     for s in to_run:  # shards before the trials (they would race to build them)
         build_shards(trial_job(base, {"seed": s}, f"{job.name}-probe", str(root)))
     shared, later = prepare_bases(job, tc, base, root, to_run, log)
     log(f"confirm: best and baseline on seeds {seeds} ({len(configs)} runs)")
     exp = tune_dir / "confirm-experiment"
-    shutil.rmtree(exp, ignore_errors=True)  # the runs on disk are what resumes
+    storage.delete_dir(exp)  # the runs on disk are what resumes
+    storage_path, storage_fs = tune_storage(tune_dir)
     results = [] if not configs else tune.Tuner(
         tune.with_resources(
             tune.with_parameters(_confirm_trial, base=base, trials_root=str(root),
@@ -182,7 +195,7 @@ def confirm_best(
         param_space={"cfg": tune.grid_search(configs)},
         tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, reuse_actors=False),
         run_config=tune.RunConfig(
-            name=exp.name, storage_path=str(tune_dir),
+            name=exp.name, storage_path=storage_path, storage_filesystem=storage_fs,
             failure_config=tune.FailureConfig(max_failures=tc.max_trial_failures),
             callbacks=[ReleaseTrialGroups(tune_dir / "groups")],
         ),
@@ -204,9 +217,12 @@ def confirm_best(
     if reused:
         text += "\nRead from the search's trials (same config and seed): " + "; ".join(reused)
         text += "\n"
-    (tune_dir / "confirm.md").write_text(text)
-    (tune_dir / "confirm.json").write_text(
-        json.dumps({"seeds": seeds, "points": points, "summary": summary}, indent=1, default=_plain)
+    storage.write_text(tune_dir / "confirm.md", text)
+    storage.write_text(
+        tune_dir / "confirm.json",
+        json.dumps(
+            {"seeds": seeds, "points": points, "summary": summary}, indent=1, default=_plain
+        ),
     )
     log("\n" + text)
     return {"seeds": seeds, "points": points, "summary": summary, "values": values,

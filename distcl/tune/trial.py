@@ -29,7 +29,6 @@ Test: ``.venv/bin/python -m pytest tests/test_tune.py -q``.
 from __future__ import annotations
 
 import functools
-import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -37,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from distcl import storage
 from distcl.config import JobConfig, TuneConfig
 from distcl.tune.scoring import _run_inputs, score_rows, tune_settings  # noqa: F401
 from distcl.tune.space import objective, trial_job
@@ -99,9 +99,10 @@ def score_run(
     from distcl.eval import compat
     from distcl.eval.evaluate import _load_eval_embeddings
 
-    run_dir = Path(run_dir)
-    job = parse_job(yaml.safe_load((run_dir / "job.yaml").read_text()), str(run_dir / "job.yaml"))
-    scenario = Scenario.from_json(json.loads((run_dir / "scenario.json").read_text()))
+    run_dir = storage.location(run_dir)
+    job_yaml = run_dir / "job.yaml"
+    job = parse_job(yaml.safe_load(storage.read_text(job_yaml)), str(job_yaml))
+    scenario = Scenario.from_json(storage.read_json(run_dir / "scenario.json"))
     _ids, labels, embs = _load_eval_embeddings(run_dir, tasks, job.eval.items_per_class, job.seed)
     masks = None
     if tc.protocol == "seen":
@@ -138,7 +139,7 @@ def score_tune(run_dir: str, t: int, *, tc: TuneConfig) -> dict:
     """``Run.train``'s ``score_fn`` in a trial: the tuning metrics after task t."""
     from distcl.tune.base import base_status
 
-    job, _ = _run_inputs(str(Path(run_dir).resolve()))
+    job, _ = _run_inputs(str(storage.location(run_dir).resolve()))
     rows = score_rows(run_dir, t, tc.protocol)
     return {**tune_metrics(rows, tc, job),
             "base": base_status(run_dir)}  # fmt: skip
@@ -183,9 +184,9 @@ def score_and_report(run_dir: str, t: int, *, tc: TuneConfig, link: TuneLink | N
 
 def _group_recorder(path: str):
     """A Ray Train worker-group callback (runs in the Train controller) that appends the id
-    of every placement group its worker groups get to ``path``: the search's driver removes
-    them when the trial ends (:class:`distcl.tune.groups.ReleaseTrialGroups`), with or
-    without Ray's State API."""
+    of every placement group its worker groups get to ``path`` (a file or an object; one
+    writer, the trial's controller): the search's driver removes them when the trial ends
+    (:class:`distcl.tune.groups.ReleaseTrialGroups`), with or without Ray's State API."""
     from ray.train.v2._internal.execution.callback import WorkerGroupCallback
 
     class PlacementGroupRecorder(WorkerGroupCallback):
@@ -193,9 +194,9 @@ def _group_recorder(path: str):
             try:
                 state = worker_group.get_worker_group_state()
                 pg = state.placement_group_handle.placement_group
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
-                with open(path, "a") as f:
-                    f.write(pg.id.hex() + "\n")
+                loc = storage.location(path)
+                old = storage.read_text(loc) if storage.is_file(loc) else ""
+                storage.write_text(loc, old + pg.id.hex() + "\n")
             except Exception as e:  # never fail a run for its bookkeeping
                 print(f"could not record the worker placement group: {e}", flush=True)
 
@@ -215,7 +216,7 @@ def run_trial(
     groups_dir: str | None = None,
 ) -> None:
     """The Tune function trainable: ``config`` holds the sampled values (dotted keys). The
-    confirm runs pass ``{"point": {key: value, "seed": s}, "variant": "best"}`` instead:
+    confirm runs pass ``{"point": {key: value, "seed": s}, "variant": "best-<digest>"}``:
     their run dirs are named ``<job>-<variant>-seed<s>`` (found again on a rerun)."""
     from ray import tune
 
@@ -233,7 +234,7 @@ def run_trial(
     callbacks = []
     if groups_dir:
         trial_id = tune.get_context().get_trial_id()
-        callbacks.append(_group_recorder(str(Path(groups_dir) / f"{trial_id}.txt")))
+        callbacks.append(_group_recorder(str(storage.join(groups_dir, f"{trial_id}.txt"))))
     with run.rd.lock():
         run.prepare()
         base_dir = (shared_base or {}).get(job.seed)
