@@ -22,10 +22,12 @@ directories: a "folder" is a key prefix that exists while an object lies under i
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any, NamedTuple
@@ -439,3 +441,53 @@ def walk_files(loc: str | os.PathLike | Uri) -> Iterator[Loc]:
     for i in sorted(infos, key=lambda i: i.path):
         if i.type == pafs.FileType.File:
             yield Uri(f"{loc.scheme}://{i.path}")
+
+
+def copy(src: str | os.PathLike | Uri, dst: str | os.PathLike | Uri) -> Loc:
+    """Copy one file, atomically at ``dst``: within one object store a server-side copy (no
+    bytes through this process); otherwise a streamed download/upload or a local copy to a
+    temp name and a rename."""
+    src, dst = location(src), location(dst)
+    if isinstance(src, Uri) and isinstance(dst, Uri) and src.scheme == dst.scheme:
+        fs, spath = filesystem(src)
+        _call(src, "copy", fs.copy_file, spath, dst.path)
+        return dst
+    with tempfile.TemporaryDirectory(prefix=TEMP_PREFIX) as tmp:
+        local = src if isinstance(src, Path) else Path(tmp) / "f"
+        if isinstance(src, Uri):
+            download(src, local)
+        if isinstance(dst, Uri):
+            upload(local, dst)
+        else:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            part = dst.parent / f"{TEMP_PREFIX}{dst.name}-{os.getpid()}"
+            shutil.copy2(local, part)
+            os.replace(part, dst)
+    return dst
+
+
+@contextlib.contextmanager
+def staged(loc: str | os.PathLike | Uri) -> Iterator[Path]:
+    """A local folder to write into for a tool that needs local paths (matplotlib, csv):
+    ``loc`` itself when local, else a temp folder whose files are uploaded into ``loc``
+    (each an atomic object) when the block ends without an error."""
+    loc = location(loc)
+    if isinstance(loc, Path):
+        loc.mkdir(parents=True, exist_ok=True)
+        yield loc
+        return
+    with tempfile.TemporaryDirectory(prefix=TEMP_PREFIX) as tmp:
+        yield Path(tmp)
+        for f in sorted(Path(tmp).rglob("*")):
+            if f.is_file():
+                upload(f, join(loc, *f.relative_to(tmp).parts))
+
+
+def relative(loc: str | os.PathLike | Uri, root: str | os.PathLike | Uri) -> str:
+    """``loc``'s path below ``root`` ('a/b.txt'); ValueError if it is not below it."""
+    loc, root = location(loc), location(root)
+    if isinstance(loc, Path) and isinstance(root, Path) and loc.is_relative_to(root):
+        return loc.relative_to(root).as_posix()
+    if isinstance(loc, Uri) and isinstance(root, Uri) and loc.path.startswith(root.path + "/"):
+        return loc.path[len(root.path) + 1 :]
+    raise ValueError(f"{loc} is not below {root}")

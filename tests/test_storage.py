@@ -68,6 +68,36 @@ def test_put_get_list_delete(where, tmp_path, request):
     assert pq.read_table(path, filesystem=fs)["x"].to_pylist() == [1, 2]
 
 
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_copy_staged_and_relative(where, tmp_path, request):
+    """What tuning on any storage uses: copies (server-side within a bucket, and across
+    local and bucket), a local folder staged into the location, paths below a root."""
+    s3 = request.getfixturevalue("s3") if where == "s3" else None
+    root = tmp_path / "root" if s3 is None else storage.location(s3.prefix("copy"))
+    src = storage.write_bytes(root / "a" / "x.bin", b"abc" * 1000)
+    for dst in (root / "b" / "x.bin", tmp_path / "local" / "x.bin"):
+        storage.copy(src, dst)
+        assert storage.read_bytes(dst) == b"abc" * 1000
+    storage.copy(tmp_path / "local" / "x.bin", root / "c" / "x.bin")  # local -> root
+    assert storage.read_bytes(root / "c" / "x.bin") == b"abc" * 1000
+    assert storage.relative(root / "c" / "x.bin", root) == "c/x.bin"
+    with pytest.raises(ValueError, match="not below"):
+        storage.relative(root / "c", root / "a")
+    with storage.staged(root / "out") as local:
+        assert isinstance(local, Path)
+        (local / "t.md").write_text("table")
+        (local / "sub").mkdir()
+        (local / "sub" / "p.png").write_bytes(b"png")
+    assert storage.read_text(root / "out" / "t.md") == "table"
+    assert storage.read_bytes(root / "out" / "sub" / "p.png") == b"png"
+    with pytest.raises(RuntimeError), storage.staged(root / "failed") as local:
+        (local / "half.md").write_text("half")
+        raise RuntimeError("a plot failed")
+    if s3 is not None:  # an error uploads nothing (a local folder keeps what was written)
+        assert not storage.exists(root / "failed" / "half.md")
+    assert not list(tmp_path.rglob("s3:*"))
+
+
 def test_an_object_is_written_only_when_complete(s3, tmp_path):
     """An upload publishes a finished file whole; a source that cannot be read publishes
     nothing and the previous object stays."""

@@ -7,9 +7,11 @@ whether the search can share it; the search then trains task 0 once in
 ``<tune_dir>/trials/<job>-base[-seed<s>]/`` (:func:`train_base`) and every trial adopts it
 before its own Train run (:func:`adopt_base`): ``models/0`` (with ``done.json``),
 ``eval/embeddings/model=0``, ``gallery/model=0``, ``eval/rows/0.json`` and the memory files
-are hard-linked (copied across file systems) into the trial's run dir. The base's files are
-made read-only and are never written again (every later write in a run dir replaces a file
-by rename, which never touches a linked inode).
+are hard-linked (copied across file systems; on an object store, copied server-side) into
+the trial's run dir. The base's files are made read-only and are never written again (every
+later write in a run dir replaces a file by rename, which never touches a linked inode; an
+object store replaces whole objects). A copied object has a new mtime, so a trial on an
+object store scores its row 0 again (one pair of models, from the copied embeddings).
 
 Verified before a trial adopts the base (``base.json`` beside it): the trial's task-0 key
 (every training field, minus the later-only keys of the space, plus what the method needs
@@ -43,8 +45,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from distcl import storage
 from distcl.config import ConfigError, JobConfig, SearchSpace, TuneConfig, to_dict
 from distcl.data.shardio import sha256_file
+from distcl.storage import Loc, Uri
 
 #: Method params that act only when an old model / old classes exist (from task 1 on).
 LATER_PARAMS: dict[str, frozenset[str]] = {
@@ -128,14 +132,14 @@ def base_job(job_base: Mapping[str, Any], trials_root: str, name: str, seed: int
     return trial_job(job_base, params, name, trials_root)
 
 
-def _files(root: Path) -> list[Path]:
+def _files(root: Loc) -> list[Loc]:
     out = []
     for rel in BASE_PATHS:
         p = root / rel
-        if p.is_file():
+        if storage.is_file(p):
             out.append(p)
-        elif p.is_dir():
-            out += sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+        else:  # a folder (or nothing)
+            out += [f for f in storage.walk_files(p) if not f.name.startswith(".")]
     return out
 
 
@@ -154,8 +158,8 @@ def train_base(job: JobConfig, later_keys: list[str], protocol: str = "seen", lo
     key = task0_key(job, later_keys)
     with run.rd.lock():
         scenario = run.prepare()
-        if marker.is_file():
-            info = json.loads(marker.read_text())
+        if storage.is_file(marker):
+            info = storage.read_json(marker)
             if info.get("key") == key and info.get("scenario") == scenario.digest():
                 return run.dir
         if not run.rd.done(0):
@@ -165,15 +169,15 @@ def train_base(job: JobConfig, later_keys: list[str], protocol: str = "seen", lo
             finally:
                 _stop_actors(run)
         score_rows(run.dir, 0, protocol)  # eval/rows/0.json, so trials do not recompute it
-        meta = json.loads((run.rd.model(0) / "meta.json").read_text())
-        files = {str(p.relative_to(run.dir)): {"size": p.stat().st_size, "sha256": sha256_file(p)}
+        meta = storage.read_json(run.rd.model(0) / "meta.json")
+        files = {storage.relative(p, run.dir): {"size": storage.size(p), "sha256": sha256_file(p)}
                  for p in _files(run.dir)}  # fmt: skip
-        for rel in files:  # read-only: an in-place write through a link would fail loudly
-            p = run.dir / rel
+        for rel in files if isinstance(run.dir, Path) else ():
+            p = run.dir / rel  # read-only: an in-place write through a link would fail loudly
             p.chmod(p.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
         info = {"key": key, "scenario": scenario.digest(), "signature": meta["signature"],
                 "job": job.name, "files": files}  # fmt: skip
-        marker.write_text(json.dumps(info, indent=1, sort_keys=True))
+        storage.write_text(marker, json.dumps(info, indent=1, sort_keys=True))
     return run.dir
 
 
@@ -190,7 +194,10 @@ def _stop_actors(run) -> None:
     run._memory = None
 
 
-def _link(src: Path, dst: Path) -> None:
+def _link(src: Loc, dst: Loc) -> None:
+    if isinstance(src, Uri) or isinstance(dst, Uri):
+        storage.copy(src, dst)
+        return
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.parent / f".tmp-{dst.name}-{os.getpid()}"
     tmp.unlink(missing_ok=True)
@@ -207,42 +214,41 @@ def adopt_base(base_dir: str | Path, run, later_keys: list[str]) -> str:
     from distcl.models.embedding import model_signature
     from distcl.train.modeling import build_model
 
-    base_dir = Path(base_dir)
+    base_dir = storage.location(base_dir)
     path = base_dir / MARKER
-    if not path.is_file():
+    if not storage.is_file(path):
         return "own: no finished base"
-    info = json.loads(path.read_text())
+    info = storage.read_json(path)
     if info["key"] != task0_key(run.job, later_keys):
         return "own: task-0 fields differ from the base"
     if info["scenario"] != run.scenario.digest():
         return "own: another scenario"
-    meta = json.loads((base_dir / "models" / "0" / "meta.json").read_text())
+    meta = storage.read_json(base_dir / "models" / "0" / "meta.json")
     sig = model_signature(build_model(run.job, run.num_classes, run.in_channels))
     if meta.get("scenario") != info["scenario"] or meta.get("signature") != sig:
         return "own: model 0 of the base has another architecture or scenario"
     for rel, want in info["files"].items():
-        src = base_dir / rel
-        same = src.is_file() and src.stat().st_size == want["size"]
-        if not same or sha256_file(src) != want["sha256"]:
+        src = storage.stat(base_dir / rel)
+        same = src is not None and not src.is_dir and src.size == want["size"]
+        if not same or sha256_file(base_dir / rel) != want["sha256"]:
             return f"own: {rel} of the base changed since it was trained"
     # done.json last: until it is in place the trial's task 0 does not count as finished.
     rels = sorted(info["files"], key=lambda r: r.endswith("models/0/done.json"))
     for rel in rels:
         _link(base_dir / rel, run.dir / rel)
-    (run.dir / MARKER).write_text(json.dumps({"base": str(base_dir), "job": info["job"]}))
+    storage.write_json(run.dir / MARKER, {"base": str(base_dir), "job": info["job"]})
     return "shared"
 
 
-def base_status(run_dir: str | Path) -> str:
+def base_status(run_dir: str | Path | Uri) -> str:
     """`shared` when a run dir's task 0 came from a base, `own` otherwise."""
-    path = Path(run_dir) / MARKER
     try:
-        return "shared" if "base" in json.loads(path.read_text()) else "own"
+        return "shared" if "base" in storage.read_json(storage.join(run_dir, MARKER)) else "own"
     except (OSError, ValueError):
         return "own"
 
 
-def prepare_bases(job: JobConfig, tc: TuneConfig, base: dict, trials_root: Path,
+def prepare_bases(job: JobConfig, tc: TuneConfig, base: dict, trials_root: Loc,
                    seeds: list[int], log) -> tuple[dict[int, str], list[str]]:  # fmt: skip
     """Train the shared first task once per seed when the search allows it (else nothing):
     ({seed: base run dir}, the later-only keys)."""

@@ -13,6 +13,9 @@ from pathlib import Path
 
 from ray.tune import Callback
 
+from distcl import storage
+from distcl.storage import Uri
+
 
 class ReleaseTrialGroups(Callback):
     """A Tune callback (in the search's driver) that removes the Train placement groups of
@@ -21,9 +24,9 @@ class ReleaseTrialGroups(Callback):
     trial is watched for ``linger_s`` more (a dying Train controller may still start a
     group), then dropped. Needs only the GCS (no State API, no dashboard)."""
 
-    def __init__(self, groups_dir: str | Path, linger_s: float = 120.0,
+    def __init__(self, groups_dir: str | Path | Uri, linger_s: float = 120.0,
                  orphan_s: float = 180.0, sweep_every_s: float = 10.0):  # fmt: skip
-        self.groups_dir = Path(groups_dir)
+        self.groups_dir = storage.location(groups_dir)  # a folder or an object prefix
         self.linger_s = linger_s
         self.orphan_s, self.sweep_every_s = orphan_s, sweep_every_s
         self.ended: dict[str, float] = {}
@@ -48,9 +51,8 @@ class ReleaseTrialGroups(Callback):
 
         now = time.monotonic() if now is None else now
         job = ray.get_runtime_context().get_job_id()
-        recorded = {
-            pg for f in self.groups_dir.glob("*.txt") for pg in f.read_text().split()
-        } if self.groups_dir.is_dir() else set()  # fmt: skip
+        recorded = {pg for e in storage.listdir(self.groups_dir) if e.name.endswith(".txt")
+                    for pg in storage.read_text(self.groups_dir / e.name).split()}  # fmt: skip
         avail, total = ray.available_resources(), ray.cluster_resources()
         removed = []
         for pg_id, info in ray.util.placement_group_table().items():
@@ -85,10 +87,10 @@ class ReleaseTrialGroups(Callback):
         import ray
 
         path = self.groups_dir / f"{trial_id}.txt"
-        if not path.is_file():
+        if not storage.is_file(path):
             return
         table = ray.util.placement_group_table()
-        for pg_id in dict.fromkeys(path.read_text().split()):
+        for pg_id in dict.fromkeys(storage.read_text(path).split()):
             if table.get(pg_id, {}).get("state", "REMOVED") == "REMOVED":
                 continue
             self._remove(pg_id)

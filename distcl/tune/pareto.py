@@ -97,27 +97,36 @@ def keep_at_rung(point: Sequence[float], recorded: Sequence[Sequence[float]], rf
 
 
 def reported_results(trial: Any, time_attr: str, metrics: Sequence[str]) -> Iterator[tuple]:
-    """(time, (m1, m2, ...)) of every result a restored trial reported (Tune's result.json)."""
+    """(time, (m1, m2, ...)) of every result a restored trial reported (Tune's result.json,
+    read where the experiment is stored: a folder or an object store)."""
     if not getattr(trial, "has_reported_at_least_once", False):
         return
-    for attr in ("path", "local_path"):
+    for line in _result_json(trial).splitlines():
         try:
-            path = Path(getattr(trial, attr)) / "result.json"
-        except (RuntimeError, TypeError):
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a kill
             continue
-        if not path.is_file():
-            continue
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # a line cut by a kill
-                continue
-            values = [row.get(m) for m in metrics]
-            if row.get(time_attr) is not None and all(
-                v is not None and not math.isnan(v) for v in values
-            ):
-                yield row[time_attr], tuple(values)
-        return
+        values = [row.get(m) for m in metrics]
+        if row.get(time_attr) is not None and all(
+            v is not None and not math.isnan(v) for v in values
+        ):
+            yield row[time_attr], tuple(values)
+
+
+def _result_json(trial: Any) -> str:
+    """The text of the trial's result.json: from the experiment's storage, else the driver's
+    staging folder ("" when neither has one)."""
+    try:
+        fs, path = trial.storage.storage_filesystem, f"{trial.path}/result.json"
+        with fs.open_input_stream(path) as f:
+            return f.read().decode()
+    except (AttributeError, RuntimeError, TypeError, OSError):  # no storage, no file
+        pass
+    try:
+        local = Path(trial.local_path) / "result.json"
+    except (RuntimeError, TypeError):
+        return ""
+    return local.read_text() if local.is_file() else ""
 
 
 def asha_milestones(max_t: int, grace: int, rf: int) -> list[int]:

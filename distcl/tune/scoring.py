@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 from pathlib import Path
 
+from distcl import storage
 from distcl.config import JobConfig
 
 
@@ -21,9 +21,9 @@ def _run_inputs(run_dir: str):
     from distcl.config import parse_job
     from distcl.data.scenario import Scenario
 
-    root = Path(run_dir)
-    job = parse_job(yaml.safe_load((root / "job.yaml").read_text()), str(root / "job.yaml"))
-    scenario = Scenario.from_json(json.loads((root / "scenario.json").read_text()))
+    root = storage.location(run_dir)
+    job = parse_job(yaml.safe_load(storage.read_text(root / "job.yaml")), str(root / "job.yaml"))
+    scenario = Scenario.from_json(storage.read_json(root / "scenario.json"))
     return job, scenario
 
 
@@ -42,6 +42,6 @@ def score_rows(run_dir: str | Path, t: int, protocol: str = "seen") -> list[dict
     """Rows 0..t of the run's matrices (``eval/rows/<i>.json``: computed once, then read)."""
     from distcl.eval.evaluate import score_task
 
-    job, scenario = _run_inputs(str(Path(run_dir).resolve()))
+    job, scenario = _run_inputs(str(storage.location(run_dir).resolve()))
     settings = tune_settings(job, protocol)
     return [score_task(run_dir, job, scenario, i, settings=settings) for i in range(t + 1)]

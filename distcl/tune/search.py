@@ -20,11 +20,13 @@ search ranks the trials at a rung by non-dominated fronts, ``distcl.tune.pareto`
 tuned key acts on the first task, the first task is trained once for the whole search and
 every trial starts from it (``distcl.tune.base``).
 
-Everything lives in ``<output.root>/<job>-tune/``: ``tune_job.yaml`` (the job the folder
+Everything lives in ``<output.root>/<job>-tune/`` (a folder every node mounts, or an
+object-store prefix: Tune's state through its ``storage_filesystem``): ``tune_job.yaml`` (the job the folder
 belongs to), ``experiment/`` (Tune's state), ``trials/<job>-trial-<id>/`` (normal run dirs),
 ``trials/<job>-base/`` (the shared first task), ``trials.csv``, ``trials.md``,
 ``objective_vs_<param>.png`` (or ``pareto.png``), ``best.yaml`` and, with ``--confirm``,
-``confirm.md``/``confirm.json`` and ``confirm/`` (run dirs ``<job>-{best,baseline}-seed<s>``).
+``confirm.md``/``confirm.json`` and ``confirm/`` (run dirs ``<job>-best-<digest>-seed<s>``,
+``<job>-baseline-seed<s>``).
 
 Resources: a trial holds ``tune.driver_cpus`` (Tune refuses 0) plus, while it trains,
 ``workers * cpus_per_worker`` CPUs (fractions allowed: pack small models) and one GPU per
@@ -53,6 +55,7 @@ from ray.tune.schedulers import ASHAScheduler
 
 from distcl import storage
 from distcl.config import ConfigError, JobConfig, TuneConfig, dump_job, parse_job, to_dict
+from distcl.storage import Loc, Uri
 from distcl.tune.base import prepare_bases
 from distcl.tune.groups import ReleaseTrialGroups
 from distcl.tune.pareto import reported_results
@@ -124,22 +127,39 @@ def _searched(raw: dict) -> dict:
     return {**raw, "tune": tune}
 
 
-def _check_same_tuning(job: JobConfig, tune_dir: Path) -> None:
+def tune_storage(folder: Loc) -> tuple[str, Any]:
+    """(path, pyarrow file system or None) of a folder, as Tune's ``storage_path`` /
+    ``storage_filesystem`` and ``Tuner.restore`` take them."""
+    if isinstance(folder, Uri):
+        fs, path = storage.filesystem(folder)
+        return path, fs
+    return str(folder), None
+
+
+def _can_restore(exp_dir: Loc) -> bool:
+    from ray import tune
+
+    path, fs = tune_storage(exp_dir)
+    return tune.Tuner.can_restore(path, storage_filesystem=fs)
+
+
+def _check_same_tuning(job: JobConfig, tune_dir: Loc) -> None:
     """A tuning folder belongs to one job: restoring it under a changed job would mix
     trials of two searches (Tune restores its old space, the trials would get the new base)."""
     path = tune_dir / "tune_job.yaml"
     mine = _searched(to_dict(job))
-    if path.is_file() and (tune_dir / "experiment").exists():
+    if storage.is_file(path) and storage.exists(tune_dir / "experiment"):
         import yaml
 
-        theirs = _searched(to_dict(parse_job(yaml.safe_load(path.read_text()), str(path))))
+        raw = yaml.safe_load(storage.read_text(path))
+        theirs = _searched(to_dict(parse_job(raw, str(path))))
         diff = [k for k in mine if mine[k] != theirs.get(k)]
         if diff:
             raise ConfigError(
                 f"{tune_dir}: holds a tuning run of a different job (fields differ: "
                 f"{', '.join(diff)}); delete it or rename the job"
             )
-    path.write_text(dump_job(job))
+    storage.write_text(path, dump_job(job))
 
 
 def _warn_few_probes(job: JobConfig, tc: TuneConfig, scenario, log, floor: int = 50) -> None:
@@ -214,15 +234,10 @@ def tune_job(
     tc: TuneConfig = validate_tune(job)
     if tc.objectives:
         pick_weights(tc.pick, tc.objectives)  # a bad --pick fails before anything runs
-    if storage.is_uri(job.output.root):
-        raise ConfigError(
-            f"output.root: {job.output.root} is an object store; distcl tune keeps its search "
-            "state, trial run dirs and shared base task on a file system every node mounts "
-            "(NFS, an RWX volume: cluster/README.md). Object-store URIs work for distcl run "
-            "and for data.shards_dir, which tune reads too"
-        )
-    tune_dir = Path(job.output.root).resolve() / f"{job.name}-tune"
-    tune_dir.mkdir(parents=True, exist_ok=True)
+    # A folder every node mounts, or an object-store prefix: Tune's state, the trials' run
+    # dirs, the shared base and the tables all live under it.
+    tune_dir = storage.location(job.output.root).resolve() / f"{job.name}-tune"
+    storage.makedirs(tune_dir)
     _check_same_tuning(job, tune_dir)
     init_ray(num_cpus=num_cpus)
 
@@ -238,9 +253,11 @@ def tune_job(
     if report_only:
         trainable = tune.with_parameters(run_trial, base=base, trials_root=str(trials_root),
                                          job_name=job.name, tc=tc)  # fmt: skip
-        if not tune.Tuner.can_restore(str(exp_dir)):
+        if not _can_restore(exp_dir):
             raise ValueError(f"{exp_dir}: no tuning run to report on; run `distcl tune` first")
-        grid = tune.Tuner.restore(str(exp_dir), trainable=trainable).get_results()
+        path, fs = tune_storage(exp_dir)
+        grid = tune.Tuner.restore(path, trainable=trainable,
+                                  storage_filesystem=fs).get_results()  # fmt: skip
         return _write_results(job, tc, grid, num_tasks, tune_dir, log, partial=True)
 
     concurrency, _ = _cluster_concurrency(tc, probe, log)
@@ -262,9 +279,11 @@ def tune_job(
                              later_keys=later, groups_dir=str(tune_dir / "groups")),
         tune.PlacementGroupFactory([{"CPU": tc.driver_cpus}]),
     )  # fmt: skip
-    if tune.Tuner.can_restore(str(exp_dir)):
+    if _can_restore(exp_dir):
         log(f"resuming the tuning run in {exp_dir}")
-        tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=True)
+        path, fs = tune_storage(exp_dir)
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True,
+                                   storage_filesystem=fs)  # fmt: skip
     else:
         points = [job_point(job)] if tc.start_with_job else None
         if points:
@@ -317,7 +336,8 @@ def tune_job(
                 trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
             ),
             run_config=tune.RunConfig(
-                name=exp_dir.name, storage_path=str(tune_dir),
+                name=exp_dir.name, storage_path=tune_storage(tune_dir)[0],
+                storage_filesystem=tune_storage(tune_dir)[1],
                 failure_config=tune.FailureConfig(max_failures=tc.max_trial_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                 callbacks=[ReleaseTrialGroups(tune_dir / "groups")],
@@ -367,11 +387,15 @@ def _write_results(job, tc, grid, num_tasks, tune_dir, log, partial=False) -> di
                 row["trial"] = f"{row['trial']} (job values)"
     if len(tc.objectives) > 1:
         mark_front(rows, tc.objectives, tc.pick)
-    text = write_table(rows, params, tune_dir, tc.objectives)
-    log_params = [p for p, s in tc.space.items() if s.type == "loguniform"]
-    plot_objective(rows, params, log_params, tune_dir)
-    if len(tc.objectives) >= 2:
-        plot_pareto(rows, tc.objectives, tune_dir)
+    best = best_row(rows, tc.objectives, tc.pick)
+    with storage.staged(tune_dir) as local:  # tune_dir itself, or uploaded there after
+        text = write_table(rows, params, local, tc.objectives)
+        log_params = [p for p, s in tc.space.items() if s.type == "loguniform"]
+        plot_objective(rows, params, log_params, local)
+        if len(tc.objectives) >= 2:
+            plot_pareto(rows, tc.objectives, local)
+        if best is not None:
+            best_name = write_best(job, best, params, local).name
     what = (
         f"objectives {', '.join(tc.objectives)} (Pareto)"
         if len(tc.objectives) > 1
@@ -379,13 +403,12 @@ def _write_results(job, tc, grid, num_tasks, tune_dir, log, partial=False) -> di
     )
     log(f"\n{job.name}: {len(rows)} trials, {what} on {job.eval.metric} "
         f"(protocol '{tc.protocol}'), {num_tasks} tasks\n{text}")  # fmt: skip
-    best = best_row(rows, tc.objectives, tc.pick)
     out = {"tune_dir": str(tune_dir), "rows": rows, "best": best, "best_job": None,
            "confirm": None}  # fmt: skip
     if best is None:
         raise ValueError(
             f"all {len(rows)} trials failed before a report; see {tune_dir / 'trials.md'}"
         )
-    out["best_job"] = str(write_best(job, best, params, tune_dir))
+    out["best_job"] = str(tune_dir / best_name)
     log(f"best: trial {best['trial']} objective {best['objective']:.4f} -> {out['best_job']}")
     return out
