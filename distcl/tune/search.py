@@ -21,9 +21,10 @@ tuned key acts on the first task, the first task is trained once for the whole s
 every trial starts from it (``distcl.tune.base``).
 
 Everything lives in ``<output.root>/<job>-tune/`` (a folder every node mounts, or an
-object-store prefix: Tune's state through its ``storage_filesystem``): ``tune_job.yaml`` (the job the folder
-belongs to), ``experiment/`` (Tune's state), ``trials/<job>-trial-<id>/`` (normal run dirs),
-``trials/<job>-base/`` (the shared first task), ``trials.csv``, ``trials.md``,
+object-store prefix: Tune's state through its ``storage_filesystem``): ``tune_job.yaml``
+(the job the folder belongs to), ``experiment/`` (Tune's state), ``trials/<job>-trial-<id>/``
+(normal run dirs), ``trials/<job>-base/`` (the shared first task), ``groups/`` (the trials'
+placement groups), ``trials.csv``, ``trials.md``,
 ``objective_vs_<param>.png`` (or ``pareto.png``), ``best.yaml`` and, with ``--confirm``,
 ``confirm.md``/``confirm.json`` and ``confirm/`` (run dirs ``<job>-best-<digest>-seed<s>``,
 ``<job>-baseline-seed<s>``).
