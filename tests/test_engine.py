@@ -289,3 +289,28 @@ def test_bct_upgrades_backbone_against_an_external_old_model(finetune_run, synth
     hist = json.loads((job.run_dir / "models" / "0" / "history.json").read_text())
     assert meta["signature"]["backbone"] == "resnet18"
     assert "loss/influence" in hist[-1]  # the resnet32 classifier judged resnet18 embeddings
+
+
+def test_bench_sequence_runs_a_job_in_both_shapes(tmp_path, synthetic_raw_job):
+    """``distcl bench sequence --job FILE`` end to end on a 2-task job (no timing
+    assertions: the test checks that it runs and that its figures add up)."""
+    import yaml
+
+    from distcl.bench.sequence import format_sequence_bench, run_sequence_bench
+
+    raw = synthetic_raw_job(
+        tmp_path, name="seq", **{**TINY, "train": {**TINY["train"], "workers": 1}}
+    )
+    path = tmp_path / "seq.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    r = run_sequence_bench(job_file=str(path), log=lambda *a: None)
+    assert (r["tasks"], r["workers"], r["job"]) == (2, 1, str(path))
+    for shape in ("per_task", "one_run"):
+        s = r[shape]
+        assert s["wall_s"] > s["train_s"] > 0
+        assert s["overhead_per_task_s"] == pytest.approx((s["wall_s"] - s["train_s"]) / 2)
+    assert len(r["one_run"]["end_task_vs_train"]) == 2
+    assert r["wall_ratio_one_run_vs_per_task"] == pytest.approx(
+        r["one_run"]["wall_s"] / r["per_task"]["wall_s"])  # fmt: skip
+    assert "end-of-task / training time per task" in format_sequence_bench(r)
+    assert not list(tmp_path.glob("runs/seq*"))  # the bench's runs live in its temp folder

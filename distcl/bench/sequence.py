@@ -14,6 +14,10 @@ the per-task ``train_s + end_task_s`` of the one run). Also the overhead as a fr
 a task's training time.
 
 Run: ``distcl bench sequence [--tasks 20] [--workers 2]`` (minutes: the old shape is slow).
+``--job FILE`` runs a real job (its data, model, method and workers; ``--tasks`` and
+``--workers`` are then the job's) in both shapes instead, e.g. the quickstart: the old
+shape's wall time against the new one's, and each task's end-of-task time as a fraction
+of its training time.
 """
 
 from __future__ import annotations
@@ -25,10 +29,15 @@ import time
 
 import numpy as np
 
-from distcl.config import parse_job
+from distcl.config import load_job, parse_job, to_dict
 
 
-def _job(root: str, name: str, tasks: int, workers: int):
+def _job(root: str, name: str, tasks: int, workers: int, job_file: str | None = None):
+    if job_file:  # a real job, renamed per shape, under the benchmark's temp root
+        raw = to_dict(load_job(job_file))
+        raw.pop("tune", None)
+        raw.update(name=name, output={**raw["output"], "root": root})
+        return parse_job(raw, job_file)
     raw = {
         "name": name, "seed": 0,
         "data": {"source": "synthetic", "synthetic_classes": tasks,
@@ -51,16 +60,20 @@ def _train_s(run) -> list[float]:
     ]
 
 
-def run_sequence_bench(tasks: int = 20, workers: int = 2, log=print) -> dict:
+def run_sequence_bench(tasks: int = 20, workers: int = 2, log=print,
+                       job_file: str | None = None) -> dict:  # fmt: skip
     from distcl.train.driver import Run, init_ray
 
     init_ray(num_cpus=max(2, workers))
-    out = {"tasks": tasks, "workers": workers}
+    out = {"tasks": tasks, "workers": workers, "job": job_file or "synthetic"}
     with tempfile.TemporaryDirectory() as root:
         for shape in ("per_task", "one_run"):
-            run = Run(_job(root, shape, tasks, workers), progress=False, log=lambda *a: None)
+            job = _job(root, shape, tasks, workers, job_file)
+            run = Run(job, progress=False, log=lambda *a: None)
             run.prepare()
-            walls = []
+            tasks = out["tasks"] = run.scenario.num_tasks
+            out["workers"] = job.train.workers
+            walls, ends = [], []
             t0 = time.perf_counter()
             if shape == "per_task":
                 for t in range(tasks):
@@ -70,6 +83,7 @@ def run_sequence_bench(tasks: int = 20, workers: int = 2, log=print) -> dict:
             else:
                 timings = run.train()["tasks"]
                 walls = [timings[t]["train_s"] + timings[t]["end_task_s"] for t in range(tasks)]
+                ends = [timings[t]["end_task_s"] / timings[t]["train_s"] for t in range(tasks)]
             wall = time.perf_counter() - t0
             train = _train_s(run)
             per_task = [w - s for w, s in zip(walls, train, strict=True)]  # overhead per task
@@ -81,13 +95,15 @@ def run_sequence_bench(tasks: int = 20, workers: int = 2, log=print) -> dict:
                 "in_task_overhead_first_half_s": float(np.mean(per_task[:half])),
                 "in_task_overhead_last_half_s": float(np.mean(per_task[half:])),
             }  # fmt: skip
+            if ends:  # the one run: each task's end-of-task work against its training
+                out[shape]["end_task_vs_train"] = ends
             log(f"{shape}: {json.dumps(out[shape])}")
     out["wall_ratio_one_run_vs_per_task"] = out["one_run"]["wall_s"] / out["per_task"]["wall_s"]
     return out
 
 
 def format_sequence_bench(r: dict) -> str:
-    lines = [f"distcl bench sequence ({r['tasks']} tasks, {r['workers']} workers)"]
+    lines = [f"distcl bench sequence ({r['job']}: {r['tasks']} tasks, {r['workers']} workers)"]
     for shape, title in (("per_task", "one Train run per task"), ("one_run", "one Train run")):
         s = r[shape]
         lines.append(
@@ -97,6 +113,9 @@ def format_sequence_bench(r: dict) -> str:
             f"{s['in_task_overhead_first_half_s']:.2f} s (first half) -> "
             f"{s['in_task_overhead_last_half_s']:.2f} s (last half)"
         )
+    if "end_task_vs_train" in r["one_run"]:
+        fr = " ".join(f"{100 * x:.0f}" for x in r["one_run"]["end_task_vs_train"])
+        lines.append(f"  one run, end-of-task / training time per task (%): {fr}")
     lines.append(f"  wall, one run / per-task runs: {r['wall_ratio_one_run_vs_per_task']:.3f}")
     return "\n".join(lines)
 
@@ -105,7 +124,9 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="distcl bench sequence", description=__doc__)
     p.add_argument("--tasks", type=int, default=20)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--job", metavar="FILE", help="a real job instead of the synthetic sequence")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
-    r = run_sequence_bench(a.tasks, a.workers, log=lambda *x: None if a.json else print(*x))
+    r = run_sequence_bench(a.tasks, a.workers, log=lambda *x: None if a.json else print(*x),
+                           job_file=a.job)  # fmt: skip
     print(json.dumps(r, indent=1) if a.json else format_sequence_bench(r))
