@@ -83,6 +83,42 @@ def test_ray_tasks_equal_the_in_process_engine(local_ray, openrun, kw):
         assert _strip(whole.rows(list(range(T)))) == here
 
 
+def _ann_free(rows: dict) -> dict:
+    """Rows without the ANN recall entries (what a flat search does not report)."""
+    for row in rows.values():
+        for entry in [p.get("values", {}) for p in row["protocols"].values()] + [row["stale"]]:
+            for key in [k for k in entry or {} if k.startswith("ann_recall")]:
+                del entry[key]
+    return rows
+
+
+@pytest.mark.ray
+def test_ivf_galleries_are_sharded_and_their_recall_is_computed_at_the_merge(local_ray, openrun):
+    """IVF over 4 shards of 25 rows: each shard trains its own index (1 list here, so each
+    shard's search is exhaustive): the merged lists equal sharded flat search exactly, the
+    recall from the merged lists against the merged exact ones is 1, and Ray tasks give
+    the in-process numbers. One shard (no shard_rows) is the unsharded IVF search."""
+    job, run, scen, *_ = openrun
+    kw = {"exact_map": False, "shard_rows": 20, "block_rows": 7}
+    ivf = Engine(run, _settings(job, index="ivf", **kw), scen)
+    rows, cells = ivf.cells(list(range(T)))
+    assert [len(ivf.shards(c)) for c in cells][:T] == [4] * T
+    here = _strip(ivf.rows(list(range(T))))
+    recalls = [r for row in here.values() for p in row["protocols"].values()
+               for k, v in p.get("values", {}).items() if k.startswith("ann_recall")
+               for r in v if r is not None]  # fmt: skip
+    recalls += [v for row in here.values() for k, v in row["stale"].items()
+                if k.startswith("ann_recall")]  # fmt: skip
+    assert recalls and all(r == 1.0 for r in recalls)
+    flat = _strip(Engine(run, _settings(job, **kw), scen).rows(list(range(T))))
+    assert json.dumps(_ann_free(json.loads(json.dumps(here))), sort_keys=True) == json.dumps(
+        flat, sort_keys=True)  # fmt: skip
+    assert _strip(dist.ray_rows(run, _settings(job, index="ivf", **kw), scen,
+                                list(range(T)))) == here  # fmt: skip
+    one = Engine(run, _settings(job, index="ivf", exact_map=False), scen)
+    assert [len(one.shards(c)) for c in one.cells(list(range(T)))[1]] == [1] * (2 * T)
+
+
 @pytest.mark.ray
 def test_eval_use_gpu_yes_on_a_cluster_without_gpus_names_the_field(local_ray, openrun):
     job, run, scen, *_ = openrun

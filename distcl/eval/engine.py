@@ -26,7 +26,11 @@ template sums and exact metrics, never embeddings; ``finish`` merges the shards'
 (``faiss.ResultHeap``, in read order) and returns the rows' metric entries. ``rows`` runs the
 cells in this process; ``distcl.eval.distributed`` runs the same scans and finishes as Ray
 tasks on the cluster's worker nodes (one task per shard, one per cell), so both give the same
-numbers. A target ranked in full (exact mAP) or searched with IVF (-PQ) is one shard.
+numbers. A target ranked in full (exact mAP) is one shard. With IVF (-PQ) each shard trains
+its own index on a seeded sample of its rows (an index per shard, as faiss's IndexShards
+holds them); the ANN recall is computed at the merge, from the shards' merged lists against
+their merged exact lists of the same sampled queries. One shard gives what an unsharded
+search gives.
 
 Test: ``.venv/bin/python -m pytest tests/test_eval_engine.py -q``
 """
@@ -213,8 +217,9 @@ class Partial:
     models: list[int]
     sums: np.ndarray | None  # (C, d) float64 template sums, or None
     # streamed target -> (codes (G_s,) of its rows in read order, per query set (scores (Q, k),
-    # rows (Q, k) local to the shard, -1 = none), per query set ANN recall or None)
-    lists: dict[str, tuple[np.ndarray, list, list]] = field(default_factory=dict)
+    # rows (Q, k) local to the shard, -1 = none), per query set ANN recall or None, and for
+    # ANN per query set (sampled query positions, exact (scores, rows) of those) or None)
+    lists: dict[str, tuple[np.ndarray, list, list, list | None]] = field(default_factory=dict)
     metrics: dict[str, dict] = field(default_factory=dict)  # exact target -> {key: metrics}
     seconds: float = 0.0
 
@@ -401,8 +406,8 @@ class Engine:
         """The gallery shards of a cell: runs of consecutive Parquet parts (in read order) of at
         most ``shard_rows`` rows by their footers (a larger part is a shard of its own); none
         when the cell reads no gallery. One shard when a target keeps its gallery whole
-        (exact rankings: merging full rankings is not done) or the index is IVF (-PQ) (the
-        index is trained on a sample of the whole gallery and holds every row).
+        (exact rankings: merging full rankings is not done); IVF (-PQ) shards train an index
+        each.
 
         Shards depend on the store and the settings only, never on where they run: the
         in-process engine and the Ray tasks search the same blocks and merge the same lists.
@@ -411,7 +416,7 @@ class Engine:
         if not names and not self._templates(cell):
             return []
         store, models, _, _ = self._source(cell)
-        whole = self.s.index != "flat" or any(self.exact[n] for n in names)
+        whole = any(self.exact[n] for n in names)
         groups: list[list[str]] = []
         size = 0
         for path, info in store.parts:
@@ -453,10 +458,14 @@ class Engine:
             search = None
             if not t.exact:
                 qsets = [QuerySet(q[1], self._k(q[4]), q[3]) for q in t.queries]
-                search = StreamSearch(qsets, self.dim, kind=self.s.index, nlist=self._nlist(n),
-                                      use_gpu=self.on_gpu, seed=self.s.seed)  # fmt: skip
-                if self.s.index != "flat":
-                    search.train(self._train_sample(store, models, filt, t), n_rows[t.name])
+                sample, n_here = None, n
+                if self.s.index != "flat":  # this shard's index, on this shard's rows
+                    sample, n_here = self._train_sample(store, models, filt, t)
+                search = StreamSearch(qsets, self.dim, kind=self.s.index,
+                                      nlist=self._nlist(n_here), use_gpu=self.on_gpu,
+                                      seed=self.s.seed)  # fmt: skip
+                if sample is not None:
+                    search.train(sample, n_here)
             buf = np.empty((max(cap, 1), self.dim), np.float32)  # (cap, d)
             state[t.name] = {"buf": buf, "codes": [], "fill": 0, "search": search, "done": []}
         read: list[np.ndarray] = []
@@ -490,7 +499,9 @@ class Engine:
             else:
                 self._flush(st)
                 found = st["search"]
-                out.lists[t.name] = (_cat(st["done"]), found.results(), found.recall(self.k_lists))
+                exact = None if self.s.index == "flat" else found.exact_sample()
+                out.lists[t.name] = (_cat(st["done"]), found.results(),
+                                     found.recall(self.k_lists), exact)  # fmt: skip
         out.seconds = time.perf_counter() - t0
         return out
 
@@ -513,13 +524,17 @@ class Engine:
                 (only,) = partials  # exact targets are never sharded (``shards``)
                 out[t.name] = only.metrics[t.name]
                 continue
-            codes, lists, recall = zip(*(p.lists[t.name] for p in partials), strict=True)
+            codes, lists, recall, exact = zip(*(p.lists[t.name] for p in partials), strict=True)
             if len(lists) == 1:
                 results, recall = lists[0], recall[0]
-            else:  # flat search only (``shards``): exact lists, no ANN recall
+            else:  # rows are local to each shard: merged in read order
                 sizes = [len(c) for c in codes]
-                results = [merge_topk([ls[q] for ls in lists], sizes) for q in range(len(lists[0]))]
+                nq = range(len(lists[0]))
+                results = [merge_topk([ls[q] for ls in lists], sizes) for q in nq]
                 recall = [None] * len(t.queries)
+                if exact[0] is not None:  # ANN: merged lists against merged exact lists
+                    recall = [self._merged_recall(results[q][1], [e[q] for e in exact], sizes)
+                              for q in nq]  # fmt: skip
             out[t.name] = self._topk_metrics(t, results, recall, np.concatenate(codes))
         return out
 
@@ -573,10 +588,30 @@ class Engine:
         """IVF lists: ~4 sqrt(N), at most MAX_NLIST (k-means cost on CPU) and N / 39."""
         return max(1, min(MAX_NLIST, int(4 * np.sqrt(n)), n // 39))
 
-    def _train_sample(self, store: Store, models: list[int], filt, t: Target) -> np.ndarray:
-        """A seeded sample of the target's rows for IVF (-PQ) training: 50 per list, and
-        >= 10240 rows so that 8-bit PQ codebooks have 40 points per centroid."""
-        members = np.flatnonzero(t.member)
+    def _merged_recall(self, ann_rows: np.ndarray, exact: list, sizes: list[int]) -> float | None:
+        """k-recall@k of merged ANN lists ``ann_rows`` (Q, k) against the shards' exact lists
+        of the same sampled queries (``exact``: per shard (sample positions, (scores, rows)))
+        merged the same way."""
+        from distcl.gallery.index import recall_at_k_vs_exact
+        from distcl.gallery.search import merge_topk
+
+        sample = exact[0][0]
+        if len(sample) == 0:
+            return None
+        _, rows = merge_topk([e[1] for e in exact], sizes)
+        k = min(self.k_lists, ann_rows.shape[1], rows.shape[1], sum(sizes))
+        return recall_at_k_vs_exact(ann_rows[sample], rows, k)
+
+    def _train_sample(self, store: Store, models: list[int], filt,
+                      t: Target) -> tuple[np.ndarray, int]:  # fmt: skip
+        """(a seeded sample of the target's rows in ``store`` (a gallery shard) for IVF (-PQ)
+        training: 50 per list, and >= 10240 rows so that 8-bit PQ codebooks have 40 points
+        per centroid; the number of the target's rows there)."""
+        here = np.zeros(len(self.cat), bool)
+        for rb in iter_batches(store, models, columns=("item_id",), filter=filt,
+                               batch_rows=self._batch_rows):  # fmt: skip
+            here[self.cat.codes(rb["item_id"], str(store.root))] = True
+        members = np.flatnonzero(t.member & here)
         rng = np.random.default_rng([self.s.seed, 21])
         n = min(len(members), max(256 * 40, 50 * self._nlist(len(members))))
         pick = np.zeros(len(self.cat), bool)
@@ -587,7 +622,7 @@ class Engine:
             sel = pick[self.cat.codes(rb["item_id"], str(store.root))]
             if sel.any():
                 parts.append(batch_embeddings(rb)[sel])
-        return np.concatenate(parts)
+        return np.concatenate(parts), len(members)
 
     def _topk_metrics(self, t: Target, results: list, recall: list, g_codes: np.ndarray) -> dict:
         """Metrics of each query set from its top-k lists over the gallery rows ``g_codes``

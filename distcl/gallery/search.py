@@ -175,6 +175,11 @@ class StreamSearch:
             ]
         return self._exact
 
+    def exact_sample(self) -> list[tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]]:
+        """Per query set: (the positions of its sampled queries, their exact (scores, rows)),
+        for a recall computed after merging several shards' lists."""
+        return list(zip(self.sample, self._exact_results(), strict=True))
+
     def recall(self, k: int) -> list[float | None]:
         """ANN only: per query set, k-recall@k of its lists against exact search on a seeded
         sample of its queries (None for flat search, which is exact)."""
