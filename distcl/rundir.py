@@ -143,14 +143,9 @@ class RunDir:
         return self.root / "models" / str(task)
 
     def ray_storage_args(self) -> dict:
-        """``RunConfig`` keyword arguments placing Ray Train's checkpoints in ``ray/``: a
-        local path as is; on an object store the same pyarrow filesystem distcl uses (so
-        the endpoint and credentials are the ones of ``distcl.storage``) and the
-        prefix-stripped path, as Ray Train asks when ``storage_filesystem`` is given."""
-        if not self.is_remote:
-            return {"storage_path": str(self.ray_storage)}
-        fs, path = storage.filesystem(self.ray_storage)
-        return {"storage_path": path, "storage_filesystem": fs}
+        """``RunConfig`` keyword arguments placing Ray Train's checkpoints in ``ray/``
+        (:func:`distcl.storage.ray_storage`)."""
+        return storage.ray_storage(self.ray_storage)
 
     # -- completion markers --------------------------------------------------------
     def trained(self, task: int) -> bool:

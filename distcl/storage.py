@@ -174,6 +174,18 @@ def filesystem(loc: str | os.PathLike | Uri):
     return pafs.LocalFileSystem(), str(loc.resolve())
 
 
+def ray_storage(loc: str | os.PathLike | Uri) -> dict:
+    """``storage_path`` (and ``storage_filesystem``) keyword arguments placing Ray Train's or
+    Tune's files in ``loc`` (``RunConfig``, ``Tuner.restore``/``can_restore``): a local path
+    as is; on an object store this module's pyarrow filesystem (its endpoint and credentials)
+    and the prefix-stripped path, as Ray asks when a filesystem is given."""
+    loc = location(loc)
+    if isinstance(loc, Path):
+        return {"storage_path": str(loc)}
+    fs, path = filesystem(loc)
+    return {"storage_path": path, "storage_filesystem": fs}
+
+
 def _call(loc: Uri, what: str, fn, *args, **kw):
     """Run a pyarrow.fs call, naming the URI in any error (missing bucket, key, access)."""
     try:

@@ -156,7 +156,6 @@ def confirm_best(
     from distcl.rundir import RunDir
     from distcl.tune.base import prepare_bases
     from distcl.tune.groups import ReleaseTrialGroups
-    from distcl.tune.search import tune_storage
     from distcl.tune.space import trial_job
     from distcl.tune.trial import score_tune
 
@@ -184,7 +183,6 @@ def confirm_best(
     log(f"confirm: best and baseline on seeds {seeds} ({len(configs)} runs)")
     exp = tune_dir / "confirm-experiment"
     storage.delete_dir(exp)  # the runs on disk are what resumes
-    storage_path, storage_fs = tune_storage(tune_dir)
     results = [] if not configs else tune.Tuner(
         tune.with_resources(
             tune.with_parameters(_confirm_trial, base=base, trials_root=str(root),
@@ -195,7 +193,7 @@ def confirm_best(
         param_space={"cfg": tune.grid_search(configs)},
         tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, reuse_actors=False),
         run_config=tune.RunConfig(
-            name=exp.name, storage_path=storage_path, storage_filesystem=storage_fs,
+            name=exp.name, **storage.ray_storage(tune_dir),
             failure_config=tune.FailureConfig(max_failures=tc.max_trial_failures),
             callbacks=[ReleaseTrialGroups(tune_dir / "groups")],
         ),

@@ -56,7 +56,7 @@ from ray.tune.schedulers import ASHAScheduler
 
 from distcl import storage
 from distcl.config import ConfigError, JobConfig, TuneConfig, dump_job, parse_job, to_dict
-from distcl.storage import Loc, Uri
+from distcl.storage import Loc
 from distcl.tune.base import prepare_bases
 from distcl.tune.groups import ReleaseTrialGroups
 from distcl.tune.pareto import reported_results
@@ -128,20 +128,11 @@ def _searched(raw: dict) -> dict:
     return {**raw, "tune": tune}
 
 
-def tune_storage(folder: Loc) -> tuple[str, Any]:
-    """(path, pyarrow file system or None) of a folder, as Tune's ``storage_path`` /
-    ``storage_filesystem`` and ``Tuner.restore`` take them."""
-    if isinstance(folder, Uri):
-        fs, path = storage.filesystem(folder)
-        return path, fs
-    return str(folder), None
-
-
 def _can_restore(exp_dir: Loc) -> bool:
     from ray import tune
 
-    path, fs = tune_storage(exp_dir)
-    return tune.Tuner.can_restore(path, storage_filesystem=fs)
+    kw = storage.ray_storage(exp_dir)
+    return tune.Tuner.can_restore(kw.pop("storage_path"), **kw)
 
 
 def _check_same_tuning(job: JobConfig, tune_dir: Loc) -> None:
@@ -256,9 +247,9 @@ def tune_job(
                                          job_name=job.name, tc=tc)  # fmt: skip
         if not _can_restore(exp_dir):
             raise ValueError(f"{exp_dir}: no tuning run to report on; run `distcl tune` first")
-        path, fs = tune_storage(exp_dir)
-        grid = tune.Tuner.restore(path, trainable=trainable,
-                                  storage_filesystem=fs).get_results()  # fmt: skip
+        kw = storage.ray_storage(exp_dir)
+        grid = tune.Tuner.restore(kw.pop("storage_path"), trainable=trainable,
+                                  **kw).get_results()  # fmt: skip
         return _write_results(job, tc, grid, num_tasks, tune_dir, log, partial=True)
 
     concurrency, _ = _cluster_concurrency(tc, probe, log)
@@ -282,9 +273,9 @@ def tune_job(
     )  # fmt: skip
     if _can_restore(exp_dir):
         log(f"resuming the tuning run in {exp_dir}")
-        path, fs = tune_storage(exp_dir)
-        tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True,
-                                   storage_filesystem=fs)  # fmt: skip
+        kw = storage.ray_storage(exp_dir)
+        tuner = tune.Tuner.restore(kw.pop("storage_path"), trainable=trainable,
+                                   resume_errored=True, **kw)  # fmt: skip
     else:
         points = [job_point(job)] if tc.start_with_job else None
         if points:
@@ -337,8 +328,7 @@ def tune_job(
                 trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
             ),
             run_config=tune.RunConfig(
-                name=exp_dir.name, storage_path=tune_storage(tune_dir)[0],
-                storage_filesystem=tune_storage(tune_dir)[1],
+                name=exp_dir.name, **storage.ray_storage(tune_dir),
                 failure_config=tune.FailureConfig(max_failures=tc.max_trial_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                 callbacks=[ReleaseTrialGroups(tune_dir / "groups")],
