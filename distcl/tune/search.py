@@ -261,7 +261,7 @@ def tune_job(
             raise ConfigError("--best: give the number of seeds with --confirm K")
         best = baseline_point(best_from, list(tc.space), what=f"--best ({best_from.name})")
         log(f"confirm: the values of {best_from.name}: {best} (no search)")
-        out = {"tune_dir": tune_dir, "rows": [], "best": best, "best_job": None}
+        out = {"tune_dir": str(tune_dir), "rows": [], "best": best, "best_job": None}
         out["confirm"] = confirm_best(job, tc, best, k, tune_dir, concurrency, log)
         return out
     shared_base, later = prepare_bases(job, tc, base, trials_root, [job.seed], log)
