@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import stat
 from collections.abc import Mapping
 from pathlib import Path
@@ -195,17 +194,19 @@ def _stop_actors(run) -> None:
 
 
 def _link(src: Loc, dst: Loc) -> None:
-    if isinstance(src, Uri) or isinstance(dst, Uri):
-        storage.copy(src, dst)
-        return
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".tmp-{dst.name}-{os.getpid()}"
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:  # another file system (or no hard links): a copy
-        shutil.copy2(src, tmp)
-    os.replace(tmp, dst)
+    """A hard link of ``src`` at ``dst`` (atomic: a temp name, then a rename); where there
+    can be none (an object store, another file system) a copy (:func:`storage.copy`)."""
+    if isinstance(src, Path) and isinstance(dst, Path):
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.parent / f".tmp-{dst.name}-{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(src, tmp)
+            os.replace(tmp, dst)
+            return
+        except OSError:  # another file system, or no hard links
+            tmp.unlink(missing_ok=True)
+    storage.copy(src, dst)
 
 
 def adopt_base(base_dir: str | Path, run, later_keys: list[str]) -> str:
