@@ -216,6 +216,9 @@ class EvalConfig(Section):
     topk: Ks = (1, 5)
     recall_ks: Ks = (1, 5, 10)
     index: Literal["flat", "ivf", "ivfpq"] = "flat"
+    #: ivf / ivfpq: IVF lists probed per query; more probes, higher recall, slower search
+    #: (the report prints the recall against exact search on a sample of queries)
+    nprobe: Pos = 16
     items_per_class: Pos | None = None  #: evaluate on a seeded subset per class
     protocols: Annotated[tuple[Protocol, ...], Field(min_length=1)] = ("closed",)
     ties: Literal["strict", "ties_pass"] = "strict"  #: ECC tie rule

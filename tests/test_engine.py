@@ -312,5 +312,13 @@ def test_bench_sequence_runs_a_job_in_both_shapes(tmp_path, synthetic_raw_job):
     assert len(r["one_run"]["end_task_vs_train"]) == 2
     assert r["wall_ratio_one_run_vs_per_task"] == pytest.approx(
         r["one_run"]["wall_s"] / r["per_task"]["wall_s"])  # fmt: skip
-    assert "end-of-task / training time per task" in format_sequence_bench(r)
+    for b in r["breakdown"]:  # every part measured; no part counted twice (other >= 0)
+        assert b["steps_s"] > 0 and b["prepare_s"] > 0 and b["checkpoint_s"] > 0
+        assert b["save_s"] > 0 and b["end_task_s"] > 0 and b["other_s"] >= 0
+    assert sum(b["wall_s"] for b in r["breakdown"]) < r["one_run"]["wall_s"]
+    once = r["run_overhead"]  # one node: rank 0's clock is this machine's
+    assert set(once) == {"startup_s", "setup_s", "shutdown_s"} and min(once.values()) > 0
+    assert sum(once.values()) + sum(b["wall_s"] for b in r["breakdown"]) < r["one_run"]["wall_s"]
+    text = format_sequence_bench(r)
+    assert "end-of-task / training time per task" in text and "task  1:" in text
     assert not list(tmp_path.glob("runs/seq*"))  # the bench's runs live in its temp folder

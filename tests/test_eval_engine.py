@@ -385,3 +385,64 @@ def test_every_group_of_query_models_gets_every_protocol(openrun):
             apply_cell(rows, engine.finish(one, [engine.scan(one, p) for p in engine.shards(one)]))
     assert rows == engine.rows(list(range(T)), stale=False)
     assert len(rows[T - 1]["protocols"]["identification"]["values"]["ident_cmc@1"]) == T
+
+
+@pytest.fixture
+def bigger_run(synthetic_job):
+    """400 evaluation items (280 closed): the IVF search has 7 lists, so nprobe matters."""
+    job = synthetic_job(
+        name="probe", data={"synthetic_classes": 10}, scenario={"tasks": T, "heldout_classes": 3},
+        eval={"protocols": ["closed", "open"], "index": "ivf", "nprobe": 1, "exact_map": False},
+    )  # fmt: skip
+    return (job, *make_run(job, per_class=40))
+
+
+def test_eval_nprobe_trades_search_time_for_recall(bigger_run):
+    job, run, scen, *_ = bigger_run
+    one = EvalSettings.from_job(job, use_gpu=False)
+    assert one.nprobe == 1 and one.index == "ivf"
+    every = dataclasses.replace(one, nprobe=4096)  # every list probed: exhaustive search
+    assert one.key() != every.key()  # an IVF row's cache depends on nprobe, a flat one not
+    flat = dataclasses.replace(one, index="flat")
+    assert flat.key() == dataclasses.replace(flat, nprobe=4096).key()
+
+    def recalls(rows):
+        return [r for p in rows[2]["protocols"].values() for k, v in p["values"].items()
+                if k.startswith("ann_recall") for r in v]  # fmt: skip
+
+    low = Engine(run, one, scen).rows([2], stale=False)
+    high = Engine(run, every, scen).rows([2], stale=False)
+    assert min(recalls(low)) < 1.0 and recalls(high) == [1.0] * len(recalls(high))
+    exact = Engine(run, flat, scen).rows([2], stale=False)
+    for proto in ("all", "seen", "open"):
+        got = {k: v for k, v in high[2]["protocols"][proto]["values"].items()
+               if not k.startswith("ann_recall")}  # fmt: skip
+        want = exact[2]["protocols"][proto]["values"]
+        assert sorted(got) == sorted(want)
+        for k in want:
+            np.testing.assert_allclose(got[k], want[k], rtol=1e-6, err_msg=f"{proto} {k}")
+
+
+def test_ivf_training_sample_is_seeded_uniform_and_independent_of_batch_size(
+    bigger_run, monkeypatch
+):
+    """One pass keeps the rows of the smallest seeded keys: pruned (a bound of 30 rows) or not,
+    in batches of 7 rows or whole, the sample is the same rows in catalogue order."""
+    job, run, scen, ids, labels, tasks, embs = bigger_run
+    engine = Engine(run, EvalSettings.from_job(job, use_gpu=False), scen)
+    cell = engine.cells([1])[1][0]
+    store, models, filt, _ = engine._source(cell)
+    target = next(t for t in engine._targets(cell) if t.name == "closed")
+    members = np.flatnonzero(target.member)
+    whole, n_whole = engine._train_sample(store, models, filt, target)
+    assert n_whole == len(members) and len(whole) == len(members)  # small: every row
+    np.testing.assert_array_equal(whole, embs[cell.model][members])
+
+    monkeypatch.setattr(Engine, "_sample_size", lambda self, n: min(n, 30))
+    keys = np.random.default_rng([engine.s.seed, 21]).random(len(engine.cat))
+    want = np.sort(members[np.argsort(keys[members], kind="stable")[:30]])
+    for batch in (7, 100_000):
+        monkeypatch.setattr(Engine, "_batch_rows", property(lambda self, b=batch: b))
+        sample, n = engine._train_sample(store, models, filt, target)
+        assert n == len(members)
+        np.testing.assert_array_equal(sample, embs[cell.model][want])

@@ -27,7 +27,8 @@ from distcl.data.shards import (
     batches_per_epoch,
     build_shards,
     decode_image,
-    exact_split,
+    item_split,
+    iter_items,
     iter_shard,
     load_arrays,
     load_manifest,
@@ -211,25 +212,51 @@ def test_missing_shard_and_manifest(small_shards, tmp_path):
 
 
 @pytest.mark.parametrize("split", ["train", "gallery"])
-def test_exact_split_covers_every_sample_once(built, split):
+def test_item_split_covers_every_sample_once_in_balanced_ranges(built, split):
     _, out, scen, _ = built
-    paths = shard_paths(out, [0, 1], split)
-    everything = load_arrays(paths)[0]
+    counts = shard_counts(out)
+    shards = [(str(p), counts[p.name]) for p in shard_paths(out, [0, 1], split)]
+    everything = [k for k, *_ in iter_items([(p, c, 0, c) for p, c in shards], decode=False)]
     parts = {
-        (rank, worker): load_arrays(exact_split(paths, rank, 2, worker, 2))[0]
+        (rank, worker): [k for k, *_ in iter_items(item_split(shards, rank, 2, worker, 2))]
         for rank in range(2)
         for worker in range(2)
     }
-    assert all(parts.values())  # 16 or 4 shards: every (rank, worker) gets some
+    sizes = [len(v) for v in parts.values()]
+    assert max(sizes) - min(sizes) <= 1 and min(sizes) > 0  # balanced, every reader busy
     joined = [k for keys in parts.values() for k in keys]
-    assert len(joined) == len(set(joined)) == len(everything)
-    assert set(joined) == set(everything)
+    assert joined == everything  # each sample once, and the readers' ranges in order
+    for rank in range(2):  # a rank's loader workers together hold the rank's own range
+        assert parts[rank, 0] + parts[rank, 1] == [
+            k for k, *_ in iter_items(item_split(shards, rank, 2), decode=False)
+        ]
 
 
-def test_exact_split_fewer_shards_than_readers():
-    paths = [Path(f"s{i}.tar") for i in range(3)]
-    parts = [exact_split(paths, r, 2, w, 2) for r in range(2) for w in range(2)]
-    assert parts == [[paths[0]], [paths[1]], [paths[2]], []]
+def test_item_split_golden():
+    shards = [("a", 4), ("b", 4), ("c", 4), ("d", 0), ("e", 3)]  # 15 items, 2 ranks
+    assert item_split(shards, 0, 2) == [("a", 4, 0, 4), ("b", 4, 0, 3)]
+    assert item_split(shards, 1, 2) == [("b", 4, 3, 4), ("c", 4, 0, 4), ("e", 3, 0, 3)]
+    # 5 equal shards over 2 ranks: 2.5 shards each (by whole shards: 3 and 2)
+    five = [(str(i), 400) for i in range(5)]
+    assert [sum(b - a for *_, a, b in item_split(five, r, 2)) for r in range(2)] == [1000, 1000]
+    # more readers than items: some get nothing, none gets an item twice
+    got = [item_split([("a", 3)], r, 2, w, 2) for r in range(2) for w in range(2)]
+    assert got == [[], [("a", 3, 0, 1)], [("a", 3, 1, 2)], [("a", 3, 2, 3)]]
+
+
+def test_iter_items_decodes_only_its_range_and_checks_the_whole_count(built, monkeypatch):
+    from distcl.data import shardio
+
+    _, out, _, _ = built
+    counts = shard_counts(out)
+    path = str(shard_paths(out, 0, "train")[0])
+    n = counts[Path(path).name]
+    calls = []
+    monkeypatch.setattr(shardio, "decode_image", lambda b: calls.append(1) or decode_image(b))
+    got = list(iter_items([(path, n, 1, 3)]))
+    assert len(got) == 2 == len(calls) and got[0][1].dtype == np.uint8
+    with pytest.raises(ShardError, match=Path(path).name):  # read to the end: count checked
+        list(iter_items([(path, n + 1, 0, 1)]))
 
 
 # ---------------------------------------------------------------- training split

@@ -3,6 +3,7 @@
     distcl bench eval                          # T=5, 1M-row gallery, 10k probes, d=128
     distcl bench eval --rows 100000            # smaller
     distcl bench eval --ivfpq-rows 10000000    # + one IVF-PQ gallery: time, memory, recall@10
+    distcl bench eval --ivfpq-rows 1000000 --nprobe 16,64,256   # its recall against nprobe
     distcl bench eval --ray-tasks 2            # + the engine as Ray tasks, same run
 
 Synthetic embeddings (seeded class centres + per-model drift + noise, L2-normalised) are
@@ -18,7 +19,8 @@ held-out classes, 2 probes per class, the rest gallery). Measured:
   on an embedded Ray of N CPUs, a gallery shard per Parquet part: wall time, the driver's
   peak RSS (it holds no embeddings), and whether the numbers equal the in-process engine's;
 - ``--ivfpq-rows N``: one model, a gallery of N rows through ``eval.index = ivfpq`` (streamed
-  add), time and peak RSS, and recall@10 against exact search on a sample of probes.
+  add), time and peak RSS, and recall@10 against exact search on a sample of probes, once
+  per ``--nprobe`` value (``eval.nprobe``: lists probed per query) on the same Parquet store.
 
 With faiss-gpu and a GPU the engine and the baseline both use the GPU(s).
 """
@@ -69,13 +71,14 @@ def write_store(root: Path, tasks: int, rows: int, probes: int, dim: int, seed: 
                              np.full(len(part), -1), emb)  # fmt: skip
 
 
-def _settings(budget_mb: int, index: str, seed: int):
+def _settings(budget_mb: int, index: str, seed: int, nprobe: int = 16):
     from distcl.eval.engine import EvalSettings
     from distcl.gallery.index import gpu_available
 
     return EvalSettings(
         protocols=("open",), exact_map=False, index=index, seed=seed, memory_budget_mb=budget_mb,
         probes_per_class=2, use_gpu=gpu_available(),  # the raw-faiss baseline's device
+        nprobe=nprobe,
     )  # fmt: skip
 
 
@@ -91,13 +94,14 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def engine_run(run_dir: Path, tasks: int, budget_mb: int, index: str, seed: int) -> dict:
+def engine_run(run_dir: Path, tasks: int, budget_mb: int, index: str, seed: int,
+               nprobe: int = 16) -> dict:  # fmt: skip
     """The open matrix by the engine (call in a fresh process for a clean peak RSS)."""
     import distcl.gallery.search  # noqa: F401  (faiss: import time is not evaluation time)
     from distcl.eval.engine import Engine
 
     t0 = time.perf_counter()
-    engine = Engine(run_dir, _settings(budget_mb, index, seed), scenario=None)
+    engine = Engine(run_dir, _settings(budget_mb, index, seed, nprobe), scenario=None)
     rows = engine.rows(list(range(tasks)), stale=False)
     wall = time.perf_counter() - t0
     M = [rows[i]["protocols"]["open"]["values"] for i in range(tasks)]
@@ -106,7 +110,9 @@ def engine_run(run_dir: Path, tasks: int, budget_mb: int, index: str, seed: int)
         "peak_rss_mb": peak_rss_mb(),
         "cmc@1_diag": [M[i]["cmc@1"][i] for i in range(tasks)],
         "cmc@1_last_row": M[-1]["cmc@1"],
-        "ann_recall": [v for m in M for k, v in m.items() if k.startswith("ann_recall")],
+        "ann_recall": [
+            r for m in M for k, v in m.items() if k.startswith("ann_recall") for r in v
+        ],  # fmt: skip
         "probes": rows[0]["items"]["probes"],
         "gallery": rows[0]["items"]["open_gallery"],
     }
@@ -133,12 +139,12 @@ def ray_engine_run(run_dir: Path, tasks: int, budget_mb: int, seed: int, cpus: i
 
 
 def _subprocess_engine(run_dir: Path, tasks: int, budget_mb: int, index: str, seed: int,
-                       ray: tuple[int, int] | None = None) -> dict:  # fmt: skip
+                       ray: tuple[int, int] | None = None, nprobe: int = 16) -> dict:  # fmt: skip
     path = repr(str(run_dir))
     if ray:
         call = f"ray_engine_run(Path({path}), {tasks}, {budget_mb}, {seed}, {ray[0]}, {ray[1]})"
     else:
-        call = f"engine_run(Path({path}), {tasks}, {budget_mb}, {index!r}, {seed})"
+        call = f"engine_run(Path({path}), {tasks}, {budget_mb}, {index!r}, {seed}, {nprobe})"
     code = (
         "import json, sys; from pathlib import Path; "
         "from distcl.bench.evalcost import engine_run, ray_engine_run;"
@@ -181,7 +187,8 @@ def raw_faiss(tasks: int, rows: int, probes: int, dim: int, seed: int) -> dict:
 
 def run_eval_bench(rows: int = 1_000_000, probes: int = 10_000, tasks: int = 5, dim: int = 128,
                    budget_mb: int = 1024, ivfpq_rows: int = 0, seed: int = 0,
-                   workdir: str | None = None, ray_tasks: int = 0) -> dict:  # fmt: skip
+                   workdir: str | None = None, ray_tasks: int = 0,
+                   nprobes: tuple[int, ...] = (16,)) -> dict:  # fmt: skip
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         run_dir = Path(tmp)
         t0 = time.perf_counter()
@@ -200,10 +207,14 @@ def run_eval_bench(rows: int = 1_000_000, probes: int = 10_000, tasks: int = 5, 
     if ivfpq_rows:
         with tempfile.TemporaryDirectory(dir=workdir) as tmp:
             write_store(Path(tmp) / "eval" / "embeddings", 1, ivfpq_rows, probes, dim, seed)
-            r = _subprocess_engine(Path(tmp), 1, budget_mb, "ivfpq", seed)
-            out["ivfpq"] = {"rows": ivfpq_rows, "engine_s": r["engine_s"],
-                            "peak_rss_mb": r["peak_rss_mb"], "recall@10": r["ann_recall"],
-                            "gallery_mb_float32": r["gallery"] * dim * 4 / 2**20}  # fmt: skip
+            out["ivfpq"] = []
+            for nprobe in nprobes:
+                r = _subprocess_engine(Path(tmp), 1, budget_mb, "ivfpq", seed, nprobe=nprobe)
+                out["ivfpq"].append({
+                    "rows": ivfpq_rows, "nprobe": nprobe, "engine_s": r["engine_s"],
+                    "peak_rss_mb": r["peak_rss_mb"], "recall@10": r["ann_recall"][0],
+                    "gallery_mb_float32": r["gallery"] * dim * 4 / 2**20,
+                })  # fmt: skip
     return out
 
 
@@ -222,11 +233,11 @@ def format_eval_bench(r: dict) -> str:
                      f"{r['ray_engine_s']:.1f} s, driver peak RSS "
                      f"{r['ray_driver_peak_rss_mb']:.0f} MiB, same numbers as in-process: "
                      f"{r['ray_equals_in_process']}")  # fmt: skip
-    if "ivfpq" in r:
-        v = r["ivfpq"]
-        lines.append(f"  IVF-PQ {v['rows']} rows: {v['engine_s']:.1f} s, peak RSS "
-                     f"{v['peak_rss_mb']:.0f} MiB (float32 gallery {v['gallery_mb_float32']:.0f} "
-                     f"MiB), recall@10 vs exact {v['recall@10']}")  # fmt: skip
+    for v in r.get("ivfpq", []):
+        lines.append(f"  IVF-PQ {v['rows']} rows, nprobe {v['nprobe']}: {v['engine_s']:.1f} s, "
+                     f"peak RSS {v['peak_rss_mb']:.0f} MiB (float32 gallery "
+                     f"{v['gallery_mb_float32']:.0f} MiB), recall@10 vs exact "
+                     f"{v['recall@10']:.3f}")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -239,13 +250,25 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--budget-mb", type=int, default=1024, help="eval.memory_budget_mb")
     p.add_argument("--ivfpq-rows", type=int, default=0, help="also an IVF-PQ gallery (0: off)")
+    p.add_argument(
+        "--nprobe",
+        default="16",
+        metavar="N[,N...]",
+        help="eval.nprobe of the IVF-PQ runs, one run each (default 16)",
+    )
     p.add_argument("--workdir", default=None, help="where the Parquet store is written")
     p.add_argument("--ray-tasks", type=int, default=0, metavar="N",
                    help="also the engine as Ray tasks, local Ray of N CPUs (0: off)")  # fmt: skip
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
+    try:
+        nprobes = tuple(int(v) for v in a.nprobe.split(","))
+    except ValueError:
+        p.error(f"--nprobe: comma-separated positive ints, got {a.nprobe!r}")
+    if not nprobes or min(nprobes) < 1:
+        p.error(f"--nprobe: comma-separated positive ints, got {a.nprobe!r}")
     r = run_eval_bench(a.rows, a.probes, a.tasks, a.dim, a.budget_mb, a.ivfpq_rows, 0, a.workdir,
-                       a.ray_tasks)  # fmt: skip
+                       a.ray_tasks, nprobes)  # fmt: skip
     print(json.dumps(r, indent=1) if a.json else format_eval_bench(r))
 
 

@@ -11,7 +11,9 @@ For each: the wall time, the time inside training steps (the histories' ``epoch_
 overhead per task = (wall - training) / T, and its growth (mean overhead of the last half
 of the tasks against the first half, from the per-task wall times of the per-task runs and
 the per-task ``train_s + end_task_s`` of the one run). Also the overhead as a fraction of
-a task's training time.
+a task's training time, and, for the one run, where each task's time outside its training
+steps went (rank 0's clock): preparing (method, old model, replay snapshot, DDP wrap),
+the epochs' checkpoints, saving the model, the end-of-task work, and the rest.
 
 Run: ``distcl bench sequence [--tasks 20] [--workers 2]`` (minutes: the old shape is slow).
 ``--job FILE`` runs a real job (its data, model, method and workers; ``--tasks`` and
@@ -81,11 +83,15 @@ def run_sequence_bench(tasks: int = 20, workers: int = 2, log=print,
                     run.train(upto=t + 1)
                     walls.append(time.perf_counter() - t1)
             else:
-                timings = run.train()["tasks"]
+                result = run.train()
+                timings = result["tasks"]
                 walls = [timings[t]["train_s"] + timings[t]["end_task_s"] for t in range(tasks)]
                 ends = [timings[t]["end_task_s"] / timings[t]["train_s"] for t in range(tasks)]
             wall = time.perf_counter() - t0
             train = _train_s(run)
+            if shape == "one_run":
+                out["breakdown"] = [_breakdown(timings[t], train[t]) for t in range(tasks)]
+                out["run_overhead"] = result.get("run_overhead", {})
             per_task = [w - s for w, s in zip(walls, train, strict=True)]  # overhead per task
             half = tasks // 2
             out[shape] = {
@@ -99,6 +105,19 @@ def run_sequence_bench(tasks: int = 20, workers: int = 2, log=print,
                 out[shape]["end_task_vs_train"] = ends
             log(f"{shape}: {json.dumps(out[shape])}")
     out["wall_ratio_one_run_vs_per_task"] = out["one_run"]["wall_s"] / out["per_task"]["wall_s"]
+    return out
+
+
+PARTS = ("prepare_s", "checkpoint_s", "save_s", "end_task_s")
+
+
+def _breakdown(timing: dict, steps: float) -> dict:
+    """One task of the one run: its training steps and every part of the rest (seconds)."""
+    out = {"steps_s": steps, **{k: timing.get(k, 0.0) for k in PARTS}}
+    total = timing["train_s"] + timing["end_task_s"]
+    out["other_s"] = total - sum(out.values())  # seeding, the epochs' progress messages, ...
+    out["wall_s"] = total
+    out["overhead_vs_steps"] = (total - steps) / steps
     return out
 
 
@@ -117,6 +136,17 @@ def format_sequence_bench(r: dict) -> str:
         fr = " ".join(f"{100 * x:.0f}" for x in r["one_run"]["end_task_vs_train"])
         lines.append(f"  one run, end-of-task / training time per task (%): {fr}")
     lines.append(f"  wall, one run / per-task runs: {r['wall_ratio_one_run_vs_per_task']:.3f}")
+    if r.get("run_overhead"):
+        o = r["run_overhead"]
+        lines.append(f"  one run, once per run (s): Train start-up {o['startup_s']:.2f}, worker "
+                     f"set-up {o['setup_s']:.2f}, shut-down {o['shutdown_s']:.2f}")  # fmt: skip
+    if r.get("breakdown"):
+        lines.append("  one run, per task (s): steps | prepare checkpoints save end-of-task "
+                     "other | overhead / steps")  # fmt: skip
+        for t, b in enumerate(r["breakdown"]):
+            rest = " ".join(f"{b[k]:6.2f}" for k in (*PARTS, "other_s"))
+            lines.append(f"    task {t:2d}: {b['steps_s']:7.2f} | {rest} | "
+                         f"{100 * b['overhead_vs_steps']:5.1f} %")  # fmt: skip
     return "\n".join(lines)
 
 

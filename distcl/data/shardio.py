@@ -19,7 +19,8 @@ Readers:
 - :func:`train_batches`: every DDP rank yields exactly the same number of batches (DDP
   would hang otherwise); each epoch shards are shuffled and dealt to the readers (ranks x
   loader workers), streams cycle; decoding runs in ``DataLoader`` workers where asked.
-- :func:`exact_split`: every sample to exactly one (rank, loader worker), for embedding.
+- :func:`item_split`: every sample to exactly one (rank, loader worker), in balanced
+  contiguous ranges of items, for embedding; :func:`iter_items` reads them.
 
 Shard locations are local paths or object-store URIs (``data.shards_dir: s3://bucket/x``,
 through :mod:`distcl.storage`): WebDataset opens ``s3://``/``gs://`` URLs with a ``gopen``
@@ -305,12 +306,41 @@ def iter_shard(
         )
 
 
-def exact_split(
-    paths: Sequence[Path], rank: int, world: int, worker: int = 0, num_workers: int = 1
-) -> list[Path]:
-    """Shards of (rank, loader worker) so that every shard goes to exactly one of them."""
+Piece = tuple[str, int, int, int]  # (shard, its manifest count, first item, end item)
+
+
+def item_split(
+    shards: Sequence[tuple[str, int]], rank: int, world: int, worker: int = 0,
+    num_workers: int = 1,
+) -> list[Piece]:  # fmt: skip
+    """The items of (rank, loader worker) for an embedding pass: with the shards' items
+    concatenated in order, reader ``rank * num_workers + worker`` of ``world * num_workers``
+    takes one contiguous range, the ranges' sizes differing by at most one. So every item
+    goes to exactly one reader, balanced whatever the shard sizes and count (a split by
+    whole shards gives 3 of 5 equal shards to one of 2 ranks: 50 % more work), and a
+    reader touches at most two shards beyond its own. The readers of one rank together
+    hold that rank's range, in order."""
+    readers = world * num_workers
     flat = rank * num_workers + worker
-    return list(paths[flat :: world * num_workers])
+    total = sum(int(c) for _, c in shards)
+    lo, hi = total * flat // readers, total * (flat + 1) // readers
+    out, offset = [], 0
+    for path, count in shards:
+        start, stop = max(lo - offset, 0), min(hi - offset, int(count))
+        if start < stop:
+            out.append((path, int(count), start, stop))
+        offset += int(count)
+    return out
+
+
+def iter_items(pieces: Sequence[Piece], decode: bool = True):
+    """The samples of ``pieces`` (``item_split``) as ``iter_shard`` yields them, in order.
+    Each shard is read to its end, so its count is checked, but only the samples in the
+    piece's range are decoded and yielded."""
+    for path, count, start, stop in pieces:
+        for i, (key, data, label, meta) in enumerate(iter_shard(path, count, decode=False)):
+            if start <= i < stop:
+                yield key, decode_image(data) if decode else data, label, meta
 
 
 def batches_per_epoch(total: int, world: int, batch_size: int) -> int:

@@ -82,6 +82,7 @@ class EvalSettings:
     use_gpu: bool | str = "auto"  # "auto", True or False; resolved where the search runs
     block_rows: int | None = None  # streamed gallery block size; None: from the budget
     shard_rows: int | None = None  # rows per gallery shard (a Ray task each); None: a budget
+    nprobe: int = 16  # IVF (-PQ) lists probed per query
 
     @classmethod
     def from_job(cls, job: Any, use_gpu: bool | str | None = None) -> EvalSettings:
@@ -93,7 +94,7 @@ class EvalSettings:
             tuple(e.protocols), e.metric, tuple(e.topk), tuple(e.recall_ks), e.items_per_class,
             job.seed, e.ties, e.probes_per_class, e.distractor_classes, e.verification_pairs,
             e.folds, tuple(e.fars), e.identification, e.index, e.exact_map, e.memory_budget_mb,
-            use_gpu,
+            use_gpu, nprobe=e.nprobe,
         )  # fmt: skip
 
     def key(self) -> dict:
@@ -102,6 +103,8 @@ class EvalSettings:
         out.pop("use_gpu")
         out.pop("block_rows")
         out.pop("shard_rows")
+        if self.index == "flat":  # exact search probes nothing: flat rows keep their cache
+            out.pop("nprobe")
         return out
 
     @property
@@ -462,9 +465,9 @@ class Engine:
                 if self.s.index != "flat":  # this shard's index, on this shard's rows
                     sample, n_here = self._train_sample(store, models, filt, t)
                 search = StreamSearch(qsets, self.dim, kind=self.s.index,
-                                      nlist=self._nlist(n_here), use_gpu=self.on_gpu,
-                                      seed=self.s.seed)  # fmt: skip
-                if sample is not None:
+                                      nlist=self._nlist(n_here), nprobe=self.s.nprobe,
+                                      use_gpu=self.on_gpu, seed=self.s.seed)  # fmt: skip
+                if sample is not None and len(sample):  # else no row of t: nothing to add
                     search.train(sample, n_here)
             buf = np.empty((max(cap, 1), self.dim), np.float32)  # (cap, d)
             state[t.name] = {"buf": buf, "codes": [], "fill": 0, "search": search, "done": []}
@@ -606,23 +609,40 @@ class Engine:
                       t: Target) -> tuple[np.ndarray, int]:  # fmt: skip
         """(a seeded sample of the target's rows in ``store`` (a gallery shard) for IVF (-PQ)
         training: 50 per list, and >= 10240 rows so that 8-bit PQ codebooks have 40 points
-        per centroid; the number of the target's rows there)."""
-        here = np.zeros(len(self.cat), bool)
-        for rb in iter_batches(store, models, columns=("item_id",), filter=filt,
-                               batch_rows=self._batch_rows):  # fmt: skip
-            here[self.cat.codes(rb["item_id"], str(store.root))] = True
-        members = np.flatnonzero(t.member & here)
-        rng = np.random.default_rng([self.s.seed, 21])
-        n = min(len(members), max(256 * 40, 50 * self._nlist(len(members))))
-        pick = np.zeros(len(self.cat), bool)
-        pick[rng.choice(members, n, replace=False)] = True
-        parts = []
+        per centroid; the number of the target's rows there), in one pass over the shard.
+
+        Each evaluation item has a seeded uniform key; the sample is the rows of the ``n``
+        smallest keys in catalogue order (a uniform sample without replacement, the same
+        whatever the batch size). The
+        pass keeps the smallest keys seen so far (at most 1.25 times the largest ``n`` the
+        shard's footers allow, plus a batch), so it never holds the shard."""
+        keys = np.random.default_rng([self.s.seed, 21]).random(len(self.cat))  # (N,)
+        bound = self._sample_size(sum(info.rows for _, info in store.parts
+                                      if info.model in models))  # fmt: skip
+        kept_codes, kept_emb, n_kept, n_rows = [], [], 0, 0
         for rb in iter_batches(store, models, columns=("item_id", "embedding"), filter=filt,
                                batch_rows=self._batch_rows):  # fmt: skip
-            sel = pick[self.cat.codes(rb["item_id"], str(store.root))]
-            if sel.any():
-                parts.append(batch_embeddings(rb)[sel])
-        return np.concatenate(parts), len(members)
+            codes = self.cat.codes(rb["item_id"], str(store.root))
+            sel = np.flatnonzero(t.member[codes])
+            if not len(sel):
+                continue
+            n_rows += len(sel)
+            kept_codes.append(codes[sel])
+            kept_emb.append(batch_embeddings(rb)[sel])
+            n_kept += len(sel)
+            if n_kept > bound + max(bound // 4, 1):  # keep the ``bound`` smallest keys
+                c, e = np.concatenate(kept_codes), np.concatenate(kept_emb)
+                best = np.argpartition(keys[c], bound)[:bound]
+                kept_codes, kept_emb, n_kept = [c[best]], [e[best]], bound
+        if not n_rows:
+            return np.zeros((0, self.dim), np.float32), 0
+        c, e = np.concatenate(kept_codes), np.concatenate(kept_emb)
+        best = np.argsort(keys[c], kind="stable")[: self._sample_size(n_rows)]
+        return e[best[np.argsort(c[best], kind="stable")]], n_rows  # in catalogue order
+
+    def _sample_size(self, n: int) -> int:
+        """IVF (-PQ) training rows for a gallery of ``n`` rows (see ``_train_sample``)."""
+        return min(n, max(256 * 40, 50 * self._nlist(n)))
 
     def _topk_metrics(self, t: Target, results: list, recall: list, g_codes: np.ndarray) -> dict:
         """Metrics of each query set from its top-k lists over the gallery rows ``g_codes``

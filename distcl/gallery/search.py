@@ -157,6 +157,9 @@ class StreamSearch:
         if self._ann is not None:
             return self._ann
         out = []
+        if self.index is None:  # never trained: no gallery row
+            return [(np.full((len(q.emb), q.k), -np.inf, np.float32),
+                     np.full((len(q.emb), q.k), -1, np.int64)) for q in self.queries]  # fmt: skip
         labels = np.concatenate(self.labels) if self.labels else np.zeros(0, np.int64)
         for q in self.queries:
             params = faiss.SearchParametersIVF(nprobe=self.index.nprobe)
@@ -191,7 +194,7 @@ class StreamSearch:
             approx, self.sample, self._exact_results(), self.queries, strict=True
         ):
             kk = min(k, q.k, self.rows)
-            out.append(recall_at_k_vs_exact(ids[rows], exact, kk) if len(rows) else None)
+            out.append(recall_at_k_vs_exact(ids[rows], exact, kk) if len(rows) and kk else None)
         return out
 
 

@@ -231,18 +231,26 @@ class Run:
             ),
         )  # fmt: skip
         epochs = {t: job.train.epochs_for(t) for t in range(first, upto)}
-        t0 = time.perf_counter()
+        t0, fit_at = time.perf_counter(), time.time()
         title = f"{job.name} ({job.method.name})"
         with show_progress(board, title, epochs, self.progress, self._log_task) as told:
             result = trainer.fit()
         if result.error:
             raise result.error
-        wall = time.perf_counter() - t0
-        timings = (result.return_value or {}).get("timings", {})
+        wall, back = time.perf_counter() - t0, time.time()
+        ret = result.return_value or {}
+        timings = ret.get("timings", {})
         for t in range(first, upto):
             if t not in told:  # finished after the last poll
                 self._log_task(t, timings.get(t, {}))
-        return {"wall_s": wall, "tasks": timings}
+        out = {"wall_s": wall, "tasks": timings}
+        if "entered_at" in ret:  # wall clocks of this machine and rank 0's (one node: exact)
+            out["run_overhead"] = {
+                "startup_s": ret["entered_at"] - fit_at,  # controller, workers, process group
+                "setup_s": ret["tasks_started_at"] - ret["entered_at"],  # model, warm-up
+                "shutdown_s": back - ret["tasks_ended_at"],  # workers end, result returns
+            }
+        return out
 
     def _log_task(self, t: int, timing: dict) -> None:
         history = storage.read_json(self.rd.model(t) / "history.json")

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from distcl import faults, storage
-from distcl.data.shards import decode_image, exact_split, iter_shard
+from distcl.data.shards import decode_image, item_split, iter_items
 from distcl.gallery.store import write_embeddings
 from distcl.memory.selection import per_class_budget
 from distcl.methods.base import TaskContext
@@ -49,51 +49,50 @@ def task_context(w, t: int) -> TaskContext:
     return ctx
 
 
-def _embed_batches(shards: Sequence[tuple[str, int]]):
-    """(images uint8, keys, labels, tasks) batches of ``shards``; a shard that yields fewer
-    samples than its manifest count is an error naming it."""
+def _embed_batches(pieces):
+    """(images uint8, keys, labels, tasks) batches of ``pieces`` (``item_split``); a shard
+    that yields fewer samples than its manifest count is an error naming it."""
     images, keys, labels, tasks = [], [], [], []
-    for path, count in shards:
-        n = 0
-        for key, img, lab, meta in iter_shard(path):
-            images.append(img)
-            keys.append(key)
-            labels.append(lab)
-            tasks.append(meta["task"])
-            n += 1
-            if len(images) == EMBED_BATCH:
-                yield np.stack(images), keys, labels, tasks
-                images, keys, labels, tasks = [], [], [], []
-        if n != count:
-            raise RuntimeError(f"{path}: read {n} samples, the manifest lists {count}")
+    for key, img, lab, meta in iter_items(pieces):
+        images.append(img)
+        keys.append(key)
+        labels.append(lab)
+        tasks.append(meta["task"])
+        if len(images) == EMBED_BATCH:
+            yield np.stack(images), keys, labels, tasks
+            images, keys, labels, tasks = [], [], [], []
     if images:
         yield np.stack(images), keys, labels, tasks
 
 
 class _EmbedStream(torch.utils.data.IterableDataset):
-    """A rank's shards for a DataLoader: each loader worker reads and decodes its own."""
+    """A rank's items for a DataLoader: each loader worker reads and decodes its own part
+    of the rank's range."""
 
-    def __init__(self, shards):
-        self.shards = list(shards)
+    def __init__(self, shards, rank: int, world: int):
+        self.shards, self.rank, self.world = list(shards), rank, world
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         w, n = (info.id, info.num_workers) if info is not None else (0, 1)
-        yield from _embed_batches(exact_split(self.shards, 0, 1, w, n))
+        yield from _embed_batches(item_split(self.shards, self.rank, self.world, w, n))
 
 
 @torch.no_grad()
 def embed_shards(
-    model, shards: Sequence[tuple[str, int]], device, loader_workers: int = 0
-) -> dict[str, np.ndarray]:
-    """Every sample of ``shards`` ((path, manifest count) pairs) embedded by ``model``,
-    decoded here (``loader_workers=0``) or in that many DataLoader worker processes."""
-    workers = min(loader_workers, len(shards))
+    model, shards: Sequence[tuple[str, int]], device, loader_workers: int = 0,
+    rank: int = 0, world: int = 1,
+) -> dict[str, np.ndarray]:  # fmt: skip
+    """Rank ``rank``'s share (of ``world``; ``item_split``) of the samples of ``shards``
+    ((path, manifest count) pairs) embedded by ``model``, decoded here
+    (``loader_workers=0``) or in that many DataLoader worker processes."""
+    pieces = item_split(shards, rank, world)
+    workers = min(loader_workers, sum(stop - start for _, _, start, stop in pieces))
     batches = (
-        _embed_batches(shards)
+        _embed_batches(pieces)
         if workers == 0
         else torch.utils.data.DataLoader(
-            _EmbedStream(shards), batch_size=None, num_workers=workers,
+            _EmbedStream(shards, rank, world), batch_size=None, num_workers=workers,
             pin_memory=getattr(device, "type", str(device)) == "cuda",
         )
     )  # fmt: skip
@@ -127,7 +126,7 @@ def _class_sums(w, labels: np.ndarray, emb: np.ndarray) -> tuple[np.ndarray, np.
 
 def class_means(w, model, shards) -> tuple[torch.Tensor, torch.Tensor]:
     """(means (K, D), labels (K,)) of the classes present in ``shards``, over all ranks."""
-    out = embed_shards(model, exact_split(shards, w.rank, w.world), w.device, w.loaders)
+    out = embed_shards(model, shards, w.device, w.loaders, w.rank, w.world)
     sums, counts = _class_sums(w, out["labels"], out["emb"])
     present = np.flatnonzero(counts > 0)
     means = sums[present] / counts[present, None]
@@ -142,7 +141,7 @@ def finish_task(w, t: int, model) -> dict:
         for root in (rd.eval_embeddings, rd.gallery):
             storage.delete_dir(root / f"model={t}")
     w.barrier()
-    ev = embed_shards(model, exact_split(plan["eval_shards"], w.rank, w.world), w.device, w.loaders)
+    ev = embed_shards(model, plan["eval_shards"], w.device, w.loaders, w.rank, w.world)
     part = f"part-{w.rank}"
     if len(ev["keys"]):
         write_embeddings(
@@ -174,14 +173,15 @@ def finish_task(w, t: int, model) -> dict:
     return {"embed_s": embed_s, "end_task_items": int(counts)}
 
 
-def shard_labels(shards: Sequence[tuple[str, int]]) -> dict[str, np.ndarray]:
-    """``embed_shards``' keys and labels of ``shards`` without decoding or embedding a
-    sample; ``emb`` is (N, 0). For selections that do not look at features."""
+def shard_labels(
+    shards: Sequence[tuple[str, int]], rank: int = 0, world: int = 1
+) -> dict[str, np.ndarray]:
+    """``embed_shards``' keys and labels of the same share of ``shards`` without decoding or
+    embedding a sample; ``emb`` is (N, 0). For selections that do not look at features."""
     keys, labels = [], []
-    for path, count in shards:
-        for key, _data, lab, _meta in iter_shard(path, expected=count, decode=False):
-            keys.append(key)
-            labels.append(int(lab))
+    for key, _data, lab, _meta in iter_items(item_split(shards, rank, world), decode=False):
+        keys.append(key)
+        labels.append(int(lab))
     return {"keys": np.asarray(keys, dtype=str), "labels": np.asarray(labels, np.int64),
             "emb": np.zeros((len(keys), 0), np.float32)}  # fmt: skip
 
@@ -192,11 +192,11 @@ def _update_memory(w, t: int, model) -> None:
     herding); random selection needs their labels only, and stores exemplars without
     embeddings (training replays images; nothing reads the stored features)."""
     job, plan, needs = w.job, w.plan, w.plan["needs"]
-    shards = exact_split(plan["tasks"][t]["memory_shards"], w.rank, w.world)
+    shards = plan["tasks"][t]["memory_shards"]
     if needs["class_means"] or job.memory.selection != "random":
-        tr = embed_shards(model, shards, w.device, w.loaders)
+        tr = embed_shards(model, shards, w.device, w.loaders, w.rank, w.world)
     else:
-        tr = shard_labels(shards)
+        tr = shard_labels(shards, w.rank, w.world)
     emb = tr["emb"]
     if needs["class_means"]:
         sums, counts = _class_sums(w, tr["labels"], emb)
@@ -225,10 +225,10 @@ def _update_memory(w, t: int, model) -> None:
     keys, labels, embs = box[0]
     wanted = set(keys)
     found = {}
-    for path, _count in shards:  # only the chosen items' images are read again
-        for key, data, _lab, _meta in iter_shard(path, decode=False):
-            if key in wanted:  # decode only the chosen items
-                found[key] = decode_image(data)
+    # Only the chosen items of this rank's share are decoded, read again.
+    for key, data, _lab, _meta in iter_items(item_split(shards, w.rank, w.world), False):
+        if key in wanted:
+            found[key] = decode_image(data)
     gathered = [None] * w.world
     if w.distributed:
         dist.all_gather_object(gathered, found)

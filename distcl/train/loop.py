@@ -98,6 +98,11 @@ class Worker:
         self.device = ray.train.torch.get_device()
         self.distributed = dist.is_available() and dist.is_initialized() and self.world > 1
         self.gather = global_gather if self.distributed else None
+        if self.distributed:
+            # The process's first DistributedDataParallel imports torch._dynamo (~0.8 s on
+            # an idle core, 1.5 s with two workers on two cores): a start-up cost of the
+            # worker, paid here once, not inside the first task's timings.
+            import torch._dynamo  # noqa: F401
         self.loaders = self.job.train.loaders()  # DataLoader processes that read and decode
         self.memory = config.get("memory")  # a MemoryService (its shards' handles) or None
         self.progress = None
@@ -118,25 +123,28 @@ class Worker:
         if first > 0:
             load_model_dir(model, self.rd.model(first - 1))  # continue from the last model
         state = _load_checkpoint(ray.train.get_checkpoint(), self.device)
-        timings = {}
+        timings, started = {}, time.time()
         for t in range(first, plan["upto"]):
             torch.manual_seed(job.seed * 1000 + t * 10 + self.rank)
             t0 = time.perf_counter()
+            parts: dict[str, float] = {}
             if self.rd.trained(t):  # trained before a crash in its end-of-task work
                 load_model_dir(model, self.rd.model(t))
             else:
                 resume = state if state and state["task"] == t else None
-                self.train_task(t, model, resume)
+                parts = self.train_task(t, model, resume)
             t1 = time.perf_counter()
             info = endtask.finish_task(self, t, model.eval())
-            timings[t] = {"train_s": t1 - t0, "end_task_s": time.perf_counter() - t1, **info}
+            timings[t] = {"train_s": t1 - t0, "end_task_s": time.perf_counter() - t1,
+                          **parts, **info}  # fmt: skip
             if self.progress is not None:  # the driver logs the task now, not at the end
                 self.progress.task_done.remote(t, timings[t])
             metrics = {"task": t, "task_done": 1, **timings[t]}
             if self.rank == 0 and self.config.get("score_fn"):  # e.g. a tuning trial's row
                 metrics.update(self.config["score_fn"](str(self.rd.root), t))
             ray.train.report(metrics)  # after every task: Tune's schedulers grade here
-        return {"rank": self.rank, "world": self.world, "timings": timings}
+        return {"rank": self.rank, "world": self.world, "timings": timings,
+                "tasks_started_at": started, "tasks_ended_at": time.time()}  # fmt: skip
 
     # -- one task ----------------------------------------------------------------------
     def prepare_task(self, t: int, model) -> tuple:
@@ -160,9 +168,14 @@ class Worker:
                 snapshot = None
         return ctx, method, old_model, snapshot
 
-    def train_task(self, t: int, model, resume: dict | None) -> list[dict]:
+    def train_task(self, t: int, model, resume: dict | None) -> dict[str, float]:
+        """Train task t; returns where its time outside the epochs' loops went (seconds):
+        ``prepare_s`` (method, old model, replay snapshot, DDP wrap, optimiser),
+        ``checkpoint_s`` (the epochs' reports with their checkpoints), ``save_s`` (model t
+        written, the barrier, every rank reloading it). The epochs' own are in the history."""
         job, plan = self.job, self.plan
         task = plan["tasks"][t]
+        t_prep = time.perf_counter()
         ctx, method, old_model, snapshot = self.prepare_task(t, model)
         needs = method.needs()
         step = TrainStep(model, method, job.method.align, ctx, old_model)
@@ -197,6 +210,7 @@ class Worker:
             sampler = BalancedSampler(snapshot["labels"])
             frac = job.memory.replay_fraction or needs.replay_fraction
             n_mem = max(1, round(bsz * frac / (1 - frac)))
+        parts = {"prepare_s": time.perf_counter() - t_prep, "checkpoint_s": 0.0}
         for epoch in range(start_epoch, epochs):
             # Every random stream restarts per (task, epoch, rank): an epoch resumed from a
             # checkpoint draws exactly what it drew in a run that never crashed.
@@ -261,7 +275,10 @@ class Worker:
                 self.progress.update.remote(
                     task=t, epoch=epoch, step=n_batches, steps=n_batches, record=record
                 )
+            t_ckpt = time.perf_counter()
             self._report_epoch(record, inner, opt, sched, t, epoch, history)
+            parts["checkpoint_s"] += time.perf_counter() - t_ckpt
+        t_save = time.perf_counter()
         if self.rank == 0:
             meta = model_meta(job, model, t, plan["scenario_digest"])
             meta.update(workers=self.world, device=str(self.device), loader_workers=self.loaders)
@@ -273,7 +290,8 @@ class Worker:
         # Every rank continues with the saved model: DDP keeps parameters equal, but each
         # rank's BatchNorm running statistics moved with its own last batches.
         load_model_dir(model, self.rd.model(t))
-        return history
+        parts["save_s"] = time.perf_counter() - t_save
+        return parts
 
     def _epoch_record(self, t, epoch, sums, correct, seen, n_batches, n_mem, t0) -> dict:
         """Global epoch statistics: sums over ranks (a collective: every rank runs it)."""
@@ -315,5 +333,6 @@ def _load_checkpoint(ckpt, device) -> dict | None:
 
 def train_sequence_loop(config: dict) -> dict:
     """Ray Train ``train_loop_per_worker``: every remaining task; returns rank 0's timings."""
+    entered = time.time()  # wall clock: the driver compares it with its own
     _quiet_train_logs()
-    return Worker(config).run()
+    return {**Worker(config).run(), "entered_at": entered}
