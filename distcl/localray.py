@@ -172,7 +172,8 @@ _keep_open: list[int] = []
 
 # ------------------------------------------------------------------------ init
 @contextlib.contextmanager
-def _scoped_env(values: dict[str, str]) -> Iterator[None]:
+def scoped_env(values: dict[str, str]) -> Iterator[None]:
+    """Environment variables set for the block, restored (or removed) after it."""
     old = {k: os.environ.get(k) for k in values}
     os.environ.update(values)
     try:
@@ -261,7 +262,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     dashboard_port = _free_port()
     runtime_env["env_vars"]["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
     try:
-        with _scoped_env({_SINGLE_MACHINE_ENV: "0", SESSION_ENV: marker}):
+        with scoped_env({_SINGLE_MACHINE_ENV: "0", SESSION_ENV: marker}):
             ray.init(
                 address="local",  # always a new instance, never a `ray start` left running
                 num_cpus=num_cpus,

@@ -13,7 +13,10 @@ of the tasks against the first half, from the per-task wall times of the per-tas
 the per-task ``train_s + end_task_s`` of the one run). Also the overhead as a fraction of
 a task's training time, and, for the one run, where each task's time outside its training
 steps went (rank 0's clock): preparing (method, old model, replay snapshot, DDP wrap),
-the epochs' checkpoints, saving the model, the end-of-task work, and the rest.
+the epochs' checkpoints, saving the model, the end-of-task work, the task's report (it
+waits until Train's controller takes the previous one), and the rest; and once per run,
+Train's start-up (controller, worker processes, process group), the workers' set-up and
+the shut-down.
 
 Run: ``distcl bench sequence [--tasks 20] [--workers 2]`` (minutes: the old shape is slow).
 ``--job FILE`` runs a real job (its data, model, method and workers; ``--tasks`` and
@@ -85,7 +88,8 @@ def run_sequence_bench(tasks: int = 20, workers: int = 2, log=print,
             else:
                 result = run.train()
                 timings = result["tasks"]
-                walls = [timings[t]["train_s"] + timings[t]["end_task_s"] for t in range(tasks)]
+                walls = [timings[t]["train_s"] + timings[t]["end_task_s"]
+                         + timings[t]["report_s"] for t in range(tasks)]  # fmt: skip
                 ends = [timings[t]["end_task_s"] / timings[t]["train_s"] for t in range(tasks)]
             wall = time.perf_counter() - t0
             train = _train_s(run)
@@ -108,13 +112,13 @@ def run_sequence_bench(tasks: int = 20, workers: int = 2, log=print,
     return out
 
 
-PARTS = ("prepare_s", "checkpoint_s", "save_s", "end_task_s")
+PARTS = ("prepare_s", "checkpoint_s", "save_s", "end_task_s", "report_s")
 
 
 def _breakdown(timing: dict, steps: float) -> dict:
     """One task of the one run: its training steps and every part of the rest (seconds)."""
     out = {"steps_s": steps, **{k: timing.get(k, 0.0) for k in PARTS}}
-    total = timing["train_s"] + timing["end_task_s"]
+    total = timing["train_s"] + timing["end_task_s"] + timing.get("report_s", 0.0)
     out["other_s"] = total - sum(out.values())  # seeding, the epochs' progress messages, ...
     out["wall_s"] = total
     out["overhead_vs_steps"] = (total - steps) / steps
@@ -142,7 +146,7 @@ def format_sequence_bench(r: dict) -> str:
                      f"set-up {o['setup_s']:.2f}, shut-down {o['shutdown_s']:.2f}")  # fmt: skip
     if r.get("breakdown"):
         lines.append("  one run, per task (s): steps | prepare checkpoints save end-of-task "
-                     "other | overhead / steps")  # fmt: skip
+                     "report other | overhead / steps")  # fmt: skip
         for t, b in enumerate(r["breakdown"]):
             rest = " ".join(f"{b[k]:6.2f}" for k in (*PARTS, "other_s"))
             lines.append(f"    task {t:2d}: {b['steps_s']:7.2f} | {rest} | "

@@ -142,7 +142,9 @@ class Worker:
             metrics = {"task": t, "task_done": 1, **timings[t]}
             if self.rank == 0 and self.config.get("score_fn"):  # e.g. a tuning trial's row
                 metrics.update(self.config["score_fn"](str(self.rd.root), t))
+            t2 = time.perf_counter()
             ray.train.report(metrics)  # after every task: Tune's schedulers grade here
+            timings[t]["report_s"] = time.perf_counter() - t2  # waits for the controller
         return {"rank": self.rank, "world": self.world, "timings": timings,
                 "tasks_started_at": started, "tasks_ended_at": time.time()}  # fmt: skip
 
