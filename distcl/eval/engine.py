@@ -37,6 +37,7 @@ Test: ``.venv/bin/python -m pytest tests/test_eval_engine.py -q``
 
 from __future__ import annotations
 
+import ctypes
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -154,6 +155,36 @@ class Catalogue:
         return pos.astype(np.int64)
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: nothing to tune
+        return None
+
+
+def _lean_malloc() -> None:
+    """glibc only: blocks of 1 MiB and more always come from (and go back to) the OS. By
+    default glibc raises that threshold to the size of each large block freed (up to 32 MiB),
+    after which freed batches and buffers stay in the process: measured on a 1M-row gallery
+    at a 256 MB budget, the scan's peak RSS went from 722 to 656 MB and the RSS between
+    passes from 533 to 294 MB."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+
+
+def release_memory() -> None:
+    """Give freed memory back to the OS: Arrow's pool (compute kernels allocate there) and
+    glibc's heap."""
+    pa.default_memory_pool().release_unused()
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
 def _bytes(ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
     return ids.cast(pa.binary()).to_numpy(zero_copy_only=False).astype(bytes)
 
@@ -267,6 +298,7 @@ class Engine:
     """Rows of the matrices of one run directory (see the module docstring)."""
 
     def __init__(self, run_dir: str | Path | Uri, settings: EvalSettings, scenario: Any) -> None:
+        _lean_malloc()
         self.run_dir = storage.location(run_dir)  # a local path or an object-store URI
         self.s = settings
         self.on_gpu = _resolve_gpu(settings.use_gpu)  # here, where this engine searches
@@ -276,6 +308,8 @@ class Engine:
             raise ValueError(f"{self.eval_store.root}: no embedded evaluation set")
         self.dim = self.eval_store.dim
         self.cat = Catalogue.read(self.eval_store, 0)
+        self.cat.codes(self.cat.ids[:1], "")  # the sorted keys, built once here
+        release_memory()  # the read's and the sort's transients (~150 MB per 1M items)
         self.plan = Plan.build(self.cat, settings)
         self._cache: dict[int, dict[str, np.ndarray]] = {}
         ks = {*settings.topk, *settings.recall_ks}
