@@ -49,9 +49,11 @@ from distcl.train.progress import ProgressBoard, show_progress
 #: - the controller polls the workers every 0.5 s, not every 2 s: a worker's
 #:   ``ray.train.report`` waits in a one-slot queue until a poll takes the previous report, so
 #:   each task's report (right after its last epoch's) waited ~1 s, and the run's end ~3 s
-#:   more (a 2-task run: 18 s -> 11 s, ``distcl bench sequence``);
+#:   more;
 #: - no preemption watcher on a one-node Ray (an actor per run that watches for nodes being
 #:   drained; on one node the driver goes with the node, so nothing is left to act on it).
+#: Both together: a tiny 2-task, 2-worker run 18-20 s -> 10.6-12 s on 2 cores; the
+#: quickstart's once-per-run cost 12.7 -> 10.1 s (``distcl bench sequence``).
 TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 ONE_NODE_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
