@@ -138,17 +138,22 @@ class Catalogue:
     def __len__(self) -> int:
         return len(self.ids)
 
+    @property
+    def keys(self) -> np.ndarray:
+        """The sorted ids as bytes (N,) (built on first use)."""
+        if self._keys is None:
+            self._keys = _bytes(self.ids)
+        return self._keys
+
     def codes(self, ids: pa.Array | pa.ChunkedArray, where: str) -> np.ndarray:
         """Canonical positions (B,) int64 of ``ids``; ValueError for an id not in the set.
 
         A binary search in the sorted ids as bytes (UTF-8 keeps Arrow's sort order): no hash
         table of the whole set is rebuilt per batch.
         """
-        if self._keys is None:
-            self._keys = _bytes(self.ids)  # (N,) S
         keys = _bytes(ids)  # (B,) S
-        pos = np.minimum(np.searchsorted(self._keys, keys), len(self._keys) - 1)
-        bad = np.flatnonzero(self._keys[pos] != keys)
+        pos = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
+        bad = np.flatnonzero(self.keys[pos] != keys)
         if len(bad):
             name = keys[bad[0]].decode()
             raise ValueError(f"{where}: item {name!r} is not in the evaluation set of model 0")
@@ -308,7 +313,7 @@ class Engine:
             raise ValueError(f"{self.eval_store.root}: no embedded evaluation set")
         self.dim = self.eval_store.dim
         self.cat = Catalogue.read(self.eval_store, 0)
-        self.cat.codes(self.cat.ids[:1], "")  # the sorted keys, built once here
+        self.cat.keys  # noqa: B018  (the sorted keys, built once, here)
         release_memory()  # the read's and the sort's transients (~150 MB per 1M items)
         self.plan = Plan.build(self.cat, settings)
         self._cache: dict[int, dict[str, np.ndarray]] = {}
