@@ -334,12 +334,17 @@ def item_split(
 
 
 def iter_items(pieces: Sequence[Piece], decode: bool = True):
-    """The samples of ``pieces`` (``item_split``) as ``iter_shard`` yields them, in order.
-    Each shard is read to its end, so its count is checked, but only the samples in the
-    piece's range are decoded and yielded."""
+    """The samples of ``pieces`` (``item_split``) as ``iter_shard`` yields them, in order;
+    only those in a piece's range are decoded and yielded. A piece that ends where its shard
+    ends reads it to the end, so the shard's count and end-of-archive are checked (by exactly
+    one reader of every shard); a piece that ends before stops reading there."""
     for path, count, start, stop in pieces:
-        for i, (key, data, label, meta) in enumerate(iter_shard(path, count, decode=False)):
-            if start <= i < stop:
+        samples = iter_shard(path, count, decode=False)
+        for i, (key, data, label, meta) in enumerate(samples):
+            if i >= stop:  # only a piece ending before its shard's end gets here
+                samples.close()
+                break
+            if i >= start:
                 yield key, decode_image(data) if decode else data, label, meta
 
 
