@@ -88,14 +88,13 @@ def run_sequence_bench(tasks: int = 20, workers: int = 2, log=print,
             else:
                 result = run.train()
                 timings = result["tasks"]
-                walls = [timings[t]["train_s"] + timings[t]["end_task_s"]
-                         + timings[t]["report_s"] for t in range(tasks)]  # fmt: skip
                 ends = [timings[t]["end_task_s"] / timings[t]["train_s"] for t in range(tasks)]
             wall = time.perf_counter() - t0
             train = _train_s(run)
-            if shape == "one_run":
-                out["breakdown"] = [_breakdown(timings[t], train[t]) for t in range(tasks)]
+            if shape == "one_run":  # each task's wall: its training, end-of-task and report
+                out["breakdown"] = [_breakdown(timings[t], s) for t, s in enumerate(train)]
                 out["run_overhead"] = result.get("run_overhead", {})
+                walls = [b["wall_s"] for b in out["breakdown"]]
             per_task = [w - s for w, s in zip(walls, train, strict=True)]  # overhead per task
             half = tasks // 2
             out[shape] = {
@@ -118,7 +117,7 @@ PARTS = ("prepare_s", "checkpoint_s", "save_s", "end_task_s", "report_s")
 def _breakdown(timing: dict, steps: float) -> dict:
     """One task of the one run: its training steps and every part of the rest (seconds)."""
     out = {"steps_s": steps, **{k: timing.get(k, 0.0) for k in PARTS}}
-    total = timing["train_s"] + timing["end_task_s"] + timing.get("report_s", 0.0)
+    total = timing["train_s"] + timing["end_task_s"] + timing["report_s"]
     out["other_s"] = total - sum(out.values())  # seeding, the epochs' progress messages, ...
     out["wall_s"] = total
     out["overhead_vs_steps"] = (total - steps) / steps

@@ -652,9 +652,9 @@ class Engine:
 
         Each evaluation item has a seeded uniform key; the sample is the rows of the ``n``
         smallest keys in catalogue order (a uniform sample without replacement, the same
-        whatever the batch size). The
-        pass keeps the smallest keys seen so far (at most 1.25 times the largest ``n`` the
-        shard's footers allow, plus a batch), so it never holds the shard."""
+        whatever the batch size). The pass keeps the smallest keys seen so far (at most 1.25
+        times the largest ``n`` the shard's footers allow, plus a batch), so it never holds
+        the shard."""
         keys = np.random.default_rng([self.s.seed, 21]).random(len(self.cat))  # (N,)
         bound = self._sample_size(sum(info.rows for _, info in store.parts
                                       if info.model in models))  # fmt: skip

@@ -156,10 +156,10 @@ class StreamSearch:
             return self._exact_results()
         if self._ann is not None:
             return self._ann
-        out = []
         if self.index is None:  # never trained: no gallery row
             return [(np.full((len(q.emb), q.k), -np.inf, np.float32),
                      np.full((len(q.emb), q.k), -1, np.int64)) for q in self.queries]  # fmt: skip
+        out = []
         labels = np.concatenate(self.labels) if self.labels else np.zeros(0, np.int64)
         for q in self.queries:
             params = faiss.SearchParametersIVF(nprobe=self.index.nprobe)

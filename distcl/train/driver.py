@@ -40,6 +40,7 @@ from distcl.localray import (  # noqa: F401  (init_ray: re-exported)
 )
 from distcl.memory.service import create_memory_service
 from distcl.methods import METHODS
+from distcl.placement import worker_nodes
 from distcl.rundir import RunDir, atomic_write, atomic_write_json
 from distcl.train.modeling import read_meta
 from distcl.train.progress import ProgressBoard, show_progress
@@ -62,7 +63,7 @@ def train_env() -> dict[str, str]:
     """The Ray Train variables distcl sets for a Train run (``TRAIN_ENV``), less those this
     process's environment sets itself."""
     env = dict(TRAIN_ENV)
-    if sum(1 for n in ray.nodes() if n.get("Alive")) == 1:
+    if not worker_nodes(ray.nodes(), gpu=False):  # one node: the head is all there is
         env.update(ONE_NODE_TRAIN_ENV)
     return {k: v for k, v in env.items() if k not in os.environ}
 
