@@ -7,6 +7,7 @@ Run: .venv/bin/python -m pytest tests/test_gallery_store.py -q
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -17,6 +18,7 @@ import pytest
 from distcl.gallery import write as gallery_write
 from distcl.gallery.store import (
     PartInfo,
+    iter_batches,
     iter_embedding_batches,
     list_parts,
     read_embeddings,
@@ -241,6 +243,33 @@ def test_iter_batches_match_in_memory_read(tmp_path):
     assert len(only1) == 1 and only1[0].labels.tolist() == [0, 1, 2, 3, 4]
     with pytest.raises(ValueError, match="batch_rows"):
         next(iter_embedding_batches(tmp_path, batch_rows=0))
+
+
+def test_a_slow_consumer_holds_one_row_group_not_the_files(tmp_path, monkeypatch):
+    """Arrow's threaded dataset scan read whole files ahead of a slow consumer (a search);
+    ``iter_batches`` holds at most about one row group in Arrow's memory, and yields the
+    rows in (model, part, row) order, a filter pruning row groups by their statistics."""
+    d, group_rows = 64, 512
+    monkeypatch.setattr(gallery_write, "ROW_GROUP_BYTES", 4 * d * group_rows)
+    n = 8 * group_rows  # 8 row groups (1 MiB of embeddings) per part, 3 parts
+    for p in range(3):
+        ids = [f"p{p}-{i:05d}" for i in range(n)]
+        write_embeddings(tmp_path, 0, f"part-{p}", ids, np.arange(n) + p * n,
+                         np.zeros(n, int), unit(n, d, seed=p))  # fmt: skip
+    pool, most, order = pa.system_memory_pool(), 0, []
+    for rb in iter_batches(tmp_path, 0, columns=("item_id", "embedding"), batch_rows=4096):
+        time.sleep(0.01)  # the consumer is slower than the reader
+        most = max(most, pool.bytes_allocated())
+        order += rb["item_id"].to_pylist()
+    assert order == [f"p{p}-{i:05d}" for p in range(3) for i in range(n)]
+    group_bytes = 4 * d * group_rows
+    assert most <= 3 * group_bytes, (most, group_bytes)  # one file alone is 8 groups
+    # label statistics exclude all but one group of part 1
+    lo = n + 3 * group_rows
+    filt = (ds.field("label") >= lo) & (ds.field("label") < lo + 10)
+    rows = [r for rb in iter_batches(tmp_path, 0, columns=("label",), filter=filt)
+            for r in rb["label"].to_pylist()]  # fmt: skip
+    assert rows == list(range(lo, lo + 10))
 
 
 def test_empty_results_and_missing_root(tmp_path):

@@ -164,8 +164,9 @@ def iter_batches(
     filter: ds.Expression | None = None,
     batch_rows: int = 65536,
 ) -> Iterator[pa.RecordBatch]:
-    """Stream record batches (<= ``batch_rows`` rows, never spanning files) in (model, part,
-    row) order; ``models`` prunes folders, ``filter`` is pushed into the Parquet scan."""
+    """Stream record batches (<= ``batch_rows`` rows, never spanning row groups) in (model,
+    part, row) order; ``models`` prunes folders, ``filter`` is pushed into the Parquet scan
+    (row groups whose statistics exclude it are not read)."""
     if isinstance(batch_rows, bool) or not isinstance(batch_rows, int) or batch_rows < 1:
         raise ValueError(f"batch_rows must be a positive int, got {batch_rows!r}")
     st = store if isinstance(store, Store) else open_store(store)
@@ -174,15 +175,22 @@ def iter_batches(
         filter = by_model if filter is None else by_model & filter
     if st.dataset is None:
         return
+    # Bounded memory: one row group at a time, decoded in this thread, no pre-buffering, and
+    # malloc (returns freed batches to the OS; mimalloc keeps them). Arrow's threaded dataset
+    # scan reads ahead while the consumer searches, whatever its readahead settings: with
+    # a consumer as slow as a search it held a whole model's gallery (513 MB of 488 MB,
+    # measured); read like this it holds one row group (<= ROW_GROUP_BYTES of embeddings).
+    pool = pa.system_memory_pool()
     try:
-        # Bounded memory: little readahead (the default holds 16 batches), no whole-file
-        # pre-buffering, and malloc (returns freed batches to the OS; mimalloc keeps them).
-        for rb in st.dataset.to_batches(columns=list(columns), filter=filter,
-                                        batch_size=batch_rows, batch_readahead=1,
-                                        fragment_readahead=1, fragment_scan_options=_SCAN,
-                                        memory_pool=pa.system_memory_pool()):  # fmt: skip
-            if rb.num_rows:
-                yield rb
+        for fragment in st.dataset.get_fragments(filter=filter):
+            for group in fragment.split_by_row_group(filter):  # statistics prune groups
+                for rb in group.to_batches(
+                    schema=st.dataset.schema, columns=list(columns), filter=filter,
+                    batch_size=batch_rows, use_threads=False, fragment_scan_options=_SCAN,
+                    memory_pool=pool,
+                ):  # fmt: skip
+                    if rb.num_rows:
+                        yield rb
     except (pa.ArrowException, OSError) as e:
         raise ValueError(f"corrupt or unreadable gallery part under {st.root}: {e}") from e
 
