@@ -351,10 +351,12 @@ def test_sample_split_decodes_only_kept_samples(built, monkeypatch):
     assert len(calls) == 4  # this rank's 4 samples, not all 16
 
 
-def test_embed_shards_same_with_loader_workers(built):
-    """The end-of-task embedding pass gives the same rows decoded in loader processes."""
+def test_embed_shards_same_with_loader_workers(built, monkeypatch):
+    """The end-of-task embedding pass gives the same rows decoded in loader processes, and
+    whatever its forward batch."""
     import torch
 
+    from distcl.train import endtask
     from distcl.train.endtask import embed_shards
 
     class Mean(torch.nn.Module):  # a fixed "model": the image's mean per row block
@@ -372,6 +374,12 @@ def test_embed_shards_same_with_loader_workers(built):
     ia, ib = np.argsort(a["keys"]), np.argsort(b["keys"])
     for f in ("labels", "tasks", "emb"):
         np.testing.assert_array_equal(a[f][ia], b[f][ib])
+    # The forward batch depends on the device only (small on CPU); rows and order do not.
+    assert endtask.embed_batch(torch.device("cpu")) == 64 and endtask.embed_batch("cuda") == 256
+    monkeypatch.setitem(endtask.EMBED_BATCH, "cpu", 7)  # 256 rows: 36 batches and a short one
+    c = embed_shards(Mean(), shards, torch.device("cpu"))
+    for f in ("keys", "labels", "tasks", "emb"):
+        np.testing.assert_array_equal(a[f], c[f])
 
 
 def test_shard_labels_equal_the_embedding_pass_without_decoding(built, monkeypatch):

@@ -29,7 +29,15 @@ from distcl.memory.selection import per_class_budget
 from distcl.methods.base import TaskContext
 from distcl.placement import node_id
 
-EMBED_BATCH = 256
+# Images per forward pass of the end-of-task embedding. On CPU small batches are faster: a
+# batch's activations stay in cache (ResNet-32 on 28x28 images, one thread, 1000 images:
+# 0.73 s at 64, 1.17 s at 256; the embeddings are bitwise the same). A GPU wants large ones.
+EMBED_BATCH = {"cpu": 64, "cuda": 256}
+
+
+def embed_batch(device) -> int:
+    """``EMBED_BATCH`` for ``device`` (a torch device or its name)."""
+    return EMBED_BATCH.get(getattr(device, "type", str(device)), EMBED_BATCH["cuda"])
 
 
 def task_context(w, t: int) -> TaskContext:
@@ -49,16 +57,16 @@ def task_context(w, t: int) -> TaskContext:
     return ctx
 
 
-def _embed_batches(pieces):
-    """(images uint8, keys, labels, tasks) batches of ``pieces`` (``item_split``); a shard
-    that yields fewer samples than its manifest count is an error naming it."""
+def _embed_batches(pieces, size: int):
+    """(images uint8, keys, labels, tasks) batches of ``size`` of ``pieces`` (``item_split``);
+    a shard that yields fewer samples than its manifest count is an error naming it."""
     images, keys, labels, tasks = [], [], [], []
     for key, img, lab, meta in iter_items(pieces):
         images.append(img)
         keys.append(key)
         labels.append(lab)
         tasks.append(meta["task"])
-        if len(images) == EMBED_BATCH:
+        if len(images) == size:
             yield np.stack(images), keys, labels, tasks
             images, keys, labels, tasks = [], [], [], []
     if images:
@@ -69,13 +77,14 @@ class _EmbedStream(torch.utils.data.IterableDataset):
     """A rank's items for a DataLoader: each loader worker reads and decodes its own part
     of the rank's range."""
 
-    def __init__(self, shards, rank: int, world: int):
-        self.shards, self.rank, self.world = list(shards), rank, world
+    def __init__(self, shards, rank: int, world: int, size: int):
+        self.shards, self.rank, self.world, self.size = list(shards), rank, world, size
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         w, n = (info.id, info.num_workers) if info is not None else (0, 1)
-        yield from _embed_batches(item_split(self.shards, self.rank, self.world, w, n))
+        pieces = item_split(self.shards, self.rank, self.world, w, n)
+        yield from _embed_batches(pieces, self.size)
 
 
 @torch.no_grad()
@@ -88,11 +97,12 @@ def embed_shards(
     (``loader_workers=0``) or in that many DataLoader worker processes."""
     pieces = item_split(shards, rank, world)
     workers = min(loader_workers, sum(stop - start for _, _, start, stop in pieces))
+    size = embed_batch(device)
     batches = (
-        _embed_batches(pieces)
+        _embed_batches(pieces, size)
         if workers == 0
         else torch.utils.data.DataLoader(
-            _EmbedStream(shards, rank, world), batch_size=None, num_workers=workers,
+            _EmbedStream(shards, rank, world, size), batch_size=None, num_workers=workers,
             pin_memory=getattr(device, "type", str(device)) == "cuda",
         )
     )  # fmt: skip
