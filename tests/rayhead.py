@@ -48,8 +48,8 @@ def _stop_head(proc: subprocess.Popen, temp_dir: str) -> None:
     """Stop only the head this test started (never `ray stop`: it stops every Ray here)."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)  # `ray start --block` shuts its processes down
-        try:
-            proc.wait(timeout=10)
+        try:  # it often takes > 10 s (the suite's durations): the kills below finish it
+            proc.wait(timeout=2)
         except subprocess.TimeoutExpired:
             pass
     try:
