@@ -382,6 +382,47 @@ def test_embed_shards_same_with_loader_workers(built, monkeypatch):
         np.testing.assert_array_equal(a[f], c[f])
 
 
+def test_embedding_on_cpu_uses_a_channels_last_copy_and_leaves_the_model_alone(built):
+    """The CPU embedding pass runs a channels-last copy of a conv model (faster convolutions):
+    the same embeddings up to float rounding, the trained model's layout untouched."""
+    import torch
+
+    from distcl.train import endtask
+
+    class Conv(torch.nn.Module):
+        embedding_dim = 6
+
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = torch.nn.Sequential(
+                torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                torch.nn.Conv2d(4, 4, 3, stride=2), torch.nn.Flatten(), torch.nn.LazyLinear(6),
+            )  # fmt: skip
+
+        def embed(self, x):
+            x = x if x.dim() == 4 else x[:, None]
+            return torch.nn.functional.normalize(self.net(x))
+
+    _, out, _, _ = built
+    counts = shard_counts(out)
+    shards = [(str(p), counts[p.name]) for p in shard_paths(out, [0, 1], "train")]
+    model = Conv()
+    first = next(endtask._embed_batches(endtask.item_split(shards, 0, 1), 4))[0]
+    model.embed(torch.as_tensor(first).float())  # materialise the lazy layer
+    model.eval()
+    copy = endtask._inference_model(model, torch.device("cpu"))
+    assert copy is not model and copy.net[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert model.net[0].weight.is_contiguous()  # the trained model keeps its layout
+    assert endtask._inference_model(model, "cuda") is model
+    got = endtask.embed_shards(model, shards, torch.device("cpu"))
+    with torch.no_grad():
+        images = np.concatenate([b[0] for b in endtask._embed_batches(
+            endtask.item_split(shards, 0, 1), 64)])  # fmt: skip
+        want = model.embed(torch.as_tensor(images).float().div_(255.0)).numpy()
+    np.testing.assert_allclose(got["emb"], want, atol=1e-5)
+
+
 def test_shard_labels_equal_the_embedding_pass_without_decoding(built, monkeypatch):
     """Random exemplar selection reads candidates' keys and labels only: the same rows as
     the embedding pass, no image decoded; a shard shorter than its count is named."""

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Sequence
 
@@ -73,6 +74,16 @@ def _embed_batches(pieces, size: int):
         yield np.stack(images), keys, labels, tasks
 
 
+def _inference_model(model, device):
+    """On CPU, a channels-last copy of ``model`` (a module) for the embedding passes: oneDNN's
+    convolutions run faster on it (ResNet-32 on 28x28 images, one thread, 1024 images:
+    0.82-1.05 -> 0.72-0.81 s; embeddings within 2e-7 of the default layout's). ``model``
+    itself elsewhere (on a GPU the layout is left as trained)."""
+    if getattr(device, "type", str(device)) != "cpu" or not isinstance(model, torch.nn.Module):
+        return model
+    return copy.deepcopy(model).to(memory_format=torch.channels_last)
+
+
 class _EmbedStream(torch.utils.data.IterableDataset):
     """A rank's items for a DataLoader: each loader worker reads and decodes its own part
     of the rank's range."""
@@ -106,10 +117,13 @@ def embed_shards(
             pin_memory=getattr(device, "type", str(device)) == "cuda",
         )
     )  # fmt: skip
+    net = _inference_model(model, device)
     keys, labels, tasks, embs = [], [], [], []
     for images, k, lab, tk in batches:
         x = torch.as_tensor(images).to(device, non_blocking=True).float().div_(255.0)
-        embs.append(model.embed(x).cpu().numpy().astype(np.float32))  # (B, D), L2-normalised
+        if net is not model and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        embs.append(net.embed(x).cpu().numpy().astype(np.float32))  # (B, D), L2-normalised
         keys += list(k)
         labels += [int(v) for v in lab]
         tasks += [int(v) for v in tk]
