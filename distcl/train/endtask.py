@@ -36,9 +36,14 @@ from distcl.placement import node_id
 EMBED_BATCH = {"cpu": 64, "cuda": 256}
 
 
+def _kind(device) -> str:
+    """The type ("cpu", "cuda", ...) of a torch device or of its name."""
+    return getattr(device, "type", str(device))
+
+
 def embed_batch(device) -> int:
     """``EMBED_BATCH`` for ``device`` (a torch device or its name)."""
-    return EMBED_BATCH.get(getattr(device, "type", str(device)), EMBED_BATCH["cuda"])
+    return EMBED_BATCH.get(_kind(device), EMBED_BATCH["cuda"])
 
 
 def task_context(w, t: int) -> TaskContext:
@@ -79,7 +84,7 @@ def _inference_model(model, device):
     convolutions run faster on it (ResNet-32 on 28x28 images, one thread, 1024 images:
     0.82-1.05 -> 0.72-0.81 s; embeddings within 2e-7 of the default layout's). ``model``
     itself elsewhere (on a GPU the layout is left as trained)."""
-    if getattr(device, "type", str(device)) != "cpu" or not isinstance(model, torch.nn.Module):
+    if _kind(device) != "cpu" or not isinstance(model, torch.nn.Module):
         return model
     return copy.deepcopy(model).to(memory_format=torch.channels_last)
 
@@ -114,7 +119,7 @@ def embed_shards(
         if workers == 0
         else torch.utils.data.DataLoader(
             _EmbedStream(shards, rank, world, size), batch_size=None, num_workers=workers,
-            pin_memory=getattr(device, "type", str(device)) == "cuda",
+            pin_memory=_kind(device) == "cuda",
         )
     )  # fmt: skip
     net = _inference_model(model, device)
