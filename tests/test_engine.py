@@ -43,15 +43,41 @@ def local_ray():
     ray.shutdown()
 
 
-def _ddp_step(config: dict) -> dict:
-    import ray.train
+def test_idle_task_workers_outlive_a_runs_actors():
+    """Ray kills idle workers (after a second) while it has more workers than its soft
+    limit, actors counted. Train's workers hold every CPU here, as in a run; the embedded
+    Ray's limit (localray.system_config) leaves room for them, so the task workers that a
+    run's evaluation uses stay warm (with Ray's default they die within a second)."""
+
+    @ray.remote
+    def pid() -> int:
+        time.sleep(0.3)  # both tasks at once: two worker processes
+        return os.getpid()
+
+    @ray.remote(num_cpus=1)
+    class Held:  # as a Train worker: alive, holding a CPU
+        def ping(self) -> int:
+            return os.getpid()
+
+    workers = set(ray.get([pid.remote() for _ in range(2)]))
+    held = [Held.remote() for _ in range(2)]
+    assert not workers & set(ray.get([h.ping.remote() for h in held]))
+    time.sleep(2.5)
+    try:
+        assert all(os.path.exists(f"/proc/{p}") for p in workers), workers
+    finally:
+        for h in held:
+            ray.kill(h)
+
+
+def _ddp_step(config: dict, rank: int) -> list:
+    """One SGD step of a small model on this rank's half of a fixed global batch."""
     import ray.train.torch
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
     model = ray.train.torch.prepare_model(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    rank = ray.train.get_context().get_world_rank()
     x, y = torch.tensor(config["x"]), torch.tensor(config["y"])
     half = len(x) // 2
     xs, ys = x[rank * half : (rank + 1) * half], y[rank * half : (rank + 1) * half]
@@ -59,23 +85,65 @@ def _ddp_step(config: dict) -> dict:
     opt.zero_grad()
     loss.backward()
     opt.step()
-    params = [p.detach().numpy().tolist() for p in model.module.parameters()]
-    return {"params": params}
+    return [p.detach().numpy().tolist() for p in model.module.parameters()]
 
 
-def test_ddp_equals_single_process_on_the_same_global_batch():
+def _terms(data: dict, rank: int = 0, world: int = 1) -> dict:
+    """The batch-spanning terms on this rank's share of a fixed global batch; across ranks
+    they see the global batch through the engine's differentiable gather. One rank
+    (world 1) is what a 1-worker run computes: no gather, no all-reduce."""
+    from distcl import losses
+    from distcl.train.loop import global_gather
+
+    gather = global_gather if world > 1 else None
+    new = torch.tensor(data["new"], requires_grad=True)
+    old, labels = torch.tensor(data["old"]), torch.tensor(data["labels"])
+    rows = slice(rank * len(new) // world, (rank + 1) * len(new) // world)
+    terms = {
+        "batch_hard": losses.batch_hard_triplet_loss(new[rows], labels[rows], 0.3, gather=gather),
+        "cvs_triplet": losses.triplet_distillation_loss(new[rows], old[rows], labels[rows], 0.1,
+                                                        gather=gather),
+        "mmd": losses.mmd(new[rows], old[rows], gather=gather),
+    }  # fmt: skip
+    sum(terms.values()).backward()
+    grad = new.grad.clone()
+    if world > 1:  # DDP averages parameter gradients over ranks
+        torch.distributed.all_reduce(grad)
+        grad /= world
+    return {"terms": {k: float(v) for k, v in terms.items()}, "grad": grad.tolist()}
+
+
+def _two_ranks(config: dict) -> dict:
+    import ray.train
+
+    rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
+    return {"params": _ddp_step(config["step"], rank), **_terms(config["terms"], rank, world)}
+
+
+@pytest.fixture(scope="module")
+def two_ranks():
+    """One 2-worker gloo Train run computing both checks below (each fit costs seconds)."""
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(16, 6)).astype(np.float32)
-    y = rng.integers(0, 3, 16)
+    step = {"x": rng.normal(size=(16, 6)).astype(np.float32).tolist(),
+            "y": rng.integers(0, 3, 16).tolist()}  # fmt: skip
+    rng = np.random.default_rng(1)
+    terms = {"new": rng.normal(size=(12, 5)).tolist(), "old": rng.normal(size=(12, 5)).tolist(),
+             "labels": rng.integers(0, 3, 12).tolist()}  # fmt: skip
     with scoped_env(train_env()):  # as distcl's runs: the controller polls every 0.5 s
         result = TorchTrainer(
-            _ddp_step, train_loop_config={"x": x.tolist(), "y": y.tolist()},
+            _two_ranks, train_loop_config={"step": step, "terms": terms},
             scaling_config=ScalingConfig(num_workers=2, use_gpu=False),
         ).fit()  # fmt: skip
-    ddp = [np.asarray(p) for p in result.return_value["params"]]
+    return step, terms, result.return_value
+
+
+def test_ddp_equals_single_process_on_the_same_global_batch(two_ranks):
+    step, _, out = two_ranks
+    ddp = [np.asarray(p) for p in out["params"]]
+    x, y = np.asarray(step["x"], np.float32), np.asarray(step["y"])
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
@@ -92,51 +160,13 @@ def test_ddp_equals_single_process_on_the_same_global_batch():
     assert not np.allclose(single[0], before[0].weight.detach().numpy())
 
 
-def _gather_terms(config: dict) -> dict:
-    """Each rank takes its half of a fixed global batch; the batch-spanning terms see the
-    global batch through the engine's differentiable gather."""
-    import ray.train
-
-    from distcl import losses
-    from distcl.train.loop import global_gather
-
-    rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
-    gather = global_gather if world > 1 else None
-    new = torch.tensor(config["new"], requires_grad=True)
-    old, labels = torch.tensor(config["old"]), torch.tensor(config["labels"])
-    rows = slice(rank * len(new) // world, (rank + 1) * len(new) // world)
-    terms = {
-        "batch_hard": losses.batch_hard_triplet_loss(new[rows], labels[rows], 0.3, gather=gather),
-        "cvs_triplet": losses.triplet_distillation_loss(new[rows], old[rows], labels[rows], 0.1,
-                                                        gather=gather),
-        "mmd": losses.mmd(new[rows], old[rows], gather=gather),
-    }  # fmt: skip
-    sum(terms.values()).backward()
-    grad = new.grad.clone()
-    if world > 1:  # DDP averages parameter gradients over ranks
-        torch.distributed.all_reduce(grad)
-        grad /= world
-    return {"terms": {k: float(v) for k, v in terms.items()}, "grad": grad.tolist()}
-
-
-def test_batch_spanning_terms_do_not_depend_on_the_number_of_workers():
-    from ray.train import ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    rng = np.random.default_rng(1)
-    data = {"new": rng.normal(size=(12, 5)).tolist(), "old": rng.normal(size=(12, 5)).tolist(),
-            "labels": rng.integers(0, 3, 12).tolist()}  # fmt: skip
-    out = {}
-    for workers in (1, 2):
-        with scoped_env(train_env()):
-            out[workers] = TorchTrainer(
-                _gather_terms, train_loop_config=data,
-                scaling_config=ScalingConfig(num_workers=workers, use_gpu=False),
-            ).fit().return_value  # fmt: skip
-    for k, v in out[1]["terms"].items():  # the same global-batch loss, float32 rounding apart
-        assert out[2]["terms"][k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
+def test_batch_spanning_terms_do_not_depend_on_the_number_of_workers(two_ranks):
+    _, data, two = two_ranks
+    one = _terms(data)  # what one worker computes, here in the test's process
+    for k, v in one["terms"].items():  # the same global-batch loss, float32 rounding apart
+        assert two["terms"][k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
     # The gradient of the mean loss over the global batch, whatever the workers.
-    np.testing.assert_allclose(out[2]["grad"], out[1]["grad"], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(two["grad"], one["grad"], rtol=1e-4, atol=1e-6)
 
 
 # finetune runs in a shared module fixture; cvs runs in its herding + blurry variant below.

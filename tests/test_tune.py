@@ -474,10 +474,13 @@ def local_ray():
     there, and removes the placement group of a running Train run (seen here)."""
     import ray
 
+    from distcl.localray import system_config
+
     ray.init(
         address="local",
         num_cpus=2,
         include_dashboard=False,
+        _system_config=system_config(2),  # as distcl's own embedded Ray
         namespace="distcl",
         _node_ip_address="127.0.0.1",
         logging_level="WARNING",
