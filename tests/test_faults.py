@@ -1,7 +1,7 @@
 """Crash anywhere, lose nothing: the real CLI SIGKILLed at chosen moments, then re-run.
 
 A 3-task CVS job (herding replay, class means, 2 DDP workers, 2 epochs per task) runs once
-without faults (the reference). Then one chain of runs of the same job in another folder:
+without faults (the reference), beside one chain of runs of the same job in another folder:
 each run is SIGKILLed (the driver process; its embedded Ray goes with it) when a Train
 worker or the driver reaches a kill point (``distcl.faults``), and the next run resumes;
 a Train worker also dies mid-epoch in one of them. The kill points and their tasks are
@@ -60,16 +60,24 @@ def _job(root: Path) -> Path:
 
 
 def _cli(job: Path, env: dict | None = None) -> subprocess.Popen:
+    """``distcl run JOB``; its output goes to ``log.txt`` beside the job file (a pipe that
+    nobody reads while the test waits on another run could fill and stall it)."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "DISTCL_"))}
-    return subprocess.Popen(
-        [sys.executable, "-m", "distcl.cli", "run", str(job), "--no-progress"],
-        cwd=ROOT, env={**clean, **(env or {})}, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+    with open(job.with_name("log.txt"), "w") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "distcl.cli", "run", str(job), "--no-progress"],
+            cwd=ROOT, env={**clean, **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+
+
+def _output(proc: subprocess.Popen) -> str:
+    return Path(proc.args[4]).with_name("log.txt").read_text()
 
 
 def _finish(proc: subprocess.Popen, what: str) -> str:
-    out, _ = proc.communicate(timeout=900)
+    proc.wait(timeout=900)
+    out = _output(proc)
     assert proc.returncode == 0, f"{what} exited {proc.returncode} (seed {SEED}):\n{out[-4000:]}"
     return out
 
@@ -80,7 +88,7 @@ def _run_killed_at(job: Path, point: str, task: int, marker: Path, env: dict) ->
     deadline = time.monotonic() + 600
     while not marker.exists():
         if proc.poll() is not None:
-            out = proc.stdout.read()
+            out = _output(proc)
             raise AssertionError(f"run ended before {point}:{task} (seed {SEED}):\n{out[-3000:]}")
         assert time.monotonic() < deadline, f"{point}:{task} not reached (seed {SEED})"
         time.sleep(0.2)
@@ -108,15 +116,30 @@ def _snapshot(run: Path) -> dict:
     return out
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    root = tmp_path_factory.mktemp("reference")
-    job = _job(root)
-    _finish(_cli(job), "the fault-free run")
-    return _snapshot(root / "runs" / "faulty")
+def test_killed_anywhere_then_rerun_equals_the_fault_free_run(tmp_path):
+    # The fault-free run goes beside the chain (its own embedded Ray): the two wait on
+    # Ray's and Train's start-ups at different moments, and the result cannot depend on it.
+    (tmp_path / "reference").mkdir()
+    reference_run = _cli(_job(tmp_path / "reference"))
+    try:
+        got = _killed_and_rerun(tmp_path)
+        _finish(reference_run, "the fault-free run")
+    finally:
+        if reference_run.poll() is None:
+            reference_run.kill()
+    reference = _snapshot(tmp_path / "reference" / "runs" / "faulty")
+    for key, value in reference.items():
+        if isinstance(value, dict):
+            assert value.keys() == got[key].keys(), (key, SEED)
+            for item, emb in value.items():
+                np.testing.assert_array_equal(got[key][item], emb, err_msg=f"{key} {item}")
+        else:
+            assert got[key] == value, (key, SEED)
 
 
-def test_killed_anywhere_then_rerun_equals_the_fault_free_run(reference, tmp_path):
+def _killed_and_rerun(tmp_path: Path) -> dict:
+    """The chain of killed runs and the final re-run; checks what needs no reference and
+    returns the snapshot of the finished run."""
     rng = np.random.default_rng(SEED)
     # Three kills in task order (a later kill cannot come before an earlier one's point).
     plan = sorted(
@@ -148,14 +171,7 @@ def test_killed_anywhere_then_rerun_equals_the_fault_free_run(reference, tmp_pat
         assert [h["epoch"] for h in history] == [0, 1], (t, history, SEED)
         if t == worker_task:  # the worker died at epoch 1: the restart resumed there
             assert [h["resumed"] for h in history] == [False, True], (history, SEED)
-    got = _snapshot(run)
-    for key, value in reference.items():
-        if isinstance(value, dict):
-            assert value.keys() == got[key].keys(), (key, SEED)
-            for item, emb in value.items():
-                np.testing.assert_array_equal(got[key][item], emb, err_msg=f"{key} {item}")
-        else:
-            assert got[key] == value, (key, SEED)
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["tasks"] == 3
     assert metrics["eval_items"] == 6 * 6  # every class's test items
+    return _snapshot(run)
