@@ -52,8 +52,15 @@ DRIVER = textwrap.dedent(
 )
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def driver():
+    with _driver() as out:
+        yield out
+
+
+@pytest.fixture(scope="module")
+def second(driver):
+    """Another embedded Ray on the machine, beside ``driver``'s (the last test kills it)."""
     with _driver() as out:
         yield out
 
@@ -101,8 +108,18 @@ def test_embedded_ray_listens_on_loopback_only_with_token_auth(driver):
     assert auth == "token"
 
 
-def test_ray_processes_end_with_a_sigkilled_driver(driver):
-    proc, marker, _, _ = driver
+def test_workers_state_api_names_their_own_instance_beside_another(driver, second):
+    """With two embedded Rays on one machine, each one's workers reach their own dashboard
+    (Ray Train's placement-group cleaner otherwise fails, or asks the other instance and
+    removes a live run's placement group)."""
+    for proc, marker, _, api_port in (driver, second):
+        ports = {port for _, name, _, port in listening_sockets([proc.pid, *session_pids(marker)])}
+        assert api_port.isdigit() and int(api_port) in ports, api_port
+
+
+def test_ray_processes_end_with_a_sigkilled_driver(driver, second):
+    """Only the killed driver's session goes: the other embedded Ray lives on."""
+    proc, marker, _, _ = second
     pids = session_pids(marker)
     assert len(pids) >= 5, pids  # gcs, raylet, dashboard, agents, workers
     t0 = time.monotonic()
@@ -112,19 +129,15 @@ def test_ray_processes_end_with_a_sigkilled_driver(driver):
         time.sleep(0.2)
     left = session_pids(marker)
     assert not left, f"alive {time.monotonic() - t0:.0f}s after the driver's SIGKILL: {left}"
+    assert driver[0].poll() is None and {"gcs_server", "raylet"} <= _names(driver[1])
 
 
-def test_workers_state_api_names_their_own_instance_beside_another(driver):
-    """With two embedded Rays on one machine, each one's workers reach their own dashboard
-    (Ray Train's placement-group cleaner otherwise fails, or asks the other instance and
-    removes a live run's placement group)."""
-    first = driver
-    with _driver() as second:
-        for proc, marker, _, api_port in (first, second):
-            ports = {
-                port for _, name, _, port in listening_sockets([proc.pid, *session_pids(marker)])
-            }
-            assert api_port.isdigit() and int(api_port) in ports, api_port
+def _names(marker: str) -> set[str]:
+    names = set()
+    for pid in session_pids(marker):
+        with contextlib.suppress(OSError):
+            names.add(Path(f"/proc/{pid}/comm").read_text().strip())
+    return names
 
 
 @pytest.mark.parametrize(
