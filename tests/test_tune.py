@@ -2,10 +2,10 @@
 
 Unit tests (no Ray cluster, ~5 s):   .venv/bin/python -m pytest tests/test_tune.py -q -m "not ray"
 Real Ray (synthetic data, 2 CPUs):   .venv/bin/python -m pytest tests/test_tune.py -q -m ray
-The real-Ray part (each trial is one Ray Train run over its tasks; 13 minutes measured on
-this shared 2-core machine, 8.5 of them the Pareto search + confirmation):
+The real-Ray part (each trial is one Ray Train run over its tasks; ~3 minutes on 2 cores):
 - ``tuned`` (its own Ray, in a subprocess, so that it can be SIGKILLed): a 3-trial grid where
-  ASHA stops trials between tasks, killed once a trial has finished and started again;
+  ASHA stops trials between tasks, killed once a trial has finished and started again; it
+  runs beside the Pareto search (a thread waits on it), its tests after the Pareto ones;
 - ``pareto`` (one in-process Ray for the module, ``local_ray``): a two-objective search with
   a shared first task, then ``--confirm 2``; then the best job is retrained, a stored search
   is tabulated, and a failing trial is reported. No placement group is left behind.
@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -371,7 +372,23 @@ def _kill_session(proc: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="module")
-def tuned(tmp_path_factory, synthetic_raw_job):
+def tuned_search(tmp_path_factory, synthetic_raw_job):
+    """The killed-and-resumed search (:func:`_tuned`), started in a thread: it runs in
+    processes and a Ray of its own, beside the module's in-process Pareto search (which
+    asks for this fixture to start it first); ``tuned`` waits for it."""
+    root = tmp_path_factory.mktemp("tune")
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(_tuned, root, synthetic_raw_job)
+        yield future
+        wait([future])  # never leave it running past the module
+
+
+@pytest.fixture(scope="module")
+def tuned(tuned_search):
+    return tuned_search.result()
+
+
+def _tuned(root: Path, synthetic_raw_job) -> SimpleNamespace:
     """A 3-trial grid, one trial at a time, over the metric the objective reads: Recall@10
     first, then CMC@1 and Recall@5, which cannot exceed it on the same models. (How well a
     tiny synthetic model trains is not a reliable ordering: seen here, an lr of 1e-5 beats
@@ -379,7 +396,6 @@ def tuned(tmp_path_factory, synthetic_raw_job):
     training gives. eval.metric is not a later-only key: no shared base. SIGKILLed once the
     first trial has finished, then started again to completion. Three tasks, graded after
     the second (after the first every metric is 1.0: two well separated classes)."""
-    root = tmp_path_factory.mktemp("tune")
     raw = synthetic_raw_job(root, name="tiny", **TINY)
     raw["data"]["synthetic_classes"] = 6
     raw["scenario"]["tasks"] = 3
@@ -429,41 +445,6 @@ def tuned(tmp_path_factory, synthetic_raw_job):
     )
 
 
-@pytest.mark.ray
-def test_tuning_resumes_instead_of_starting_over(tuned):
-    assert "resuming the tuning run" in tuned.log
-    # The finished trial was not trained again: its model files are the ones from before.
-    now = {p: p.stat().st_mtime_ns for p in tuned.stamps}
-    assert tuned.stamps and now == tuned.stamps
-    # The same 3 trials (ids kept across the restart), none added.
-    assert len(list((tuned.tune_dir / "trials").glob("tiny-trial-*"))) == 3
-    rows = list(__import__("csv").DictReader(open(tuned.tune_dir / "trials.csv")))
-    assert len(rows) == 3 and {r["trial"] for r in rows} == {
-        d.name.removeprefix("tiny-trial-") for d in (tuned.tune_dir / "trials").glob("tiny-*")
-    }
-
-
-@pytest.mark.ray
-def test_asha_stops_a_trial_early_and_no_trial_hangs(tuned):
-    rows = list(__import__("csv").DictReader(open(tuned.tune_dir / "trials.csv")))
-    by_metric = {r["eval.metric"]: r for r in rows}
-    assert by_metric["recall@10"]["status"] == "completed"
-    assert by_metric["recall@10"]["tasks"] == "3"
-    stopped = [r for r in rows if r["status"] == "stopped early"]
-    assert by_metric["cmc@1"] in stopped and all(r["tasks"] == "2" for r in stopped), rows
-    # Stopped between tasks, inside their one Train run: task 2 finished, task 3 never did.
-    for r in stopped:
-        d = tuned.tune_dir / "trials" / f"tiny-trial-{r['trial']}"
-        assert (d / "models" / "1" / "done.json").is_file()
-        assert not (d / "models" / "2").exists()
-    assert {r["base"] for r in rows} == {"own"}  # not a later-only key: nothing shared
-    # Every trial ended (the run returned within its timeout): none failed, none hung.
-    assert all(r["status"] != "error" for r in rows)
-    assert (tuned.tune_dir / "trials.md").is_file()
-    assert (tuned.tune_dir / "objective_vs_eval.metric.png").stat().st_size > 1000
-    print(f"tuning with a kill and a resume: {tuned.seconds:.0f}s")
-
-
 @pytest.fixture(scope="module")
 def local_ray():
     """One Ray for the module's in-process runs: a new local instance (address "local":
@@ -505,7 +486,7 @@ def _leftover_groups(timeout: float = 60.0) -> list:
 
 
 @pytest.fixture(scope="module")
-def pareto(tmp_path_factory, synthetic_raw_job, local_ray):
+def pareto(tuned_search, tmp_path_factory, synthetic_raw_job, local_ray):
     """A two-objective (AM, BC) grid over LwF's alpha, a weight that acts only from the
     second task on: the first task is trained once for the search. Workers of 0.9 CPU pack
     two trials on 2 CPUs. Then ``--confirm 2``: best and baseline on seeds 0 and 1 (seed 0
@@ -653,6 +634,41 @@ def test_no_placement_group_is_left(pareto, local_ray):
     """Trials that ended (completed here; ASHA-stopped and failed ones in the other tests)
     leave no Train placement group behind, without Ray's State API (no dashboard here)."""
     assert _leftover_groups() == []
+
+
+@pytest.mark.ray
+def test_tuning_resumes_instead_of_starting_over(tuned):
+    assert "resuming the tuning run" in tuned.log
+    # The finished trial was not trained again: its model files are the ones from before.
+    now = {p: p.stat().st_mtime_ns for p in tuned.stamps}
+    assert tuned.stamps and now == tuned.stamps
+    # The same 3 trials (ids kept across the restart), none added.
+    assert len(list((tuned.tune_dir / "trials").glob("tiny-trial-*"))) == 3
+    rows = list(__import__("csv").DictReader(open(tuned.tune_dir / "trials.csv")))
+    assert len(rows) == 3 and {r["trial"] for r in rows} == {
+        d.name.removeprefix("tiny-trial-") for d in (tuned.tune_dir / "trials").glob("tiny-*")
+    }
+
+
+@pytest.mark.ray
+def test_asha_stops_a_trial_early_and_no_trial_hangs(tuned):
+    rows = list(__import__("csv").DictReader(open(tuned.tune_dir / "trials.csv")))
+    by_metric = {r["eval.metric"]: r for r in rows}
+    assert by_metric["recall@10"]["status"] == "completed"
+    assert by_metric["recall@10"]["tasks"] == "3"
+    stopped = [r for r in rows if r["status"] == "stopped early"]
+    assert by_metric["cmc@1"] in stopped and all(r["tasks"] == "2" for r in stopped), rows
+    # Stopped between tasks, inside their one Train run: task 2 finished, task 3 never did.
+    for r in stopped:
+        d = tuned.tune_dir / "trials" / f"tiny-trial-{r['trial']}"
+        assert (d / "models" / "1" / "done.json").is_file()
+        assert not (d / "models" / "2").exists()
+    assert {r["base"] for r in rows} == {"own"}  # not a later-only key: nothing shared
+    # Every trial ended (the run returned within its timeout): none failed, none hung.
+    assert all(r["status"] != "error" for r in rows)
+    assert (tuned.tune_dir / "trials.md").is_file()
+    assert (tuned.tune_dir / "objective_vs_eval.metric.png").stat().st_size > 1000
+    print(f"tuning with a kill and a resume: {tuned.seconds:.0f}s")
 
 
 @pytest.mark.ray
