@@ -68,6 +68,35 @@ def _make_job(
     return parse_job(synthetic_raw(root, **overrides), "<synthetic_job>", list(sets), smoke)
 
 
+@pytest.fixture(scope="module")
+def shared_ray():
+    """The session's one local Ray (distcl's embedded Ray, 2 CPUs) for the modules that run
+    Ray work in this process: the modules that ask for it run first, one after the other
+    (:func:`pytest_collection_modifyitems`), and it ends after the last of them, so later
+    modules find no Ray, as before. A Ray already running (a module's own) is used as is."""
+    import ray
+
+    from distcl.localray import init_ray
+
+    if not ray.is_initialized():
+        init_ray(num_cpus=2)
+    yield
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that use ``shared_ray`` first (a stable sort: each module's order kept)."""
+    items.sort(key=lambda item: "shared_ray" not in getattr(item, "fixturenames", ()))
+
+
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    """Shut the shared Ray down once no further test uses it."""
+    uses = "shared_ray" in getattr(item, "fixturenames", ())
+    if uses and (nextitem is None or "shared_ray" not in getattr(nextitem, "fixturenames", ())):
+        import ray
+
+        ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def make_job() -> Callable[..., JobConfig]:
     """Factory ``make_job(root, sets=(), smoke=None, **overrides) -> JobConfig`` with

@@ -19,7 +19,7 @@ import torch
 from distcl.config import ConfigError
 from distcl.localray import scoped_env
 from distcl.methods import METHODS
-from distcl.train.driver import Run, init_ray, run_job, train_env
+from distcl.train.driver import Run, run_job, train_env
 from distcl.train.modeling import CheckpointError, build_model, load_model_dir
 
 pytestmark = pytest.mark.ray
@@ -37,10 +37,8 @@ TINY = {
 
 
 @pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    init_ray(num_cpus=2)
-    yield
-    ray.shutdown()
+def local_ray(shared_ray):
+    """The session's shared local Ray (conftest.py)."""
 
 
 def test_idle_task_workers_outlive_a_runs_actors():

@@ -26,14 +26,9 @@ EVAL = {"protocols": list(ALL), "verification_pairs": 40, "folds": 4, "distracto
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    from distcl.localray import init_ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    init_ray(num_cpus=2)  # loopback-only local Ray; workers inherit this PYTHONPATH
-    yield
-    ray.shutdown()
+def local_ray(shared_ray):
+    """The session's shared local Ray (conftest.py): loopback only; workers inherit this
+    PYTHONPATH."""
 
 
 def _run(make_job, root, per_class=8):

@@ -180,10 +180,8 @@ def test_shards_own_disjoint_classes(tmp_path) -> None:
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+def ray_local(shared_ray):
+    """The session's shared local Ray (conftest.py)."""
 
 
 @pytest.mark.ray

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 
 from distcl.data import shards
 from distcl.data.scenario import build_scenario
@@ -38,13 +37,8 @@ TINY = {"synthetic_train_per_class": 8, "synthetic_test_per_class": 2}
 
 
 @pytest.fixture(scope="module", autouse=True)
-def ray_local():
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
-    if started:
-        ray.shutdown()
+def ray_local(shared_ray):
+    """The session's shared local Ray (conftest.py)."""
 
 
 @pytest.fixture(autouse=True)
