@@ -230,10 +230,15 @@ def test_template_validates_and_fits_the_clusters(path, launcher, raycluster):
 
 @pytest.mark.parametrize("path", TEMPLATES, ids=lambda p: p.stem)
 def test_template_without_its_data_fails_naming_data_root(path, tmp_path, capsys):
+    import ray
+
     job = load_job(path)
     if Path(job.data.root).exists():
         pytest.skip(f"{job.data.root} exists on this machine")
-    rc = cli.main(["data", "build", str(path), "--smoke", "--set", f"output.root={tmp_path}"])
+    try:
+        rc = cli.main(["data", "build", str(path), "--smoke", "--set", f"output.root={tmp_path}"])
+    finally:  # the command's embedded Ray would outlive it in this process
+        ray.shutdown()
     err = capsys.readouterr().err
     assert rc == 2
     assert f"data.root: {job.data.root} is not a folder" in err
