@@ -88,8 +88,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: "shared_ray" not in getattr(item, "fixturenames", ()))
 
 
-def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
-    """Shut the shared Ray down once no further test uses it."""
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None):
+    """Shut the shared Ray down once no further test uses it (after the last one's module
+    fixtures are torn down: they may still talk to Ray)."""
+    yield
     uses = "shared_ray" in getattr(item, "fixturenames", ())
     if uses and (nextitem is None or "shared_ray" not in getattr(nextitem, "fixturenames", ())):
         import ray
