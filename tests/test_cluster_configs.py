@@ -228,17 +228,22 @@ def test_template_validates_and_fits_the_clusters(path, launcher, raycluster):
     assert job.train.cpus_per_worker <= 8  # g5.2xlarge vCPUs
 
 
-@pytest.mark.parametrize("path", TEMPLATES, ids=lambda p: p.stem)
-def test_template_without_its_data_fails_naming_data_root(path, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def cli_ray():
+    """`distcl data build` starts an embedded Ray in this process: the templates' tests share
+    it, and it ends with them (it would outlive the module otherwise)."""
     import ray
 
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.parametrize("path", TEMPLATES, ids=lambda p: p.stem)
+def test_template_without_its_data_fails_naming_data_root(path, tmp_path, capsys, cli_ray):
     job = load_job(path)
     if Path(job.data.root).exists():
         pytest.skip(f"{job.data.root} exists on this machine")
-    try:
-        rc = cli.main(["data", "build", str(path), "--smoke", "--set", f"output.root={tmp_path}"])
-    finally:  # the command's embedded Ray would outlive it in this process
-        ray.shutdown()
+    rc = cli.main(["data", "build", str(path), "--smoke", "--set", f"output.root={tmp_path}"])
     err = capsys.readouterr().err
     assert rc == 2
     assert f"data.root: {job.data.root} is not a folder" in err

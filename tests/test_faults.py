@@ -72,7 +72,8 @@ def _cli(job: Path, env: dict | None = None) -> subprocess.Popen:
 
 
 def _output(proc: subprocess.Popen) -> str:
-    return Path(proc.args[4]).with_name("log.txt").read_text()
+    job = Path(proc.args[4])  # python -m distcl.cli run JOB ... (see _cli)
+    return job.with_name("log.txt").read_text()
 
 
 def _finish(proc: subprocess.Popen, what: str) -> str:
