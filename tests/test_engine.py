@@ -108,7 +108,7 @@ def _terms(data: dict, rank: int = 0, world: int = 1) -> dict:
     if world > 1:  # DDP averages parameter gradients over ranks
         torch.distributed.all_reduce(grad)
         grad /= world
-    return {"terms": {k: float(v) for k, v in terms.items()}, "grad": grad.tolist()}
+    return {"terms": {k: float(v.detach()) for k, v in terms.items()}, "grad": grad.tolist()}
 
 
 def _two_ranks(config: dict) -> dict:
