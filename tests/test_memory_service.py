@@ -267,6 +267,7 @@ def test_killed_actor_restarts_with_identical_content(ray_local, tmp_path) -> No
     kill_memory_service(svc)
 
 
+@pytest.mark.ray
 def test_bench_memory_runs_on_the_jobs_backbone(ray_local) -> None:
     """``distcl bench memory --backbone resnet32`` end to end on a few steps (no timing
     assertions: a benchmark reports, the test checks it runs and its figures agree)."""
