@@ -22,7 +22,7 @@ from distcl.methods import METHODS
 from distcl.train.driver import Run, run_job, train_env
 from distcl.train.modeling import CheckpointError, build_model, load_model_dir
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("shared_ray")]  # conftest.py
 # Train functions defined here travel to the workers by value (tests/ is not importable there).
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -34,11 +34,6 @@ TINY = {
     "memory": {"per_class": 4},
     "train": {"epochs": 1, "batch_size_per_worker": 8, "workers": 2, "max_failures": 0},
 }  # fmt: skip
-
-
-@pytest.fixture(scope="module", autouse=True)
-def local_ray(shared_ray):
-    """The session's shared local Ray (conftest.py)."""
 
 
 def test_idle_task_workers_outlive_a_runs_actors():

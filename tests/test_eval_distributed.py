@@ -25,12 +25,6 @@ EVAL = {"protocols": list(ALL), "verification_pairs": 40, "folds": 4, "distracto
         "fars": [0.05, 0.2]}  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def local_ray(shared_ray):
-    """The session's shared local Ray (conftest.py): loopback only; workers inherit this
-    PYTHONPATH."""
-
-
 def _run(make_job, root, per_class=8):
     job = make_job(root, name="dist", data={"synthetic_classes": 10}, eval=EVAL,
                    scenario={"tasks": T, "heldout_classes": 3})  # fmt: skip
@@ -58,7 +52,7 @@ def _strip(rows: dict) -> dict:
 @pytest.mark.parametrize(
     "kw", [{}, {"exact_map": False, "shard_rows": 20, "block_rows": 7}], ids=["exact", "sharded"]
 )
-def test_ray_tasks_equal_the_in_process_engine(local_ray, openrun, kw):
+def test_ray_tasks_equal_the_in_process_engine(shared_ray, openrun, kw):
     job, run, scen, *_ = openrun
     s = _settings(job, **kw)
     engine = Engine(run, s, scen)
@@ -88,7 +82,7 @@ def _ann_free(rows: dict) -> dict:
 
 
 @pytest.mark.ray
-def test_ivf_galleries_are_sharded_and_their_recall_is_computed_at_the_merge(local_ray, openrun):
+def test_ivf_galleries_are_sharded_and_their_recall_is_computed_at_the_merge(shared_ray, openrun):
     """IVF over 4 shards of 25 rows: each shard trains its own index (1 list here, so each
     shard's search is exhaustive): the merged lists equal sharded flat search exactly, the
     recall from the merged lists against the merged exact ones is 1, and Ray tasks give
@@ -115,7 +109,7 @@ def test_ivf_galleries_are_sharded_and_their_recall_is_computed_at_the_merge(loc
 
 
 @pytest.mark.ray
-def test_eval_use_gpu_yes_on_a_cluster_without_gpus_names_the_field(local_ray, openrun):
+def test_eval_use_gpu_yes_on_a_cluster_without_gpus_names_the_field(shared_ray, openrun):
     job, run, scen, *_ = openrun
     assert not ray.cluster_resources().get("GPU")
     with pytest.raises(ValueError, match="eval.use_gpu is yes, but the Ray cluster has no GPU"):
@@ -125,7 +119,7 @@ def test_eval_use_gpu_yes_on_a_cluster_without_gpus_names_the_field(local_ray, o
 
 
 @pytest.mark.ray
-def test_evaluate_run_in_a_ray_driver_searches_in_tasks(local_ray, openrun, monkeypatch):
+def test_evaluate_run_in_a_ray_driver_searches_in_tasks(shared_ray, openrun, monkeypatch):
     job, run, scen, *_ = openrun
     s = _settings(job, exact_map=False, shard_rows=30)
     assert dist.ray_driver()
@@ -166,7 +160,7 @@ def _walk(obj, sizes: list[int]) -> None:
 
 @pytest.mark.ray
 def test_what_the_driver_receives_does_not_grow_with_the_items(
-    local_ray, make_job, tmp_path, monkeypatch
+    shared_ray, make_job, tmp_path, monkeypatch
 ):
     """8x the items per class: the driver receives the same number of bytes (+- 2 %) and no
     array (the scans' partials, which grow with the items, go from task to task). Both runs

@@ -1,5 +1,5 @@
 """Tests of the episodic memory service (distcl.memory.service): one shard as plain Python,
-then several shards as Ray actors (module fixture: one local Ray).
+then several shards as Ray actors (on the session's shared local Ray, conftest.py).
 
 Run: ``.venv/bin/python -m pytest tests/test_memory_service.py -q``.
 """
@@ -179,13 +179,8 @@ def test_shards_own_disjoint_classes(tmp_path) -> None:
 # --------------------------------------------------------------------------- on Ray
 
 
-@pytest.fixture(scope="module")
-def ray_local(shared_ray):
-    """The session's shared local Ray (conftest.py)."""
-
-
 @pytest.mark.ray
-def test_sharded_service_selects_commits_and_snapshots_like_one_shard(ray_local, tmp_path):
+def test_sharded_service_selects_commits_and_snapshots_like_one_shard(shared_ray, tmp_path):
     svc = create_memory_service("sharded", str(tmp_path / "three"), per_class=2, shards=3)
     one = MemoryShard(None, per_class=2)
     b = make_batch(0, [0, 1, 2, 3, 4], 4)
@@ -206,7 +201,7 @@ def test_sharded_service_selects_commits_and_snapshots_like_one_shard(ray_local,
 
 
 @pytest.mark.ray
-def test_service_created_inside_a_tune_trials_placement_group(ray_local, tmp_path):
+def test_service_created_inside_a_tune_trials_placement_group(shared_ray, tmp_path):
     """A tuning trial runs in a placement group that captures its children (a 0.1-CPU
     bundle here, as Tune gives it); the memory shards ask for memory and must be placed
     outside it, not fail (the reference Pareto search's CL2R trials all failed so)."""
@@ -244,7 +239,7 @@ def _running(pid: int) -> bool:
 
 
 @pytest.mark.ray
-def test_killed_actor_restarts_with_identical_content(ray_local, tmp_path) -> None:
+def test_killed_actor_restarts_with_identical_content(shared_ray, tmp_path) -> None:
     svc = create_memory_service("restart", str(tmp_path), total=12, shards=2)
     b = make_batch(0, [0, 1], 8)
     svc.commit(0, b["ids"], b["images"], b["labels"], b["embeddings"], classes_seen=2)
@@ -268,7 +263,7 @@ def test_killed_actor_restarts_with_identical_content(ray_local, tmp_path) -> No
 
 
 @pytest.mark.ray
-def test_bench_memory_runs_on_the_jobs_backbone(ray_local) -> None:
+def test_bench_memory_runs_on_the_jobs_backbone(shared_ray) -> None:
     """``distcl bench memory --backbone resnet32`` end to end on a few steps (no timing
     assertions: a benchmark reports, the test checks it runs and its figures agree)."""
     from distcl.bench.memory import format_memory_bench, run_memory_bench

@@ -31,14 +31,9 @@ from distcl.data.shards import (
 )
 from distcl.data.sources import open_source
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("shared_ray")]  # conftest.py
 
 TINY = {"synthetic_train_per_class": 8, "synthetic_test_per_class": 2}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_local(shared_ray):
-    """The session's shared local Ray (conftest.py)."""
 
 
 @pytest.fixture(autouse=True)
