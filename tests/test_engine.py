@@ -106,11 +106,32 @@ def _terms(data: dict, rank: int = 0, world: int = 1) -> dict:
     return {"terms": {k: float(v.detach()) for k, v in terms.items()}, "grad": grad.tolist()}
 
 
+def _controllers_with_torch() -> list[bool]:
+    """For each Train controller beside this worker (same raylet): is torch loaded in it?"""
+    from pathlib import Path
+
+    def status(pid) -> dict:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+        return dict(line.split(":\t", 1) for line in lines if ":\t" in line)
+
+    raylet = status("self")["PPid"].strip()
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if (b"TrainController" in (proc / "cmdline").read_bytes()
+                    and status(proc.name)["PPid"].strip() == raylet):
+                found.append("libtorch" in (proc / "maps").read_text())
+        except (OSError, KeyError):
+            continue  # a process that ended meanwhile
+    return found
+
+
 def _two_ranks(config: dict) -> dict:
     import ray.train
 
     rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
-    return {"params": _ddp_step(config["step"], rank), **_terms(config["terms"], rank, world)}
+    return {"params": _ddp_step(config["step"], rank), **_terms(config["terms"], rank, world),
+            "controllers_with_torch": _controllers_with_torch()}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +139,8 @@ def two_ranks():
     """One 2-worker gloo Train run computing both checks below (each fit costs seconds)."""
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    from distcl.train.backend import TorchBackendConfig
 
     rng = np.random.default_rng(0)
     step = {"x": rng.normal(size=(16, 6)).astype(np.float32).tolist(),
@@ -128,6 +151,7 @@ def two_ranks():
     with scoped_env(train_env()):  # as distcl's runs: the controller polls every 0.5 s
         result = TorchTrainer(
             _two_ranks, train_loop_config={"step": step, "terms": terms},
+            torch_config=TorchBackendConfig(),  # distcl's process-group backend
             scaling_config=ScalingConfig(num_workers=2, use_gpu=False),
         ).fit()  # fmt: skip
     return step, terms, result.return_value
@@ -151,6 +175,12 @@ def test_ddp_equals_single_process_on_the_same_global_batch(two_ranks):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     before = torch.nn.Sequential(torch.nn.Linear(6, 5))
     assert not np.allclose(single[0], before[0].weight.detach().numpy())
+
+
+def test_the_train_controller_does_not_load_torch(two_ranks):
+    # distcl's backend (distcl.train.backend): the controller holds no torch (668 -> 199 MB
+    # resident per run and per tuning trial); its workers joined one process group above.
+    assert two_ranks[2]["controllers_with_torch"] == [False]
 
 
 def test_batch_spanning_terms_do_not_depend_on_the_number_of_workers(two_ranks):

@@ -218,6 +218,7 @@ class Run:
         )
         from ray.train.torch import TorchTrainer
 
+        from distcl.train.backend import TorchBackendConfig
         from distcl.train.loop import train_sequence_loop
 
         job, T = self.job, self.scenario.num_tasks
@@ -243,7 +244,10 @@ class Run:
         }  # fmt: skip
         trainer = TorchTrainer(
             train_sequence_loop,
-            train_loop_config=config,
+            # The controller unpickles train_loop_config, and the job's model imports torch
+            # (the methods' parameter schemas live beside their losses): it gets a reference.
+            train_loop_config={"config": ray.put(config)},
+            torch_config=TorchBackendConfig(),  # nor does its backend import torch
             scaling_config=ScalingConfig(
                 num_workers=job.train.workers, use_gpu=use_gpu,
                 resources_per_worker={"CPU": job.train.cpus_per_worker,

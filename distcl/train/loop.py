@@ -333,8 +333,9 @@ def _load_checkpoint(ckpt, device) -> dict | None:
     return state
 
 
-def train_sequence_loop(config: dict) -> dict:
-    """Ray Train ``train_loop_per_worker``: every remaining task; returns rank 0's timings."""
+def train_sequence_loop(loop_config: dict) -> dict:
+    """Ray Train ``train_loop_per_worker``: every remaining task; returns rank 0's timings.
+    ``loop_config["config"]``: an object ref of the run's config (the driver's ``train``)."""
     entered = time.time()  # wall clock: the driver compares it with its own
     _quiet_train_logs()
-    return {**Worker(config).run(), "entered_at": entered}
+    return {**Worker(ray.get(loop_config["config"])).run(), "entered_at": entered}
