@@ -118,8 +118,10 @@ def _controllers_with_torch() -> list[bool]:
     found = []
     for proc in Path("/proc").glob("[0-9]*"):
         try:
-            if (b"TrainController" in (proc / "cmdline").read_bytes()
-                    and status(proc.name)["PPid"].strip() == raylet):
+            if (
+                b"TrainController" in (proc / "cmdline").read_bytes()
+                and status(proc.name)["PPid"].strip() == raylet
+            ):
                 found.append("libtorch" in (proc / "maps").read_text())
         except (OSError, KeyError):
             continue  # a process that ended meanwhile
