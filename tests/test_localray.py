@@ -53,41 +53,45 @@ DRIVER = textwrap.dedent(
 
 
 @pytest.fixture(scope="module")
-def driver():
-    with _driver() as out:
+def sessions():
+    """Two embedded Rays on the machine, started at once: ``driver``, and ``second`` beside
+    it (the last test kills the second)."""
+    with _drivers(2) as out:
         yield out
 
 
 @pytest.fixture(scope="module")
-def second(driver):
-    """Another embedded Ray on the machine, beside ``driver``'s (the last test kills it)."""
-    with _driver() as out:
-        yield out
+def driver(sessions):
+    return sessions[0]
+
+
+@pytest.fixture(scope="module")
+def second(sessions):
+    return sessions[1]
 
 
 @contextlib.contextmanager
-def _driver():
+def _drivers(n: int):
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
     env["PYTHONPATH"] = str(ROOT)
-    proc = subprocess.Popen(
+    procs = [subprocess.Popen(
         [sys.executable, "-c", DRIVER], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
         text=True, env=env, cwd=ROOT,
-    )  # fmt: skip
-    marker = None
+    ) for _ in range(n)]  # fmt: skip
+    markers: list[str] = []
     try:
-        deadline = time.monotonic() + 180
-        for line in proc.stdout:
-            if line.startswith("READY"):
-                _, marker, auth, api_port = line.split()
-                break
-            if time.monotonic() > deadline:
-                break
-        assert marker, "the driver did not start Ray"
-        yield proc, marker, auth, api_port
+        out = []
+        for proc in procs:  # READY <marker> <auth> <port>, or the driver ended without it
+            ready = next((line.split() for line in proc.stdout if line.startswith("READY")), None)
+            assert ready, "a driver did not start Ray"
+            markers.append(ready[1])
+            out.append((proc, *ready[1:]))
+        yield out
     finally:
-        proc.kill()
-        proc.wait()
-        if marker:  # never leave a session behind, whatever the test found
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+        for marker in markers:  # never leave a session behind, whatever the test found
             for pid in session_pids(marker):
                 try:
                     os.kill(pid, signal.SIGKILL)

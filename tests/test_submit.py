@@ -262,7 +262,7 @@ class _Dashboard(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def fake_dashboard():
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Dashboard)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     _Dashboard.answers, _Dashboard.seen_auth = {}, []
     yield f"http://127.0.0.1:{server.server_address[1]}", _Dashboard
     server.shutdown()
