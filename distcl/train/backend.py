@@ -32,10 +32,11 @@ except ImportError:  # pragma: no cover - another Ray release
 
 def _address() -> tuple[str, int]:
     """This node's address and a free port (rank 0's, for the rendezvous)."""
-    with socket.socket() as s:
+    addr = ray.util.get_node_ip_address()
+    with socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET) as s:
         s.bind(("", 0))
         port = s.getsockname()[1]
-    return ray.util.get_node_ip_address(), port
+    return addr, port
 
 
 def _join(addr: str, port: int, backend: str, timeout_s: int) -> None:
