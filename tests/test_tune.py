@@ -591,6 +591,11 @@ def test_confirm_reports_two_seeds_per_configuration(pareto):
     print(f"Pareto search (3 trials) + confirm (2 runs): {pareto.seconds:.0f}s")
 
 
+def _alpha(job, alpha: float):
+    """The job's method parameters with another alpha (a params model, as a loaded job's)."""
+    return job.method.params.model_copy(update={"alpha": alpha})
+
+
 @pytest.mark.ray
 def test_confirm_a_best_file_runs_no_search(pareto, local_ray):
     """``--confirm 1 --best FILE``: no search; FILE's alpha and the job's own on seed 0, both
@@ -601,7 +606,7 @@ def test_confirm_a_best_file_runs_no_search(pareto, local_ray):
     job = pareto.job.model_copy(update={"output": pareto.job.output.model_copy(
         update={"root": str(pareto.root / "confirm-only")})})  # fmt: skip
     best = pareto.job.model_copy(update={"name": "somebest", "tune": None, "method":
-        pareto.job.method.model_copy(update={"params": {"alpha": 2.0}})})  # fmt: skip
+        pareto.job.method.model_copy(update={"params": _alpha(pareto.job, 2.0)})})  # fmt: skip
     logs: list[str] = []
     out = tune_job(job, log=logs.append, confirm=1, best_from=best)
     tune_dir = Path(out["tune_dir"])
@@ -621,7 +626,7 @@ def test_confirm_a_best_file_runs_no_search(pareto, local_ray):
         baseline_point(best, ["method.params.beta"], what="--best (somebest)")
     # Another --best file: its own run dirs; the baseline's finished run is found again.
     other = best.model_copy(update={"method": best.method.model_copy(
-        update={"params": {"alpha": 0.0}})})  # fmt: skip
+        update={"params": _alpha(best, 0.0)})})  # fmt: skip
     model = tune_dir / "confirm" / "two-baseline-seed0" / "models" / "1" / "model.pt"
     before = model.stat().st_mtime_ns
     tune_job(job, log=logs.append, confirm=1, best_from=other)
