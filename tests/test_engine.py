@@ -182,7 +182,8 @@ def test_ddp_equals_single_process_on_the_same_global_batch(two_ranks):
 def test_the_train_controller_does_not_load_torch(two_ranks):
     # distcl's backend (distcl.train.backend): the controller holds no torch (668 -> 199 MB
     # resident per run and per tuning trial); its workers joined one process group above.
-    assert two_ranks[2]["controllers_with_torch"] == [False]
+    found = two_ranks[2]["controllers_with_torch"]  # this run's (and any still exiting)
+    assert found and not any(found), found
 
 
 def test_batch_spanning_terms_do_not_depend_on_the_number_of_workers(two_ranks):
