@@ -49,9 +49,9 @@ def _join(addr: str, port: int, backend: str, timeout_s: int) -> None:
     import torch.distributed as dist
 
     ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     os.environ.update(
-        MASTER_ADDR=addr, MASTER_PORT=str(port),
-        RANK=str(ctx.get_world_rank()), WORLD_SIZE=str(ctx.get_world_size()),
+        MASTER_ADDR=addr, MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
         LOCAL_RANK=str(ctx.get_local_rank()),
         LOCAL_WORLD_SIZE=str(ctx.get_local_world_size()), NODE_RANK=str(ctx.get_node_rank()),
     )  # fmt: skip
@@ -60,8 +60,8 @@ def _join(addr: str, port: int, backend: str, timeout_s: int) -> None:
     dist.init_process_group(
         backend=backend,
         init_method="env://",
-        rank=ctx.get_world_rank(),
-        world_size=ctx.get_world_size(),
+        rank=rank,
+        world_size=world,
         timeout=timedelta(seconds=timeout_s),
     )
 
