@@ -106,8 +106,8 @@ def _terms(data: dict, rank: int = 0, world: int = 1) -> dict:
     return {"terms": {k: float(v.detach()) for k, v in terms.items()}, "grad": grad.tolist()}
 
 
-def _controllers_with_torch() -> list[bool]:
-    """For each Train controller beside this worker (same raylet): is torch loaded in it?"""
+def _beside() -> list[tuple[str, bool]]:
+    """The Ray processes beside this worker (same raylet): (title, is torch loaded)."""
     from pathlib import Path
 
     def status(pid) -> dict:
@@ -118,11 +118,9 @@ def _controllers_with_torch() -> list[bool]:
     found = []
     for proc in Path("/proc").glob("[0-9]*"):
         try:
-            if (
-                b"TrainController" in (proc / "cmdline").read_bytes()
-                and status(proc.name)["PPid"].strip() == raylet
-            ):
-                found.append("libtorch" in (proc / "maps").read_text())
+            if status(proc.name)["PPid"].strip() == raylet:
+                title = (proc / "cmdline").read_bytes().split(b"\0")[0].decode()
+                found.append((title, "libtorch" in (proc / "maps").read_text()))
         except (OSError, KeyError):
             continue  # a process that ended meanwhile
     return found
@@ -133,16 +131,16 @@ def _two_ranks(config: dict) -> dict:
 
     rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
     return {"params": _ddp_step(config["step"], rank), **_terms(config["terms"], rank, world),
-            "controllers_with_torch": _controllers_with_torch()}  # fmt: skip
+            "beside": _beside()}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def two_ranks():
-    """One 2-worker gloo Train run computing both checks below (each fit costs seconds)."""
+    """One 2-worker gloo Train run of distcl's trainer computing the checks below (each fit
+    costs seconds)."""
     from ray.train import ScalingConfig
-    from ray.train.torch import TorchTrainer
 
-    from distcl.train.backend import TorchBackendConfig
+    from distcl.train.trainer import Trainer
 
     rng = np.random.default_rng(0)
     step = {"x": rng.normal(size=(16, 6)).astype(np.float32).tolist(),
@@ -151,9 +149,8 @@ def two_ranks():
     terms = {"new": rng.normal(size=(12, 5)).tolist(), "old": rng.normal(size=(12, 5)).tolist(),
              "labels": rng.integers(0, 3, 12).tolist()}  # fmt: skip
     with scoped_env(train_env()):  # as distcl's runs: the controller polls every 0.5 s
-        result = TorchTrainer(
+        result = Trainer(
             _two_ranks, train_loop_config={"step": step, "terms": terms},
-            torch_config=TorchBackendConfig(),  # distcl's process-group backend
             scaling_config=ScalingConfig(num_workers=2, use_gpu=False),
         ).fit()  # fmt: skip
     return step, terms, result.return_value
@@ -182,8 +179,44 @@ def test_ddp_equals_single_process_on_the_same_global_batch(two_ranks):
 def test_the_train_controller_does_not_load_torch(two_ranks):
     # distcl's backend (distcl.train.backend): the controller holds no torch (668 -> 199 MB
     # resident per run and per tuning trial); its workers joined one process group above.
-    found = two_ranks[2]["controllers_with_torch"]  # this run's (and any still exiting)
-    assert found and not any(found), found
+    found = [torch for title, torch in two_ranks[2]["beside"] if "TrainController" in title]
+    assert found and not any(found), found  # this run's (and any still exiting)
+
+
+def test_a_run_without_ray_datasets_starts_no_dataset_manager(two_ranks):
+    titles = [title for title, _ in two_ranks[2]["beside"]]
+    assert any("RayTrainWorker" in t for t in titles), titles
+    assert not any("DatasetManager" in t for t in titles), titles
+
+
+def test_the_trainer_keeps_rays_callbacks_but_two():
+    """distcl's Trainer: Ray Train's default controller callbacks, but no datasets callback
+    without Ray Datasets and a placement-group cleaner that is not waited for at the end.
+    (This pins the Ray internals it replaces: a Ray release that renames them fails here.)"""
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+    from ray.train.v2._internal.callbacks.placement_group_callback import (
+        PlacementGroupCleanerCallback,
+    )
+
+    from distcl.train.backend import CleanerCallback
+    from distcl.train.trainer import Trainer
+
+    def fn():
+        pass
+
+    scaling = ScalingConfig(num_workers=1)
+    stock = [type(c) for c in TorchTrainer(fn, scaling_config=scaling)._create_default_callbacks()]
+    lean = [type(c) for c in Trainer(fn, scaling_config=scaling)._create_default_callbacks()]
+    assert DatasetsCallback in stock and PlacementGroupCleanerCallback in stock
+    assert lean == [
+        CleanerCallback if c is PlacementGroupCleanerCallback else c
+        for c in stock
+        if c is not DatasetsCallback
+    ]
+    with_data = Trainer(fn, scaling_config=scaling, datasets={"train": ray.data.range(4)})
+    assert DatasetsCallback in [type(c) for c in with_data._create_default_callbacks()]
 
 
 def test_batch_spanning_terms_do_not_depend_on_the_number_of_workers(two_ranks):

@@ -216,10 +216,9 @@ class Run:
             RunConfig,
             ScalingConfig,
         )
-        from ray.train.torch import TorchTrainer
 
-        from distcl.train.backend import TorchBackendConfig
         from distcl.train.loop import train_sequence_loop
+        from distcl.train.trainer import Trainer
 
         job, T = self.job, self.scenario.num_tasks
         upto = T if upto is None else upto
@@ -242,12 +241,12 @@ class Run:
             "fault": os.environ.get(faults.FAULT_ENV), "pause": os.environ.get(faults.PAUSE_ENV),
             "score_fn": score_fn,
         }  # fmt: skip
-        trainer = TorchTrainer(
+        trainer = Trainer(
             train_sequence_loop,
             # The controller unpickles train_loop_config, and the job's model imports torch
-            # (the methods' parameter schemas live beside their losses): it gets a reference.
+            # (the methods' parameter schemas live beside their losses): it gets a reference,
+            # and distcl's backend (the Trainer's) does not import torch either.
             train_loop_config={"config": ray.put(config)},
-            torch_config=TorchBackendConfig(),  # nor does its backend import torch
             scaling_config=ScalingConfig(
                 num_workers=job.train.workers, use_gpu=use_gpu,
                 resources_per_worker={"CPU": job.train.cpus_per_worker,
