@@ -22,8 +22,8 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from distcl import schema
+from distcl.catalog import SPECS
 from distcl.errors import ConfigError
-from distcl.methods import METHODS
 from distcl.schema import (
     AlignConfig,
     DataConfig,
@@ -135,7 +135,7 @@ def dump_job(job: JobConfig) -> str:
 
 def _check_cross_fields(job: JobConfig) -> None:
     """Checks that span fields (one field's range depends on another)."""
-    head = job.model.head or METHODS[job.method.name].needs_for(job.method.params).head
+    head = job.model.head or SPECS[job.method.name].needs_for(job.method.params).head
     known = {"synthetic": job.data.synthetic_classes, "fashion-mnist": 10}.get(job.data.source)
     if head == "simplex" and known and job.model.embedding_dim + 1 < known:
         raise ConfigError(
@@ -156,7 +156,7 @@ def _describe(err: ValidationError, data: Any) -> str:
     """The first error of ``err`` as ``field: what is wrong`` in the project's words."""
     e = err.errors(include_url=False)[0]
     loc = [str(p) for p in e["loc"] if not str(p).startswith("function-")]
-    if len(loc) > 1 and loc[0] == "method" and loc[1] in METHODS:
+    if len(loc) > 1 and loc[0] == "method" and loc[1] in SPECS:
         loc.pop(1)  # the discriminator's tag is not a field
     field = ".".join(loc)
     kind, value = e["type"], e.get("input")
@@ -165,7 +165,7 @@ def _describe(err: ValidationError, data: Any) -> str:
     if kind == "extra_forbidden":
         return f"unknown field '{field}' (known: {', '.join(_known(loc[:-1], data))})"
     if kind == "union_tag_invalid":
-        return f"method.name: unknown method {e['ctx']['tag']!r} (known: {METHODS.names()})"
+        return f"method.name: unknown method {e['ctx']['tag']!r} (known: {SPECS.names()})"
     if kind == "literal_error":
         return f"{field}: {value!r} is not one of [{e['ctx']['expected']}]"
     base = kind.split("_")[0]

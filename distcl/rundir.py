@@ -52,6 +52,19 @@ class RunDirBusy(RuntimeError):
     """Another process holds the run directory's lock."""
 
 
+class CheckpointError(ValueError):
+    """A checkpoint does not belong to this job or does not fit this architecture."""
+
+
+def read_meta(model_dir: str | Path | Uri) -> dict:
+    """A finished model folder's ``meta.json`` (``models/<t>/``, distcl.train.modeling)."""
+    path = storage.join(model_dir, "meta.json")
+    try:
+        return json.loads(storage.read_bytes(path))
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise CheckpointError(f"{model_dir}: not a finished model folder (no meta.json)") from None
+
+
 def _temp_name(path: Path) -> Path:
     return path.parent / f"{TEMP_PREFIX}{path.name}-{os.getpid()}"
 

@@ -28,9 +28,7 @@ from pydantic import (
 from pydantic import StrictBool as Bool
 
 from distcl import storage
-from distcl.methods import ALIGN_TERMS, METHODS
-from distcl.models.backbones import BACKBONES
-from distcl.models.heads import HEADS
+from distcl.catalog import ALIGN_TERM_NAMES, BACKBONE_NAMES, HEAD_NAMES, SPECS
 from distcl.storage import Uri
 
 Int = StrictInt
@@ -106,8 +104,8 @@ class ModelConfig(Section):
     head: str | None = None  #: linear | cosine | simplex; None: the method's choice
     small_input: Bool = True  #: small-image stem for torchvision ResNets
 
-    _backbone = field_validator("backbone")(lambda v: BACKBONES.check(v, "model.backbone"))
-    _head = field_validator("head")(lambda v: v and HEADS.check(v, "model.head"))
+    _backbone = field_validator("backbone")(lambda v: BACKBONE_NAMES.check(v, "model.backbone"))
+    _head = field_validator("head")(lambda v: v and HEAD_NAMES.check(v, "model.head"))
 
 
 class AlignConfig(Section):
@@ -117,7 +115,7 @@ class AlignConfig(Section):
     weight: Annotated[StrictFloat, Field(ge=0)] = 1.0
     on: Literal["batch", "memory"] = "batch"  #: memory rows only, or the whole batch
 
-    _name = field_validator("name")(lambda v: ALIGN_TERMS.check(v, "method.align.name"))
+    _name = field_validator("name")(lambda v: ALIGN_TERM_NAMES.check(v, "method.align.name"))
 
 
 class _MethodBase(Section):
@@ -133,7 +131,7 @@ _VARIANTS = [
         name=(Literal[name], ...),
         params=(cls.Params, cls.Params()),
     )  # fmt: skip
-    for name, cls in METHODS.items()
+    for name, cls in SPECS.items()
 ]
 globals().update({v.__name__: v for v in _VARIANTS})  # importable by name: picklable
 

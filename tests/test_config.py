@@ -304,8 +304,8 @@ def test_job_file_loads_smoke(path):
 
 def _sections():
     """(section name, model class) for every section of a job, the method's params included."""
+    from distcl.catalog import SPECS
     from distcl.config import JobConfig
-    from distcl.methods import METHODS
 
     out = []
     for name, field in JobConfig.model_fields.items():
@@ -313,7 +313,7 @@ def _sections():
         for cls in getattr(ann, "__args__", (ann,)):
             if isinstance(cls, type) and hasattr(cls, "model_fields") and name != "method":
                 out.append((name, cls))
-    out += [(f"method.params[{m}]", cls.Params) for m, cls in METHODS.items()]
+    out += [(f"method.params[{m}]", cls.Params) for m, cls in SPECS.items()]
     return out
 
 
@@ -442,8 +442,45 @@ def test_set_reaches_dotted_tune_space_keys(tmp_path):
 
 
 def test_method_params_are_validated_once_into_the_method_model(tmp_path):
-    from distcl.methods.bct import BCTParams
+    from distcl.catalog import BCTParams
 
     job = load_job(write(tmp_path, QUICK), ["method={name: bct, params: {lambda: 2}}"])
     assert isinstance(job.method.params, BCTParams) and job.method.params.lambda_ == 2.0
     assert "lambda: 2.0" in dump_job(job)  # spelt as in job files
+
+
+# ---------------------------------------------------------------- the catalogue, without torch
+def test_the_catalogue_names_exactly_the_implementations():
+    """distcl.catalog (what a job can name, no torch) and the registries of the torch
+    implementations hold the same names; each method is its spec plus a loss."""
+    from distcl import catalog
+    from distcl.methods import ALIGN_TERMS, METHODS
+    from distcl.models.backbones import BACKBONES
+    from distcl.models.heads import HEADS
+
+    assert catalog.SPECS.names() == METHODS.names()
+    for name, method in METHODS.items():
+        assert issubclass(method, catalog.SPECS[name]) and method.name == name
+        assert method.Params is catalog.SPECS[name].Params
+    assert catalog.ALIGN_TERM_NAMES.names() == ALIGN_TERMS.names()
+    assert catalog.BACKBONE_NAMES.names() == BACKBONES.names()
+    assert catalog.HEAD_NAMES.names() == HEADS.names()
+
+
+def test_loading_a_job_and_the_cli_import_no_torch(tmp_path):
+    """A job loads, validates, pickles and prints its help without torch (the CLI's submit
+    and jobs commands, shard-building tasks, the Train controller)."""
+    import subprocess
+    import sys
+
+    path = write(tmp_path, QUICK)
+    code = (
+        "import pickle, sys\n"
+        "from distcl import cli\n"
+        "from distcl.config import load_job\n"
+        f"job = load_job({str(path)!r}, ['method={{name: bct, params: {{lambda: 2}}}}'])\n"
+        "assert pickle.loads(pickle.dumps(job)) == job\n"
+        "loaded = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))\n"
+        "assert not loaded, loaded[:5]\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -5,10 +5,7 @@ frozen old one when asked), calls ``method.loss(batch, new, old)``, sums the ret
 terms, backpropagates, steps and logs every term. A method never calls ``backward()``.
 
     @METHODS.register()
-    class MyMethod(Method):
-        name = "mine"
-        Params = MyParams                    # a ``Params`` model of weights (validated)
-        def needs(self) -> Needs: ...        # old model? memory? class means?
+    class MyMethod(MineSpec, Method):        # the spec: name, Params, needs (distcl.catalog)
         def loss(self, batch, new, old) -> dict[str, Tensor]: ...
 """
 
@@ -16,44 +13,20 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Annotated, Any, ClassVar
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat
 from torch import nn
 
+from distcl.catalog import (  # noqa: F401  (re-exported: the method interface)
+    MethodSpec,
+    Needs,
+    Params,
+    Positive,
+    ReplayFraction,
+    Weight,
+)
 from distcl.registry import Registry
-
-Weight = Annotated[StrictFloat, Field(ge=0)]  #: a loss weight
-Positive = Annotated[StrictFloat, Field(gt=0)]  #: a temperature, a bandwidth
-ReplayFraction = Annotated[StrictFloat, Field(ge=0, lt=1)]  #: B * f / (1 - f) rows of B from memory
-
-
-class Params(BaseModel):
-    """A method's weights: validated once when the job loads (``method.params``)."""
-
-    model_config = ConfigDict(
-        extra="forbid", frozen=True, allow_inf_nan=False, populate_by_name=True
-    )
-
-
-@dataclass(frozen=True)
-class Needs:
-    """What a method needs from the engine for one task."""
-
-    old_model: bool = False
-    #: Fraction of each batch drawn from the episodic memory (0: no replay).
-    replay_fraction: float = 0.0
-    #: Running per-class means of stored embeddings (CVS's E_c), as ctx.class_means.
-    class_means: bool = False
-    #: The old model's class means over the current task's data (BCT's new-class rows).
-    old_class_means: bool = False
-    #: Train on every task's data so far (joint upper bound).
-    all_data: bool = False
-    #: Intermediate backbone stages in model outputs (layer-wise alignment).
-    stages: bool = False
-    #: Classifier head kind this method defaults to.
-    head: str = "linear"
 
 
 @dataclass
@@ -89,24 +62,18 @@ class Batch:
     gather: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
-class Method(nn.Module):
-    """Base class. Subclasses set ``name``, ``Params`` and implement ``loss``.
+class Method(MethodSpec, nn.Module):
+    """Base class. Subclasses inherit their spec (``name``, ``Params``, ``needs_for``, in
+    ``distcl.catalog``) and implement ``loss``.
 
     It is an ``nn.Module`` so that learned parts a method owns (a projection, a
     discriminator) are trained by the engine's optimiser and saved with the checkpoint.
     """
 
-    name: ClassVar[str] = ""
-    Params: ClassVar[type[Params]] = Params
-
     def __init__(self, params: Any, ctx: TaskContext):
         super().__init__()
         self.params = params
         self.ctx = ctx
-
-    @classmethod
-    def needs_for(cls, params: Any) -> Needs:
-        return Needs()
 
     def needs(self) -> Needs:
         return self.needs_for(self.params)

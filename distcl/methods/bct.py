@@ -19,17 +19,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 
 from distcl import losses
-from distcl.methods.base import METHODS, Method, Needs, Params, ReplayFraction, Weight
-
-
-class BCTParams(Params):
-    lambda_: Weight = Field(1.0, alias="lambda")  #: influence-loss weight (``lambda`` in jobs)
-    #: A finished ``models/<t>`` folder to be compatible with from the first task on.
-    old_model_dir: str | None = None
-    replay_fraction: ReplayFraction = 0.5  #: fraction of each batch drawn from memory
+from distcl.catalog import BCTSpec
+from distcl.methods.base import METHODS, Method
 
 
 def influence_classifier(
@@ -55,19 +48,7 @@ def influence_classifier(
 
 
 @METHODS.register()
-class BCT(Method):
-    name = "bct"
-    Params = BCTParams
-
-    @classmethod
-    def needs_for(cls, params) -> Needs:
-        return Needs(
-            old_model=True,
-            old_class_means=True,
-            replay_fraction=params.replay_fraction,
-            head="linear",
-        )
-
+class BCT(BCTSpec, Method):
     def begin_task(self, old_model) -> dict:
         ctx = self.ctx
         if ctx.old_class_means is None:

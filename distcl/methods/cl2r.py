@@ -10,17 +10,9 @@ from __future__ import annotations
 
 import math
 
-from pydantic import Field
-
 from distcl import losses
-from distcl.methods.base import METHODS, Method, Needs, Params, ReplayFraction, Weight
-
-
-class CL2RParams(Params):
-    lambda_: Weight = Field(
-        10.0, alias="lambda"
-    )  #: base weight of the feature distillation (``lambda`` in jobs)
-    replay_fraction: ReplayFraction = 0.5  #: fraction of each batch drawn from memory
+from distcl.catalog import CL2RSpec
+from distcl.methods.base import METHODS, Method
 
 
 def cl2r_lambda(base: float, n_old: int, n_new: int) -> float:
@@ -29,14 +21,7 @@ def cl2r_lambda(base: float, n_old: int, n_new: int) -> float:
 
 
 @METHODS.register()
-class CL2R(Method):
-    name = "cl2r"
-    Params = CL2RParams
-
-    @classmethod
-    def needs_for(cls, params) -> Needs:
-        return Needs(old_model=True, replay_fraction=params.replay_fraction, head="simplex")
-
+class CL2R(CL2RSpec, Method):
     def loss(self, batch, new, old):
         # All K simplex logits: unseen vertices stay as fixed repelling prototypes.
         terms = {"ce": losses.cross_entropy(new["logits"], batch.labels)}

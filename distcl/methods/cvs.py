@@ -15,28 +15,12 @@ on training items so evaluation items never steer training.
 from __future__ import annotations
 
 from distcl import losses
-from distcl.methods.base import METHODS, Method, Needs, Params, Positive, ReplayFraction, Weight
-
-
-class CVSParams(Params):
-    alpha: Weight = 10.0  #: neighbour-session triplet distillation weight
-    beta: Weight = 1.0  #: inter-session data coherence weight
-    temperature: Positive = 0.05  #: NormSoftmax temperature
-    margin: Weight = 0.1  #: triplet margin
-    replay_fraction: ReplayFraction = 0.25  #: fraction of each batch drawn from memory
+from distcl.catalog import CVSSpec
+from distcl.methods.base import METHODS, Method
 
 
 @METHODS.register()
-class CVS(Method):
-    name = "cvs"
-    Params = CVSParams
-
-    @classmethod
-    def needs_for(cls, params) -> Needs:
-        return Needs(
-            old_model=True, replay_fraction=params.replay_fraction, class_means=True, head="cosine"
-        )
-
+class CVS(CVSSpec, Method):
     def loss(self, batch, new, old):
         # The cosine head already gives cos / T logits (NormSoftmax).
         terms = {"ce": losses.cross_entropy(self.seen_logits(new["logits"]), batch.labels)}

@@ -6,19 +6,11 @@ task t (``Needs.all_data``).
 
 from __future__ import annotations
 
-from distcl.methods.base import METHODS, Needs, Params
+from distcl.catalog import JointSpec
+from distcl.methods.base import METHODS
 from distcl.methods.finetune import Finetune
 
 
-class JointParams(Params):
-    """No weights."""
-
-
 @METHODS.register()
-class Joint(Finetune):
-    name = "joint"
-    Params = JointParams
-
-    @classmethod
-    def needs_for(cls, params) -> Needs:
-        return Needs(all_data=True, head="linear")
+class Joint(JointSpec, Finetune):
+    """The spec's name, Params and needs; the loss of its parent."""

@@ -4,23 +4,12 @@ old classes, computed on the current task's images (no exemplars)."""
 from __future__ import annotations
 
 from distcl import losses
-from distcl.methods.base import METHODS, Method, Needs, Params, Positive, Weight
-
-
-class LwFParams(Params):
-    alpha: Weight = 1.0  #: weight of the distillation term
-    temperature: Positive = 2.0  #: KD temperature (Hinton)
+from distcl.catalog import LwFSpec
+from distcl.methods.base import METHODS, Method
 
 
 @METHODS.register()
-class LwF(Method):
-    name = "lwf"
-    Params = LwFParams
-
-    @classmethod
-    def needs_for(cls, params) -> Needs:
-        return Needs(old_model=True, head="linear")
-
+class LwF(LwFSpec, Method):
     def loss(self, batch, new, old):
         terms = {"ce": losses.cross_entropy(self.seen_logits(new["logits"]), batch.labels)}
         if old is not None and self.ctx.old_classes:

@@ -7,36 +7,13 @@ CE + batch-hard triplet + alpha * KD(T=2) on old classes
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from pydantic import Field
-
 from distcl import losses
-from distcl.methods.base import METHODS, Method, Needs, Params, Positive, Weight
-
-
-class MMDParams(Params):
-    alpha: Weight = 1.0  #: KD weight
-    beta: Weight = 1.0  #: MMD weight
-    temperature: Positive = 2.0  #: KD temperature
-    margin: Weight = 0.3  #: batch-hard triplet margin
-    sigmas: Annotated[tuple[Positive, ...], Field(min_length=1)] = (
-        0.25,
-        0.5,
-        1.0,
-        2.0,
-    )  #: Gaussian kernel bandwidths
+from distcl.catalog import MMDSpec
+from distcl.methods.base import METHODS, Method
 
 
 @METHODS.register()
-class MMDRetrieval(Method):
-    name = "mmd"
-    Params = MMDParams
-
-    @classmethod
-    def needs_for(cls, params) -> Needs:
-        return Needs(old_model=True, head="linear")
-
+class MMDRetrieval(MMDSpec, Method):
     def loss(self, batch, new, old):
         terms = {
             "ce": losses.cross_entropy(self.seen_logits(new["logits"]), batch.labels),

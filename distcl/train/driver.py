@@ -30,6 +30,7 @@ import ray
 import yaml
 
 from distcl import faults, storage
+from distcl.catalog import SPECS
 from distcl.config import ConfigError, JobConfig, dump_job, parse_job, to_dict
 from distcl.data.scenario import Scenario
 from distcl.data.shards import build_shards, load_manifest
@@ -39,10 +40,8 @@ from distcl.localray import (  # noqa: F401  (init_ray: re-exported)
     scoped_env,
 )
 from distcl.memory.service import create_memory_service
-from distcl.methods import METHODS
 from distcl.placement import worker_nodes
-from distcl.rundir import RunDir, atomic_write, atomic_write_json
-from distcl.train.modeling import read_meta
+from distcl.rundir import RunDir, atomic_write, atomic_write_json, read_meta
 from distcl.train.progress import ProgressBoard, show_progress
 
 #: Ray Train settings of distcl's runs, unless this process's environment sets them (Train
@@ -89,7 +88,7 @@ class Run:
         self.progress = progress
         self.log = log
         self.params = job.method.params
-        self.needs = METHODS[job.method.name].needs_for(self.params)
+        self.needs = SPECS[job.method.name].needs_for(self.params)
         self.uses_memory = self.needs.replay_fraction > 0 or self.needs.class_means
         self.digest = training_digest(job)
 

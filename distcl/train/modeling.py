@@ -19,19 +19,21 @@ import torch
 from torch import nn
 
 from distcl import storage
+from distcl.catalog import SPECS
 from distcl.config import JobConfig
 from distcl.methods import METHODS, TaskContext
 from distcl.models.embedding import EmbeddingModel, load_state_checked, model_signature
-from distcl.rundir import RunDir, atomic_dir
+from distcl.rundir import (  # noqa: F401  (CheckpointError, read_meta: re-exported)
+    CheckpointError,
+    RunDir,
+    atomic_dir,
+    read_meta,
+)
 from distcl.storage import Loc, Uri
 
 
-class CheckpointError(ValueError):
-    """A checkpoint does not belong to this job or does not fit this architecture."""
-
-
 def head_kind(job: JobConfig) -> str:
-    return job.model.head or METHODS[job.method.name].needs_for(job.method.params).head
+    return job.model.head or SPECS[job.method.name].needs_for(job.method.params).head
 
 
 def build_model(job: JobConfig, num_classes: int, in_channels: int) -> EmbeddingModel:
@@ -73,14 +75,6 @@ def save_model_dir(
         (tmp / "history.json").write_text(json.dumps(history, indent=1))
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     return final
-
-
-def read_meta(model_dir: str | Path | Uri) -> dict:
-    path = storage.join(model_dir, "meta.json")
-    try:
-        return json.loads(storage.read_bytes(path))
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-        raise CheckpointError(f"{model_dir}: not a finished model folder (no meta.json)") from None
 
 
 def load_model_dir(

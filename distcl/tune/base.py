@@ -108,7 +108,7 @@ def base_plan(job: JobConfig, space: Mapping[str, SearchSpace], mode: str) -> tu
 def task0_key(job: JobConfig, later_keys: list[str]) -> dict:
     """What decides task 0's outputs: the training fields without the name and without the
     later-only keys, plus whether the method keeps a memory (and which kind)."""
-    from distcl.methods import METHODS
+    from distcl.catalog import SPECS
     from distcl.train.driver import TRAINING_FIELDS
 
     raw = {k: v for k, v in to_dict(job).items() if k in TRAINING_FIELDS and k != "name"}
@@ -118,7 +118,7 @@ def task0_key(job: JobConfig, later_keys: list[str]) -> dict:
             node = node.get(p, {}) if isinstance(node, dict) else {}
         if isinstance(node, dict):
             node.pop(parts[-1], None)
-    needs = METHODS[job.method.name].needs_for(job.method.params)
+    needs = SPECS[job.method.name].needs_for(job.method.params)
     raw["_memory"] = {"replay": needs.replay_fraction > 0, "class_means": needs.class_means}
     return raw
 

@@ -1,0 +1,218 @@
+"""What a job can name, without torch: methods (their parameters and needs), alignment
+terms, backbones and classifier heads.
+
+The job schema (``distcl.schema``) validates against this catalogue, so loading a job,
+the CLI, the driver, a tuning trial's actor and the Ray tasks that build shards never
+import torch (~1 s and ~400 MB per process). The implementations register under the same
+names where torch is: a method subclasses its spec (``class BCT(BCTSpec, Method)`` in
+``distcl.methods.bct``), and tests/test_config.py checks that every name here has an
+implementation and every implementation a name here.
+
+    @SPECS.register()
+    class MineSpec(MethodSpec):
+        name = "mine"
+        Params = MineParams                   # its weights (validated when a job loads)
+        @classmethod
+        def needs_for(cls, params) -> Needs:  # old model? memory? class means? head?
+            ...
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat
+
+from distcl.registry import Registry
+
+Weight = Annotated[StrictFloat, Field(ge=0)]  #: a loss weight
+Positive = Annotated[StrictFloat, Field(gt=0)]  #: a temperature, a bandwidth
+ReplayFraction = Annotated[StrictFloat, Field(ge=0, lt=1)]  #: B * f / (1 - f) rows of B from memory
+
+
+class Params(BaseModel):
+    """A method's weights: validated once when the job loads (``method.params``)."""
+
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, allow_inf_nan=False, populate_by_name=True
+    )
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a method needs from the engine for one task."""
+
+    old_model: bool = False
+    #: Fraction of each batch drawn from the episodic memory (0: no replay).
+    replay_fraction: float = 0.0
+    #: Running per-class means of stored embeddings (CVS's E_c), as ctx.class_means.
+    class_means: bool = False
+    #: The old model's class means over the current task's data (BCT's new-class rows).
+    old_class_means: bool = False
+    #: Train on every task's data so far (joint upper bound).
+    all_data: bool = False
+    #: Intermediate backbone stages in model outputs (layer-wise alignment).
+    stages: bool = False
+    #: Classifier head kind this method defaults to.
+    head: str = "linear"
+
+
+class MethodSpec:
+    """A method as a job names it: ``name``, ``Params`` and what it needs per task."""
+
+    name: ClassVar[str] = ""
+    Params: ClassVar[type[Params]] = Params
+
+    @classmethod
+    def needs_for(cls, params: Any) -> Needs:
+        return Needs()
+
+
+SPECS: Registry[type[MethodSpec]] = Registry("method")
+
+
+# -- fine-tune and joint: cross-entropy on the current task / on every task so far ---------
+class FinetuneParams(Params):
+    """No weights."""
+
+
+@SPECS.register()
+class FinetuneSpec(MethodSpec):
+    name = "finetune"
+    Params = FinetuneParams
+
+    @classmethod
+    def needs_for(cls, params) -> Needs:
+        return Needs(head="linear")
+
+
+class JointParams(Params):
+    """No weights."""
+
+
+@SPECS.register()
+class JointSpec(MethodSpec):
+    name = "joint"
+    Params = JointParams
+
+    @classmethod
+    def needs_for(cls, params) -> Needs:
+        return Needs(all_data=True, head="linear")
+
+
+# -- LwF: CE + alpha * KD(T) of the old model's logits on the old classes ------------------
+class LwFParams(Params):
+    alpha: Weight = 1.0  #: weight of the distillation term
+    temperature: Positive = 2.0  #: KD temperature (Hinton)
+
+
+@SPECS.register()
+class LwFSpec(MethodSpec):
+    name = "lwf"
+    Params = LwFParams
+
+    @classmethod
+    def needs_for(cls, params) -> Needs:
+        return Needs(old_model=True, head="linear")
+
+
+# -- BCT: new loss + lambda * the old frozen classifier on new embeddings --------------------
+class BCTParams(Params):
+    lambda_: Weight = Field(1.0, alias="lambda")  #: influence-loss weight (``lambda`` in jobs)
+    #: A finished ``models/<t>`` folder to be compatible with from the first task on.
+    old_model_dir: str | None = None
+    replay_fraction: ReplayFraction = 0.5  #: fraction of each batch drawn from memory
+
+
+@SPECS.register()
+class BCTSpec(MethodSpec):
+    name = "bct"
+    Params = BCTParams
+
+    @classmethod
+    def needs_for(cls, params) -> Needs:
+        return Needs(
+            old_model=True,
+            old_class_means=True,
+            replay_fraction=params.replay_fraction,
+            head="linear",
+        )
+
+
+# -- CVS: NormSoftmax + alpha * triplet distillation + beta * coherence to class means -------
+class CVSParams(Params):
+    alpha: Weight = 10.0  #: neighbour-session triplet distillation weight
+    beta: Weight = 1.0  #: inter-session data coherence weight
+    temperature: Positive = 0.05  #: NormSoftmax temperature
+    margin: Weight = 0.1  #: triplet margin
+    replay_fraction: ReplayFraction = 0.25  #: fraction of each batch drawn from memory
+
+
+@SPECS.register()
+class CVSSpec(MethodSpec):
+    name = "cvs"
+    Params = CVSParams
+
+    @classmethod
+    def needs_for(cls, params) -> Needs:
+        return Needs(
+            old_model=True, replay_fraction=params.replay_fraction, class_means=True, head="cosine"
+        )
+
+
+# -- CL2R: fixed d-simplex classifier + lambda * feature distillation on memory --------------
+class CL2RParams(Params):
+    lambda_: Weight = Field(
+        10.0, alias="lambda"
+    )  #: base weight of the feature distillation (``lambda`` in jobs)
+    replay_fraction: ReplayFraction = 0.5  #: fraction of each batch drawn from memory
+
+
+@SPECS.register()
+class CL2RSpec(MethodSpec):
+    name = "cl2r"
+    Params = CL2RParams
+
+    @classmethod
+    def needs_for(cls, params) -> Needs:
+        return Needs(old_model=True, replay_fraction=params.replay_fraction, head="simplex")
+
+
+# -- MMD retrieval: CE + batch-hard triplet + alpha * KD + beta * MMD^2(new, old) -----------
+class MMDParams(Params):
+    alpha: Weight = 1.0  #: KD weight
+    beta: Weight = 1.0  #: MMD weight
+    temperature: Positive = 2.0  #: KD temperature
+    margin: Weight = 0.3  #: batch-hard triplet margin
+    sigmas: Annotated[tuple[Positive, ...], Field(min_length=1)] = (
+        0.25,
+        0.5,
+        1.0,
+        2.0,
+    )  #: Gaussian kernel bandwidths
+
+
+@SPECS.register()
+class MMDSpec(MethodSpec):
+    name = "mmd"
+    Params = MMDParams
+
+    @classmethod
+    def needs_for(cls, params) -> Needs:
+        return Needs(old_model=True, head="linear")
+
+
+def _names(kind: str, names: tuple[str, ...]) -> Registry[str]:
+    registry: Registry[str] = Registry(kind)
+    for name in names:
+        registry.add(name, name)
+    return registry
+
+
+#: ``method.align`` terms (distcl.methods.align), added to any method.
+ALIGN_TERM_NAMES = _names("alignment term", ("adversarial", "kd", "l2", "layerwise", "projection"))
+#: ``model.backbone`` (distcl.models.backbones).
+BACKBONE_NAMES = _names("backbone", ("resnet18", "resnet32", "resnet50"))
+#: ``model.head`` (distcl.models.heads).
+HEAD_NAMES = _names("head", ("cosine", "linear", "simplex"))
