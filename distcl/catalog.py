@@ -216,3 +216,34 @@ ALIGN_TERM_NAMES = _names("alignment term", ("adversarial", "kd", "l2", "layerwi
 BACKBONE_NAMES = _names("backbone", ("resnet18", "resnet32", "resnet50"))
 #: ``model.head`` (distcl.models.heads).
 HEAD_NAMES = _names("head", ("cosine", "linear", "simplex"))
+
+
+# -- the architecture a job names -------------------------------------------------------
+def head_kind(job) -> str:
+    """The job's classifier head: ``model.head``, else its method's."""
+    return job.model.head or SPECS[job.method.name].needs_for(job.method.params).head
+
+
+def head_size(job, num_classes: int) -> int:
+    """Rows of the head, pre-allocated for every class (the d-simplex: its d + 1 vertices)."""
+    if head_kind(job) != "simplex":
+        return num_classes
+    if job.model.embedding_dim + 1 < num_classes:
+        raise ValueError(
+            f"model.embedding_dim: the d-simplex head needs embedding_dim >= "
+            f"num_classes - 1 = {num_classes - 1}, got {job.model.embedding_dim}"
+        )
+    return job.model.embedding_dim + 1
+
+
+def model_signature_for(job, num_classes: int, in_channels: int) -> dict[str, Any]:
+    """The signature (``distcl.models.embedding.model_signature``) of the model the job
+    builds, without building it."""
+    return {
+        "backbone": job.model.backbone,
+        "in_channels": in_channels,
+        "small_input": bool(job.model.small_input),
+        "embedding_dim": job.model.embedding_dim,
+        "head": head_kind(job),
+        "num_classes": head_size(job, num_classes),
+    }

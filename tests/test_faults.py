@@ -33,6 +33,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from notorch import NO_TORCH
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -59,20 +60,24 @@ def _job(root: Path) -> Path:
     return path
 
 
+CLI = NO_TORCH + "from distcl.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+
+
 def _cli(job: Path, env: dict | None = None) -> subprocess.Popen:
-    """``distcl run JOB``; its output goes to ``log.txt`` beside the job file (a pipe that
+    """``distcl run JOB``, with torch blocked in the driver (tests/notorch.py: only the
+    Train workers load it); its output goes to ``log.txt`` beside the job file (a pipe that
     nobody reads while the test waits on another run could fill and stall it)."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "DISTCL_"))}
     with open(job.with_name("log.txt"), "w") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "distcl.cli", "run", str(job), "--no-progress"],
+            [sys.executable, "-c", CLI, "run", str(job), "--no-progress"],
             cwd=ROOT, env={**clean, **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
             text=True,
         )  # fmt: skip
 
 
 def _output(proc: subprocess.Popen) -> str:
-    job = Path(proc.args[4])  # python -m distcl.cli run JOB ... (see _cli)
+    job = Path(proc.args[4])  # python -c CLI run JOB ... (see _cli)
     return job.with_name("log.txt").read_text()
 
 

@@ -270,3 +270,21 @@ def test_signature_without_a_field_is_refused():
         sig = model_signature(model)
         del sig["small_input"]
         load_state_checked(model, model.state_dict(), sig)
+
+
+@pytest.mark.parametrize(
+    "method,backbone,small_input",
+    [("finetune", "resnet32", True), ("cvs", "resnet18", False), ("cl2r", "resnet18", True)],
+)
+def test_the_jobs_signature_without_building_its_model(synthetic_job, method, backbone,
+                                                       small_input):  # fmt: skip
+    """distcl.catalog.model_signature_for (no torch: a tuning trial checks a shared base
+    with it) equals the signature of the model the job builds (linear, cosine, simplex)."""
+    from distcl.catalog import model_signature_for
+    from distcl.train.modeling import build_model
+
+    job = synthetic_job(method={"name": method},
+                        model={"backbone": backbone, "small_input": small_input})  # fmt: skip
+    for classes, channels in ((8, 1), (5, 3)):
+        built = model_signature(build_model(job, classes, channels))
+        assert model_signature_for(job, classes, channels) == built

@@ -20,6 +20,7 @@ import webdataset as wds
 import yaml
 
 from distcl.cli import main
+from distcl.data.readers import iter_items, iter_shard, load_arrays, train_batches
 from distcl.data.scenario import build_scenario
 from distcl.data.shards import (
     MANIFEST,
@@ -28,13 +29,9 @@ from distcl.data.shards import (
     build_shards,
     decode_image,
     item_split,
-    iter_items,
-    iter_shard,
-    load_arrays,
     load_manifest,
     shard_counts,
     shard_paths,
-    train_batches,
     verify_shards,
 )
 from distcl.data.sources import open_source
@@ -245,14 +242,14 @@ def test_item_split_golden():
 
 
 def test_iter_items_decodes_only_its_range_and_checks_the_whole_count(built, monkeypatch):
-    from distcl.data import shardio
+    from distcl.data import readers
 
     _, out, _, _ = built
     counts = shard_counts(out)
     path = str(shard_paths(out, 0, "train")[0])
     n = counts[Path(path).name]
     calls = []
-    monkeypatch.setattr(shardio, "decode_image", lambda b: calls.append(1) or decode_image(b))
+    monkeypatch.setattr(readers, "decode_image", lambda b: calls.append(1) or decode_image(b))
     got = list(iter_items([(path, n, 1, 3)]))
     assert len(got) == 2 == len(calls) and got[0][1].dtype == np.uint8
     # The piece that ends where the shard ends reads it to the end: the count is checked
@@ -342,11 +339,11 @@ def test_loader_quotas():
 
 def test_sample_split_decodes_only_kept_samples(built, monkeypatch):
     """With fewer shards than readers, a reader decodes its own samples only."""
-    from distcl.data import shardio
+    from distcl.data import readers
 
     _, out, _, _ = built
     calls = []
-    monkeypatch.setattr(shardio, "decode_image", lambda b: calls.append(1) or decode_image(b))
+    monkeypatch.setattr(readers, "decode_image", lambda b: calls.append(1) or decode_image(b))
     rank_keys(shard_paths(out, 0, "train")[:1], 16, 1, 4, 2)  # 16 samples, 4 ranks: 2 batches
     assert len(calls) == 4  # this rank's 4 samples, not all 16
 
@@ -426,7 +423,7 @@ def test_embedding_on_cpu_uses_a_channels_last_copy_and_leaves_the_model_alone(b
 def test_shard_labels_equal_the_embedding_pass_without_decoding(built, monkeypatch):
     """Random exemplar selection reads candidates' keys and labels only: the same rows as
     the embedding pass, no image decoded; a shard shorter than its count is named."""
-    from distcl.data import shardio
+    from distcl.data import readers
     from distcl.train import endtask
 
     class Flat:
@@ -440,7 +437,7 @@ def test_shard_labels_equal_the_embedding_pass_without_decoding(built, monkeypat
     shards = [(str(p), counts[p.name]) for p in shard_paths(out, [0, 1], "train")]
     full = endtask.embed_shards(Flat(), shards, "cpu")
     calls = []
-    monkeypatch.setattr(shardio, "decode_image", lambda b: calls.append(1) or decode_image(b))
+    monkeypatch.setattr(readers, "decode_image", lambda b: calls.append(1) or decode_image(b))
     quick = endtask.shard_labels(shards)
     assert calls == [] and quick["emb"].shape == (256, 0)
     np.testing.assert_array_equal(quick["keys"], full["keys"])
@@ -547,3 +544,26 @@ def test_keys_unique_across_tasks(built):
     _, out, _, _ = built
     keys = load_arrays(shard_paths(out, [0, 1], "train"))[0]
     assert max(collections.Counter(keys).values()) == 1
+
+
+@pytest.mark.parametrize("ext", ["png", "jpg"])
+def test_a_shard_has_the_bytes_webdatasets_writer_gives(ext):
+    """distcl writes shards without WebDataset (it imports torch); the bytes are the ones
+    ``webdataset.TarWriter(f, mtime=0)`` writes for the same samples."""
+    import io
+
+    import webdataset as wds
+
+    from distcl.data.shards import TarShard
+
+    rng = np.random.default_rng(0)
+    samples = [(f"train-{i:07d}", rng.bytes(100 + 37 * i), int(rng.integers(0, 1000)),
+                {"task": 1, "split": "train", "index": i}) for i in range(5)]  # fmt: skip
+    ours, theirs = io.BytesIO(), io.BytesIO()
+    with TarShard(ours) as writer:
+        for key, image, label, meta in samples:
+            writer.write(key, ext, image, label, meta)
+    with wds.TarWriter(theirs, mtime=0) as writer:
+        for key, image, label, meta in samples:
+            writer.write({"__key__": key, ext: image, "cls": label, "json": meta})
+    assert ours.getvalue() == theirs.getvalue()

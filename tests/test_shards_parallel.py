@@ -15,14 +15,13 @@ import numpy as np
 import pytest
 
 from distcl.data import shards
+from distcl.data.readers import iter_shard, load_arrays
 from distcl.data.scenario import build_scenario
 from distcl.data.shards import (
     MANIFEST,
     PREVIOUS,
     ShardError,
     build_shards,
-    iter_shard,
-    load_arrays,
     load_manifest,
     plan_shards,
     shard_paths,

@@ -14,12 +14,11 @@ import numpy as np
 import pytest
 
 from distcl import storage
+from distcl.data.readers import iter_shard, load_arrays
 from distcl.data.shards import (
     MANIFEST,
     ShardError,
     build_shards,
-    iter_shard,
-    load_arrays,
     load_manifest,
     shard_paths,
     verify_shards,

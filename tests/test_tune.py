@@ -29,6 +29,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import yaml
+from notorch import NO_TORCH
 
 from distcl.config import ConfigError, load_job, parse_job
 from distcl.eval import compat
@@ -332,9 +333,10 @@ def test_tune_job_files_validate(path):
 
 
 # ---------------------------------------------------------------- real Ray Tune runs
-LAUNCH = ("import sys; from distcl.config import load_job; "
-          "from distcl.tune.search import tune_job; "
-          "tune_job(load_job(sys.argv[1]), num_cpus=2)")  # fmt: skip
+# The search's driver with torch blocked (tests/notorch.py): only the Train workers load it.
+LAUNCH = NO_TORCH + ("from distcl.config import load_job\n"
+                     "from distcl.tune.search import tune_job\n"
+                     "tune_job(load_job(sys.argv[1]), num_cpus=2)\n")  # fmt: skip
 
 
 def _launch(job_file: Path, log: Path) -> subprocess.Popen:

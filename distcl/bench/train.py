@@ -70,7 +70,7 @@ def run_train_bench(
     log=print,
 ) -> dict:
     from distcl.config import load_job
-    from distcl.data.shards import load_arrays
+    from distcl.data.readers import load_arrays
     from distcl.train.driver import Run, init_ray
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,5 +1,6 @@
 """WebDataset shards per task and split: building (plan, one Ray task per shard, the
-manifest last), and the readers and checks of :mod:`distcl.data.shardio`, re-exported here.
+manifest last), and the manifest and checks of :mod:`distcl.data.shardio`, re-exported here
+(the readers, with torch: :mod:`distcl.data.readers`).
 
     distcl data build jobs/quickstart.yaml          # <shards_dir>/task00-train-00000.tar ...
     distcl data verify jobs/quickstart.yaml [--deep]
@@ -26,10 +27,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import re
 import sys
+import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -37,7 +40,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import webdataset as wds
 
 from distcl import storage
 from distcl.config import JobConfig
@@ -57,17 +59,12 @@ from distcl.data.shardio import (  # noqa: F401  (re-exported: the public shard 
     encode_png,
     folder_listing,
     item_split,
-    iter_items,
-    iter_shard,
-    load_arrays,
     load_manifest,
     manifest_count,
     mark_damaged,
     sha256_file,
     shard_counts,
     shard_paths,
-    train_batches,
-    verify_shards,
 )
 from distcl.data.sources import (
     FolderListing,
@@ -140,6 +137,32 @@ class _HashingWriter:
         return self.f.write(data)
 
 
+class TarShard:
+    """A WebDataset shard as ``webdataset.TarWriter(f, mtime=0)`` writes it, byte for byte
+    (tests/test_shards.py compares), without importing WebDataset, which imports torch: the
+    driver and the shard-building tasks never load torch. Each sample's members are
+    ``<key>.<ext>`` in sorted order, mtime 0 (an int: no pax headers), owner and group
+    ``bigdata``, mode 0o444; ``cls`` as ASCII digits, ``json`` as UTF-8 JSON."""
+
+    def __init__(self, fileobj) -> None:
+        self.tar = tarfile.open(fileobj=fileobj, mode="w|")
+
+    def write(self, key: str, image_ext: str, image: bytes, label: int, meta: dict) -> None:
+        members = {image_ext: image, "cls": str(label).encode("ascii"),
+                   "json": json.dumps(meta).encode("utf-8")}  # fmt: skip
+        for ext in sorted(members):
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode = len(members[ext]), 0, 0o444
+            info.uname = info.gname = "bigdata"
+            self.tar.addfile(info, io.BytesIO(members[ext]))
+
+    def __enter__(self) -> TarShard:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.tar.close()
+
+
 _source_cache: dict = {}
 
 
@@ -185,19 +208,14 @@ def write_shard(
     try:
         with open(tmp, "wb") as f:
             hashing = _HashingWriter(f)
-            # mtime 0 (an int: no pax headers), wds's fixed owner and mode, sorted members:
-            # the same bytes on every rebuild, whoever writes them.
-            with wds.TarWriter(hashing, mtime=0) as writer:
+            with TarShard(hashing) as writer:  # the same bytes on every rebuild
                 for i in plan.indices:
                     i = int(i)
                     writer.write(
-                        {
-                            "__key__": f"{split}-{i:07d}",
-                            ext: encode_image(src.image(split, i), image_format, quality),
-                            "cls": int(labels[i]),
-                            "json": {"task": plan.task, "split": plan.split, "index": i},
-                        }
-                    )
+                        f"{split}-{i:07d}", ext,
+                        encode_image(src.image(split, i), image_format, quality),
+                        int(labels[i]), {"task": plan.task, "split": plan.split, "index": i},
+                    )  # fmt: skip
             f.flush()
             if not remote:
                 os.fsync(f.fileno())
@@ -444,3 +462,31 @@ def _read_previous(out: Loc) -> list[str]:
     except (OSError, json.JSONDecodeError):
         return []
     return [n for n in names if isinstance(n, str)]
+
+
+def verify_shards(shards_dir: str | Path | Uri, deep: bool = False) -> dict:
+    """Check every shard of the manifest: by default that it exists with the manifest's
+    byte size (quick: sizes from one listing of the folder); ``deep`` also re-hashes
+    (sha256), decodes and counts every sample. Raises ShardError naming the first bad
+    shard; returns {"shards", "samples"}."""
+    shards_dir = storage.location(shards_dir)
+    manifest = load_manifest(shards_dir)
+    listing = folder_listing(shards_dir)
+    n = 0
+    for s in manifest["shards"]:
+        path = shards_dir / s["name"]
+        if deep:
+            from distcl.data.readers import iter_shard  # torch and WebDataset: only here
+
+            if not storage.is_file(path):
+                raise ShardError(f"{path}: missing shard listed in manifest")
+            if sha256_file(path) != s["sha256"]:
+                mark_damaged(path, "sha256 differs from manifest")
+                raise ShardError(f"{path}: sha256 differs from manifest (truncated or modified)")
+            sum(1 for _ in iter_shard(path, expected=s["count"]))
+        else:
+            problem = _quick_problem(path, s, listing)
+            if problem:
+                raise ShardError(f"{path}: {problem}")
+        n += s["count"]
+    return {"shards": len(manifest["shards"]), "samples": n}

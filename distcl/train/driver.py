@@ -216,8 +216,7 @@ class Run:
             ScalingConfig,
         )
 
-        from distcl.train.loop import train_sequence_loop
-        from distcl.train.trainer import Trainer
+        from distcl.train.trainer import Trainer, run_sequence
 
         job, T = self.job, self.scenario.num_tasks
         upto = T if upto is None else upto
@@ -241,7 +240,7 @@ class Run:
             "score_fn": score_fn,
         }  # fmt: skip
         trainer = Trainer(
-            train_sequence_loop,
+            run_sequence,
             # The controller unpickles train_loop_config, and the job's model imports torch
             # (the methods' parameter schemas live beside their losses): it gets a reference,
             # and distcl's backend (the Trainer's) does not import torch either.

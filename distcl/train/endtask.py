@@ -24,7 +24,8 @@ import torch
 import torch.distributed as dist
 
 from distcl import faults, storage
-from distcl.data.shards import decode_image, item_split, iter_items
+from distcl.data.readers import iter_items
+from distcl.data.shards import decode_image, item_split
 from distcl.gallery.store import write_embeddings
 from distcl.memory.selection import per_class_budget
 from distcl.methods.base import TaskContext

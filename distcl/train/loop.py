@@ -35,7 +35,8 @@ import torch.distributed as dist
 
 from distcl import faults
 from distcl.config import JobConfig
-from distcl.data.shards import batches_per_epoch, train_batches
+from distcl.data.readers import train_batches
+from distcl.data.shards import batches_per_epoch
 from distcl.memory.selection import BalancedSampler
 from distcl.methods.base import Batch
 from distcl.rundir import RunDir
@@ -334,8 +335,8 @@ def _load_checkpoint(ckpt, device) -> dict | None:
 
 
 def train_sequence_loop(loop_config: dict) -> dict:
-    """Ray Train ``train_loop_per_worker``: every remaining task; returns rank 0's timings.
+    """Every remaining task on this worker (through :func:`distcl.train.trainer.run_sequence`,
+    Ray Train's ``train_loop_per_worker``); returns rank 0's timings.
     ``loop_config["config"]``: an object ref of the run's config (the driver's ``train``)."""
-    entered = time.time()  # wall clock: the driver compares it with its own
     _quiet_train_logs()
-    return {**Worker(ray.get(loop_config["config"])).run(), "entered_at": entered}
+    return Worker(ray.get(loop_config["config"])).run()

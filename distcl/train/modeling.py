@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from distcl import storage
-from distcl.catalog import SPECS
+from distcl.catalog import head_kind, head_size
 from distcl.config import JobConfig
 from distcl.methods import METHODS, TaskContext
 from distcl.models.embedding import EmbeddingModel, load_state_checked, model_signature
@@ -32,21 +32,9 @@ from distcl.rundir import (  # noqa: F401  (CheckpointError, read_meta: re-expor
 from distcl.storage import Loc, Uri
 
 
-def head_kind(job: JobConfig) -> str:
-    return job.model.head or SPECS[job.method.name].needs_for(job.method.params).head
-
-
 def build_model(job: JobConfig, num_classes: int, in_channels: int) -> EmbeddingModel:
     """The embedding model of a job; the head is pre-allocated for every class."""
-    kind = head_kind(job)
-    n_head = num_classes
-    if kind == "simplex":  # K = d + 1 vertices, pre-allocated for every future class
-        n_head = job.model.embedding_dim + 1
-        if n_head < num_classes:
-            raise ValueError(
-                f"model.embedding_dim: the d-simplex head needs embedding_dim >= "
-                f"num_classes - 1 = {num_classes - 1}, got {job.model.embedding_dim}"
-            )
+    kind, n_head = head_kind(job), head_size(job, num_classes)  # simplex: d + 1 vertices
     head_kwargs = {}
     if kind == "cosine":
         head_kwargs["temperature"] = float(getattr(job.method.params, "temperature", 0.05))

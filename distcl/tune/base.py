@@ -212,8 +212,7 @@ def _link(src: Loc, dst: Loc) -> None:
 def adopt_base(base_dir: str | Path, run, later_keys: list[str]) -> str:
     """Link the base's task 0 into ``run`` (a prepared :class:`~distcl.train.driver.Run`,
     task 0 not finished) after verifying it; returns "shared" or why not ("own: ...")."""
-    from distcl.models.embedding import model_signature
-    from distcl.train.modeling import build_model
+    from distcl.catalog import model_signature_for
 
     base_dir = storage.location(base_dir)
     path = base_dir / MARKER
@@ -225,7 +224,7 @@ def adopt_base(base_dir: str | Path, run, later_keys: list[str]) -> str:
     if info["scenario"] != run.scenario.digest():
         return "own: another scenario"
     meta = storage.read_json(base_dir / "models" / "0" / "meta.json")
-    sig = model_signature(build_model(run.job, run.num_classes, run.in_channels))
+    sig = model_signature_for(run.job, run.num_classes, run.in_channels)  # no torch
     if meta.get("scenario") != info["scenario"] or meta.get("signature") != sig:
         return "own: model 0 of the base has another architecture or scenario"
     for rel, want in info["files"].items():
