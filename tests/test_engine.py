@@ -338,6 +338,22 @@ def _check_smoke_run(variant, job, out):
             assert width == (8 if variant.startswith("cvs") else 0), (f.name, width)
 
 
+def test_the_runs_of_a_process_share_one_progress_board_a_page_each(finetune_run):
+    from distcl.train.progress import RunProgress, progress_board
+
+    board = progress_board()
+    assert progress_board() is board  # the finetune run's, and every later run's here
+    a, b = RunProgress(board, "a"), RunProgress(board, "b")
+    a.update(task=1, epoch=0)
+    b.task_done(0, {"train_s": 1.5})
+    assert ray.get(a.get()) == {"task": 1, "epoch": 0, "finished": {}}
+    assert ray.get(b.get()) == {"finished": {0: {"train_s": 1.5}}}
+    a.end()
+    assert ray.get(a.get()) == {"finished": {}} and ray.get(b.get())["finished"]
+    run_id = Run(finetune_run[0], progress=False).run_id
+    assert ray.get(RunProgress(board, run_id).get()) == {"finished": {}}  # ended with its run
+
+
 def test_rerun_skips_finished_tasks_and_other_jobs_are_refused(finetune_run, make_job):
     job, _ = finetune_run
     model_pt = job.run_dir / "models" / "1" / "model.pt"

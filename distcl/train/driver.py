@@ -42,7 +42,7 @@ from distcl.localray import (  # noqa: F401  (init_ray: re-exported)
 from distcl.memory.service import create_memory_service
 from distcl.placement import worker_nodes
 from distcl.rundir import RunDir, atomic_write, atomic_write_json, read_meta
-from distcl.train.progress import ProgressBoard, show_progress
+from distcl.train.progress import RunProgress, progress_board, show_progress
 
 #: Ray Train settings of distcl's runs, unless this process's environment sets them (Train
 #: reads them when ``fit`` creates the controller, which passes them on to the workers):
@@ -81,8 +81,11 @@ def training_digest(job: JobConfig) -> str:
 class Run:
     """One job's run directory and its sequence of tasks."""
 
-    def __init__(self, job: JobConfig, progress: bool = True, log=print):
+    def __init__(self, job: JobConfig, progress: bool = True, log=print, board=None):
+        """``board``: the ProgressBoard to post to (a tuning search shares its own with its
+        trials); default: this process's (:func:`~distcl.train.progress.progress_board`)."""
         self.job = job
+        self.board = board
         self.rd = RunDir(job.run_dir)
         self.dir = self.rd.root
         self.progress = progress
@@ -229,13 +232,11 @@ class Run:
         gpw = job.train.gpus_per_worker
         if use_gpu is None:
             use_gpu = ray.cluster_resources().get("GPU", 0) >= job.train.workers * gpw
-        board = ProgressBoard.options(
-            name=f"progress-{self.run_id}", namespace=NAMESPACE, get_if_exists=True
-        ).remote()
+        page = RunProgress(self.board or progress_board(), self.run_id)
         config = {
             "job": job, "plan": self.plan(upto), "run_dir": str(self.dir),
             "memory": self.memory_service() if self.uses_memory else None,
-            "progress_actor": f"progress-{self.run_id}", "namespace": NAMESPACE,
+            "progress": page,
             "fault": os.environ.get(faults.FAULT_ENV), "pause": os.environ.get(faults.PAUSE_ENV),
             "score_fn": score_fn,
         }  # fmt: skip
@@ -263,7 +264,7 @@ class Run:
         t0, fit_at = time.perf_counter(), time.time()
         title = f"{job.name} ({job.method.name})"
         with (
-            show_progress(board, title, epochs, self.progress, self._log_task) as told,
+            show_progress(page, title, epochs, self.progress, self._log_task) as told,
             scoped_env(train_env()),
         ):
             result = trainer.fit()

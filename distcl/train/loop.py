@@ -106,9 +106,7 @@ class Worker:
             import torch._dynamo  # noqa: F401
         self.loaders = self.job.train.loaders()  # DataLoader processes that read and decode
         self.memory = config.get("memory")  # a MemoryService (its shards' handles) or None
-        self.progress = None
-        if self.rank == 0 and config.get("progress_actor"):
-            self.progress = ray.get_actor(config["progress_actor"], namespace=config["namespace"])
+        self.progress = config.get("progress") if self.rank == 0 else None  # a RunProgress
 
     def barrier(self) -> None:
         if self.distributed:
@@ -139,7 +137,7 @@ class Worker:
             timings[t] = {"train_s": t1 - t0, "end_task_s": time.perf_counter() - t1,
                           **parts, **info}  # fmt: skip
             if self.progress is not None:  # the driver logs the task now, not at the end
-                self.progress.task_done.remote(t, timings[t])
+                self.progress.task_done(t, timings[t])
             metrics = {"task": t, "task_done": 1, **timings[t]}
             if self.rank == 0 and self.config.get("score_fn"):  # e.g. a tuning trial's row
                 metrics.update(self.config["score_fn"](str(self.rd.root), t))
@@ -268,14 +266,14 @@ class Worker:
                 correct += int((pred == batch.labels[cur]).sum())
                 seen += int(cur.sum())
                 if self.progress is not None and b % 5 == 0:
-                    self.progress.update.remote(
+                    self.progress.update(
                         task=t, epoch=epoch, step=b + 1, steps=n_batches, loss=float(loss.detach())
                     )
             record = self._epoch_record(t, epoch, sums, correct, seen, n_batches, n_mem, t0)
             record["resumed"] = bool(resume) and epoch == start_epoch  # after a checkpoint
             history.append(record)
             if self.progress is not None:
-                self.progress.update.remote(
+                self.progress.update(
                     task=t, epoch=epoch, step=n_batches, steps=n_batches, record=record
                 )
             t_ckpt = time.perf_counter()

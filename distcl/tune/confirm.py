@@ -154,6 +154,7 @@ def confirm_best(
 
     from distcl.data.shards import build_shards
     from distcl.rundir import RunDir
+    from distcl.train.progress import progress_board
     from distcl.tune.base import prepare_bases
     from distcl.tune.groups import ReleaseTrialGroups
     from distcl.tune.space import trial_job
@@ -187,7 +188,8 @@ def confirm_best(
         tune.with_resources(
             tune.with_parameters(_confirm_trial, base=base, trials_root=str(root),
                                  job_name=job.name, tc=tc, shared_base=shared,
-                                 later_keys=later, groups_dir=str(tune_dir / "groups")),
+                                 later_keys=later, groups_dir=str(tune_dir / "groups"),
+                                 board=progress_board()),
             tune.PlacementGroupFactory([{"CPU": tc.driver_cpus}]),
         ),
         param_space={"cfg": tune.grid_search(configs)},

@@ -218,6 +218,7 @@ def tune_job(
 
     from distcl.data.shards import build_shards
     from distcl.train.driver import init_ray
+    from distcl.train.progress import progress_board
     from distcl.tune.pareto import ParetoASHA, pick_weights
     from distcl.tune.trial import run_trial
 
@@ -268,7 +269,8 @@ def tune_job(
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=base, trials_root=str(trials_root),
                              job_name=job.name, tc=tc, shared_base=shared_base,
-                             later_keys=later, groups_dir=str(tune_dir / "groups")),
+                             later_keys=later, groups_dir=str(tune_dir / "groups"),
+                             board=progress_board()),
         tune.PlacementGroupFactory([{"CPU": tc.driver_cpus}]),
     )  # fmt: skip
     if _can_restore(exp_dir):

@@ -214,10 +214,13 @@ def run_trial(
     shared_base: Mapping[int, str] | None = None,
     later_keys: Sequence[str] = (),
     groups_dir: str | None = None,
+    board=None,
 ) -> None:
     """The Tune function trainable: ``config`` holds the sampled values (dotted keys). The
     confirm runs pass ``{"point": {key: value, "seed": s}, "variant": "best-<digest>"}``:
-    their run dirs are named ``<job>-<variant>-seed<s>`` (found again on a rerun)."""
+    their run dirs are named ``<job>-<variant>-seed<s>`` (found again on a rerun).
+    ``board``: the search's ProgressBoard, which every trial posts to (one actor, not one
+    per trial)."""
     from ray import tune
 
     from distcl.train.driver import Run
@@ -230,7 +233,8 @@ def run_trial(
     else:
         name = f"{job_name}-trial-{tune.get_context().get_trial_id()}"
     job = trial_job(base, params, name, trials_root)
-    run = Run(job, progress=False, log=lambda m: print(f"[{job.name}] {m}", flush=True))
+    run = Run(job, progress=False, log=lambda m: print(f"[{job.name}] {m}", flush=True),
+              board=board)  # fmt: skip
     callbacks = []
     if groups_dir:
         trial_id = tune.get_context().get_trial_id()
