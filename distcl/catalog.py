@@ -3,10 +3,10 @@ terms, backbones and classifier heads.
 
 The job schema (``distcl.schema``) validates against this catalogue, so loading a job,
 the CLI, the driver, a tuning trial's actor and the Ray tasks that build shards never
-import torch (~1 s and ~400 MB per process). The implementations register under the same
-names where torch is: a method subclasses its spec (``class BCT(BCTSpec, Method)`` in
-``distcl.methods.bct``), and tests/test_config.py checks that every name here has an
-implementation and every implementation a name here.
+import torch (``import torch``: ~1.3 s and ~600 MB resident per process). The
+implementations register under the same names where torch is: a method subclasses its
+spec (``class BCT(BCTSpec, Method)`` in ``distcl.methods.bct``), and tests/test_config.py
+checks that every name here has an implementation and every implementation a name here.
 
     @SPECS.register()
     class MineSpec(MethodSpec):

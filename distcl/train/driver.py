@@ -242,9 +242,8 @@ class Run:
         }  # fmt: skip
         trainer = Trainer(
             run_sequence,
-            # The controller unpickles train_loop_config, and the job's model imports torch
-            # (the methods' parameter schemas live beside their losses): it gets a reference,
-            # and distcl's backend (the Trainer's) does not import torch either.
+            # The controller unpickles train_loop_config but never reads the run's config
+            # (the job, every task's shard lists, handles): it gets a reference.
             train_loop_config={"config": ray.put(config)},
             scaling_config=ScalingConfig(
                 num_workers=job.train.workers, use_gpu=use_gpu,
