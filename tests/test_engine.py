@@ -245,8 +245,11 @@ METHOD_JOBS["cvs-herding-blurry"] = {  # and shards decoded in a DataLoader proc
 
 @pytest.fixture(scope="module")
 def finetune_run(make_job, tmp_path_factory):
-    """One finished 2-task finetune run shared by the tests that only read or resume it."""
-    job = make_job(tmp_path_factory.mktemp("ft"), name="smoke-finetune", **TINY)
+    """One finished 2-task finetune run shared by the tests that only read or resume it.
+    Task 2 runs 4 epochs (task 1: one): task 1's log line, which the driver gets by polling
+    the progress board every 0.5 s, must come while task 2 runs."""
+    train = {**TINY["train"], "first_task_epochs": 1, "epochs": 4}
+    job = make_job(tmp_path_factory.mktemp("ft"), name="smoke-finetune", **{**TINY, "train": train})
     logged.clear()
     out = run_job(job, progress=False, log=lambda msg: logged.append((time.time(), msg)))
     return job, out
