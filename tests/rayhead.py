@@ -56,11 +56,16 @@ def _stop_head(proc: subprocess.Popen, temp_dir: str) -> None:
         os.killpg(proc.pid, signal.SIGKILL)  # its own session: only what it started
     except (ProcessLookupError, PermissionError):
         pass
-    for pid in _pids_naming(temp_dir):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    # Until none is left (up to 10 s): a process killed a moment ago may still be exiting,
+    # and one its raylet was starting as the kills came may appear after a scan.
+    deadline = time.monotonic() + 10
+    while (left := _pids_naming(temp_dir)) and time.monotonic() < deadline:
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.2)
     proc.wait(timeout=10)
 
 
