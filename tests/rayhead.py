@@ -56,17 +56,23 @@ def _stop_head(proc: subprocess.Popen, temp_dir: str) -> None:
         os.killpg(proc.pid, signal.SIGKILL)  # its own session: only what it started
     except (ProcessLookupError, PermissionError):
         pass
-    # Until none is left (up to 10 s): a process killed a moment ago may still be exiting,
-    # and one its raylet was starting as the kills came may appear after a scan.
-    deadline = time.monotonic() + 10
-    while (left := _pids_naming(temp_dir)) and time.monotonic() < deadline:
+    # Until none is left: a process killed a moment ago may still be exiting, and one its
+    # raylet was starting as the kills came may appear after a scan.
+    kill_until_gone(lambda: _pids_naming(temp_dir))
+    proc.wait(timeout=10)
+
+
+def kill_until_gone(find, seconds: float = 10.0) -> None:
+    """SIGKILL the pids ``find()`` lists, again and again, until it lists none (or
+    ``seconds`` pass: the caller checks what is left)."""
+    deadline = time.monotonic() + seconds
+    while (left := find()) and time.monotonic() < deadline:
         for pid in left:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         time.sleep(0.2)
-    proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="session")

@@ -30,6 +30,7 @@ import numpy as np
 import pytest
 import yaml
 from notorch import NO_TORCH
+from rayhead import kill_until_gone
 
 from distcl.config import ConfigError, load_job, parse_job
 from distcl.eval import compat
@@ -356,21 +357,9 @@ def _kill_session(proc: subprocess.Popen) -> None:
     except ProcessLookupError:
         pass
     proc.wait(timeout=30)
-    for _ in range(20):
-        left = [
-            int(p)
-            for p in subprocess.run(
-                ["ps", "-o", "pid=", "-s", str(sid)], capture_output=True, text=True
-            ).stdout.split()
-        ]
-        if not left:
-            return
-        for pid in left:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.5)
+    ps = ["ps", "-o", "pid=", "-s", str(sid)]
+    kill_until_gone(lambda: [int(p) for p in subprocess.run(ps, capture_output=True,
+                                                            text=True).stdout.split()])  # fmt: skip
 
 
 @pytest.fixture(scope="module")
