@@ -22,7 +22,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from distcl import schema
-from distcl.catalog import SPECS
+from distcl.catalog import SPECS, head_kind
 from distcl.errors import ConfigError
 from distcl.schema import (
     AlignConfig,
@@ -135,7 +135,7 @@ def dump_job(job: JobConfig) -> str:
 
 def _check_cross_fields(job: JobConfig) -> None:
     """Checks that span fields (one field's range depends on another)."""
-    head = job.model.head or SPECS[job.method.name].needs_for(job.method.params).head
+    head = head_kind(job)
     known = {"synthetic": job.data.synthetic_classes, "fashion-mnist": 10}.get(job.data.source)
     if head == "simplex" and known and job.model.embedding_dim + 1 < known:
         raise ConfigError(
