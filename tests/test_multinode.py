@@ -38,7 +38,12 @@ def cluster():
         mp.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         mp.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
         # The head takes no tasks (0 CPUs): every shard task has to go to a worker node.
-        c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+        # A lost node is declared dead after 3 failed health checks 1 s apart (Ray's
+        # default: 5 checks 3 s apart, ~15 s in which a memory shard that lived there
+        # cannot restart: the node-loss test waited on it).
+        health = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
+        c = Cluster(initialize_head=True,
+                    head_node_args={"num_cpus": 0, "_system_config": health})  # fmt: skip
         try:
             nodes = {
                 name: c.add_node(num_cpus=1, resources={name: 1}) for name in ("node_a", "node_b")
