@@ -39,9 +39,9 @@ def maybe_exit(spec: str | None, task: int, epoch: int, batch: int, batches: int
     """Exit this worker process once, at batch ``batches // 2`` of ``epoch`` of ``task``
     (``DISTCL_FAULT``), as a crash mid-epoch.
 
-    Ray Train's controller takes a worker's reports by polling (every 2 s): a worker that
-    dies in the second after a report loses that report, and its group restarts from the
-    checkpoint before (exact still, one epoch repeated). A real crash mid-epoch comes long
+    Ray Train's controller takes a worker's reports by polling (every 0.5 s in distcl's
+    runs): a worker that dies right after a report loses that report, and its group restarts
+    from the checkpoint before (exact still, one epoch repeated). A real crash mid-epoch comes long
     after the epoch's report (an epoch takes minutes); this one first waits until the
     controller took the report, so the test sees the resume a real crash would get.
     """

@@ -45,9 +45,11 @@ def s3_ray(s3):
 
 @pytest.fixture(scope="module")
 def s3_run(s3, s3_ray, make_job, tmp_path_factory):
-    """One 2-task run on the bucket."""
+    """One 2-task run on the bucket, 2 epochs a task (the first is checkpointed)."""
     cwd = tmp_path_factory.mktemp("cwd")
-    job = make_job(cwd, name="s3-run", output={"root": s3.prefix("runs")}, **TINY)
+    train = {**TINY["train"], "epochs": 2}
+    job = make_job(cwd, name="s3-run", output={"root": s3.prefix("runs")},
+                   **{**TINY, "train": train})  # fmt: skip
     out = run_job(job, progress=False, log=lambda *a: None)
     return job, out, cwd
 

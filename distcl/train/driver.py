@@ -47,9 +47,9 @@ from distcl.train.progress import RunProgress, progress_board, show_progress
 #: Ray Train settings of distcl's runs, unless this process's environment sets them (Train
 #: reads them when ``fit`` creates the controller, which passes them on to the workers):
 #: - the controller polls the workers every 0.5 s, not every 2 s: a worker's
-#:   ``ray.train.report`` waits in a one-slot queue until a poll takes the previous report, so
-#:   each task's report (right after its last epoch's) waited ~1 s, and the run's end ~3 s
-#:   more;
+#:   ``ray.train.report`` waits in a one-slot queue until a poll takes the previous report,
+#:   and a run ends a poll after the one that took its last report (so the loop reports only
+#:   what is read: :meth:`distcl.train.loop.Worker._report_epoch`);
 #: - no preemption watcher on a one-node Ray (an actor per run that watches for nodes being
 #:   drained; on one node the driver goes with the node, so nothing is left to act on it).
 #: Both together: a tiny 2-task, 2-worker run 18-20 s -> 10.6-12 s on 2 cores; the

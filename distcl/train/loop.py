@@ -142,7 +142,11 @@ class Worker:
             if self.rank == 0 and self.config.get("score_fn"):  # e.g. a tuning trial's row
                 metrics.update(self.config["score_fn"](str(self.rd.root), t))
             t2 = time.perf_counter()
-            ray.train.report(metrics)  # after every task: Tune's schedulers grade here
+            if self.config.get("score_fn") and t + 1 < plan["upto"]:
+                # A tuning trial: every rank waits here for rank 0, which waits for Tune's
+                # decision (distcl.tune.trial.TuneLink), so a stopped trial ends between two
+                # tasks. Nothing else reads this report, and each costs a controller poll.
+                ray.train.report(metrics)
             timings[t]["report_s"] = time.perf_counter() - t2  # waits for the controller
         return {"rank": self.rank, "world": self.world, "timings": timings,
                 "tasks_started_at": started, "tasks_ended_at": time.time()}  # fmt: skip
@@ -172,7 +176,7 @@ class Worker:
     def train_task(self, t: int, model, resume: dict | None) -> dict[str, float]:
         """Train task t; returns where its time outside the epochs' loops went (seconds):
         ``prepare_s`` (method, old model, replay snapshot, DDP wrap, optimiser),
-        ``checkpoint_s`` (the epochs' reports with their checkpoints), ``save_s`` (model t
+        ``checkpoint_s`` (the epochs' checkpoints, all but the last), ``save_s`` (model t
         written, the barrier, every rank reloading it). The epochs' own are in the history."""
         job, plan = self.job, self.plan
         task = plan["tasks"][t]
@@ -276,9 +280,10 @@ class Worker:
                 self.progress.update(
                     task=t, epoch=epoch, step=n_batches, steps=n_batches, record=record
                 )
-            t_ckpt = time.perf_counter()
-            self._report_epoch(record, inner, opt, sched, t, epoch, history)
-            parts["checkpoint_s"] += time.perf_counter() - t_ckpt
+            if epoch + 1 < epochs:  # the last epoch's state is model t, saved below
+                t_ckpt = time.perf_counter()
+                self._report_epoch(record, inner, opt, sched, t, epoch, history)
+                parts["checkpoint_s"] += time.perf_counter() - t_ckpt
         t_save = time.perf_counter()
         if self.rank == 0:
             meta = model_meta(job, model, t, plan["scenario_digest"])
@@ -311,6 +316,13 @@ class Worker:
         }  # fmt: skip
 
     def _report_epoch(self, record, inner, opt, sched, t, epoch, history) -> None:
+        """Ray Train's checkpoint of (task t, epoch): the step's state (model, method,
+        alignment terms), optimiser, scheduler and history, written by rank 0; every rank
+        reports. Not taken after a task's last epoch: that state is model t, which
+        :meth:`train_task` writes next (a crash between the two trains that epoch again,
+        exactly: its random streams are seeded). That is one checkpoint write per task less
+        (on a cluster, the model and optimiser state to shared storage) and one report less
+        (each waits for a controller poll; the last held the run's end one poll longer)."""
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
             if self.rank == 0:
