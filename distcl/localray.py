@@ -239,7 +239,7 @@ def system_config(num_cpus: int | None = None) -> dict:
     ``num_workers_soft_limit``: Ray keeps idle worker processes for reuse while it has at
     most this many workers, actors counted (default: the CPU count), and kills the rest
     after a second idle. A Train run's actors (its workers, which hold the CPUs, the
-    controller, the placement-group cleaner, memory shards, the progress board) are enough
+    controller, the synchronization actor, memory shards, the progress board) are enough
     to go over it, so every run cost the evaluation after it its warm workers: a fresh
     process and imports per task, ~3 s of a small run's evaluation on 2 cores against
     ~0.4 s warm. The limit leaves room for as many actors as CPUs plus 8, so idle task
@@ -268,12 +268,12 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     marker = secrets.token_hex(8)
     _enable_token_auth()
     restore = _loopback_patch()
-    # The dashboard serves the State API that Train/Tune use to clean up placement groups of
-    # stopped runs (stack-notes); it binds 127.0.0.1 too. Its port is chosen here so that the
-    # workers' State API calls name THIS instance: left to find one, Ray Train's placement-
-    # group cleaner fails ("Found multiple active Ray instances") when another Ray runs on
-    # the machine, or asks the newest instance, misses its live controller there, and
-    # removes the placement group of a running Train run (seen here with two runs at once).
+    # The dashboard (Ray's UI and its State API) binds 127.0.0.1 too. Its port is chosen here
+    # so that the workers' State API calls name THIS instance: left to find one, a call fails
+    # ("Found multiple active Ray instances") when another Ray runs on the machine, or asks
+    # the newest instance (stack-notes). Ray Train's placement-group cleaner did the latter,
+    # missed a live controller there and removed the group of a running Train run (seen with
+    # two runs at once); distcl's runs no longer start it (distcl.train.groups).
     dashboard_port = _free_port()
     runtime_env["env_vars"]["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
     try:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import threading
 import time
 
 import numpy as np
@@ -183,16 +185,18 @@ def test_the_train_controller_does_not_load_torch(two_ranks):
     assert found and not any(found), found  # this run's (and any still exiting)
 
 
-def test_a_run_without_ray_datasets_starts_no_dataset_manager(two_ranks):
+def test_a_run_without_ray_datasets_starts_no_dataset_manager_and_no_cleaner(two_ranks):
     titles = [title for title, _ in two_ranks[2]["beside"]]
     assert any("RayTrainWorker" in t for t in titles), titles
     assert not any("DatasetManager" in t for t in titles), titles
+    assert not any("PlacementGroupCleaner" in t for t in titles), titles
 
 
 def test_the_trainer_keeps_rays_callbacks_but_two():
     """distcl's Trainer: Ray Train's default controller callbacks, but no datasets callback
-    without Ray Datasets and a placement-group cleaner that is not waited for at the end.
-    (This pins the Ray internals it replaces: a Ray release that renames them fails here.)"""
+    without Ray Datasets and no placement-group cleaner actor; a recorder of the run's
+    groups instead. (This pins the Ray internals it replaces: a Ray release that renames
+    them fails here.)"""
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
@@ -200,7 +204,6 @@ def test_the_trainer_keeps_rays_callbacks_but_two():
         PlacementGroupCleanerCallback,
     )
 
-    from distcl.train.backend import CleanerCallback
     from distcl.train.trainer import Trainer
 
     def fn():
@@ -210,13 +213,61 @@ def test_the_trainer_keeps_rays_callbacks_but_two():
     stock = [type(c) for c in TorchTrainer(fn, scaling_config=scaling)._create_default_callbacks()]
     lean = [type(c) for c in Trainer(fn, scaling_config=scaling)._create_default_callbacks()]
     assert DatasetsCallback in stock and PlacementGroupCleanerCallback in stock
-    assert lean == [
-        CleanerCallback if c is PlacementGroupCleanerCallback else c
-        for c in stock
-        if c is not DatasetsCallback
-    ]
+    assert lean[:-1] == [c for c in stock if c not in (DatasetsCallback,
+                                                       PlacementGroupCleanerCallback)]  # fmt: skip
+    assert lean[-1].__name__ == "PlacementGroupRecorder"
     with_data = Trainer(fn, scaling_config=scaling, datasets={"train": ray.data.range(4)})
     assert DatasetsCallback in [type(c) for c in with_data._create_default_callbacks()]
+
+
+def _hold(config: dict) -> None:
+    time.sleep(config["seconds"])
+
+
+def test_a_dead_train_controller_leaves_no_placement_group(tmp_path):
+    """The Train controller SIGKILLed mid-run (as a crash, or Tune killing a trial's actor):
+    ``fit`` raises, and the run's placement group, recorded by the controller when its
+    workers started, is removed then (distcl.train.groups), not held, with its CPUs, for
+    as long as the driver lives. Ray's cleaner actor per run is not started."""
+    from ray._private import state
+    from ray.train import RunConfig, ScalingConfig
+
+    from distcl.train.groups import recorded_groups
+    from distcl.train.trainer import Trainer
+
+    groups = tmp_path / "groups.txt"
+    trainer = Trainer(_hold, train_loop_config={"seconds": 600},
+                      scaling_config=ScalingConfig(num_workers=1),
+                      run_config=RunConfig(storage_path=str(tmp_path), name="held"),
+                      groups_file=str(groups))  # fmt: skip
+    out: dict = {}
+
+    def fit():
+        try:
+            out["result"] = trainer.fit()
+        except BaseException as e:  # the controller's death, checked below
+            out["error"] = e
+
+    def controllers() -> dict[str, int]:  # a finished run's may live on: its handle is held
+        return {i: a["Pid"] for i, a in state.actors(actor_state_name="ALIVE").items()
+                if a["ActorClassName"].endswith("TrainController")}  # fmt: skip
+
+    before = controllers()
+    runner = threading.Thread(target=fit, daemon=True)
+    with scoped_env(train_env()):
+        runner.start()
+        deadline = time.monotonic() + 120
+        while not recorded_groups(groups):  # the worker group started
+            assert runner.is_alive() and time.monotonic() < deadline, out
+            time.sleep(0.1)
+    (pg,) = recorded_groups(groups)
+    assert ray.util.placement_group_table()[pg]["state"] == "CREATED"
+    (pid,) = [pid for i, pid in controllers().items() if i not in before]
+    os.kill(pid, signal.SIGKILL)
+    runner.join(60)
+    assert not runner.is_alive()
+    assert isinstance(out.get("error"), ray.exceptions.RayActorError), out
+    assert ray.util.placement_group_table()[pg]["state"] == "REMOVED"
 
 
 def test_batch_spanning_terms_do_not_depend_on_the_number_of_workers(two_ranks):

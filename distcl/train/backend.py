@@ -11,10 +11,9 @@ worker sets torch's environment (``MASTER_*``, ``RANK``, ``LOCAL_RANK``, ...) an
 process group; at shut-down the group is destroyed and CUDA's cache emptied. torch is
 imported only inside the functions, which run on the workers.
 
-Beside it, :func:`lean_callbacks` trims Ray Train's default controller callbacks for runs
-without Ray Datasets (:class:`distcl.train.trainer.Trainer` uses it): one actor process and
-up to 1 s less per run. Both rely on Ray Train V2's internal callback classes, which
-tests/test_engine.py pins.
+Beside it, :func:`lean_callbacks` trims Ray Train's default controller callbacks
+(:class:`distcl.train.trainer.Trainer` uses it): two actor processes less per run. Both
+rely on Ray Train V2's internal callback classes, which tests/test_engine.py pins.
 """
 
 from __future__ import annotations
@@ -145,31 +144,19 @@ class TorchBackendConfig(BackendConfig):
         return _TORCH
 
 
-class CleanerCallback(PlacementGroupCleanerCallback):
-    """Ray Train's placement-group cleaner (a detached actor that removes the run's group if
-    the controller dies), told at a normal shut-down to stop without waiting for it: the
-    controller calls this after the worker group, and its placement group, are gone. Ray's
-    own waits for the cleaner's monitor thread, which sleeps in ``queue.get(timeout=1.0)``
-    between checks: up to 1 s at every run's end (0.36 s on average, measured over smoke
-    runs). A cleaner still exiting finds the group removed and removes nothing. An abort
-    still waits (Ray's path: the cleaner stops before the worker group is aborted)."""
-
-    async def before_controller_shutdown(self) -> None:
-        cleaner, self._cleaner = self._cleaner, None
-        if cleaner is not None:
-            cleaner.stop.remote()
-
-
 def lean_callbacks(callbacks: list, has_datasets: bool) -> list:
     """Ray Train's default controller callbacks, less what a distcl run does not use: the
     datasets callback starts a ``DatasetManager`` actor (a process) per run even when the
-    trainer has no Ray Datasets (distcl streams WebDataset shards); the cleaner stops
-    without the 1-s wait (:class:`CleanerCallback`). Each callback not named here is kept."""
+    trainer has no Ray Datasets (distcl streams WebDataset shards); the placement-group
+    cleaner is a detached actor (a process) per run that asks the State API every second
+    whether the controller lives: distcl's runs record their groups and remove what is
+    left of them when ``fit`` ends (:mod:`distcl.train.groups`). Each callback not named
+    here is kept."""
     out = []
     for cb in callbacks:
         if type(cb) is DatasetsCallback and not has_datasets:
             continue
         if type(cb) is PlacementGroupCleanerCallback:
-            cb = CleanerCallback()  # Ray's defaults, as Ray makes its own
+            continue
         out.append(cb)
     return out

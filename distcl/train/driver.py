@@ -205,12 +205,13 @@ class Run:
         }  # fmt: skip
 
     # -- training ------------------------------------------------------------------------
-    def train(self, upto: int | None = None, score_fn=None, callbacks=()) -> dict:
+    def train(self, upto: int | None = None, score_fn=None, groups_file: str | None = None) -> dict:
         """Train (and finish) every task before ``upto`` not finished yet: one Train run.
 
         ``score_fn(run_dir, t) -> dict`` (picklable) runs on rank 0 after task t and its
-        result joins the task's report; ``callbacks`` go to Ray Train's ``RunConfig`` (a
-        tuning trial passes ``TuneReportCallback``)."""
+        result joins the task's report (a tuning trial's); ``groups_file``: where the run's
+        placement groups are recorded (a tuning trial's, read by the search too;
+        :class:`~distcl.train.trainer.Trainer`)."""
         from ray.train import (
             CheckpointConfig,
             FailureConfig,
@@ -256,8 +257,8 @@ class Run:
                 failure_config=FailureConfig(max_failures=job.train.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
                 logging_config=LoggingConfig(log_level="WARNING"),  # progress bar, not logs
-                callbacks=list(callbacks),
             ),
+            groups_file=groups_file,
         )  # fmt: skip
         epochs = {t: job.train.epochs_for(t) for t in range(first, upto)}
         t0, fit_at = time.perf_counter(), time.time()

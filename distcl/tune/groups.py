@@ -15,12 +15,13 @@ from ray.tune import Callback
 
 from distcl import storage
 from distcl.storage import Uri
+from distcl.train.groups import release_groups
 
 
 class ReleaseTrialGroups(Callback):
     """A Tune callback (in the search's driver) that removes the Train placement groups of
     every trial that ended (stopped by ASHA, failed, completed): the trials record their
-    ids in ``groups_dir/<trial id>.txt`` (``distcl.tune.trial._group_recorder``). An ended
+    ids in ``groups_dir/<trial id>.txt`` (``distcl.train.groups.group_recorder``). An ended
     trial is watched for ``linger_s`` more (a dying Train controller may still start a
     group), then dropped. Needs only the GCS (no State API, no dashboard)."""
 
@@ -84,16 +85,7 @@ class ReleaseTrialGroups(Callback):
         return True
 
     def _release(self, trial_id: str) -> None:
-        import ray
-
-        path = self.groups_dir / f"{trial_id}.txt"
-        if not storage.is_file(path):
-            return
-        table = ray.util.placement_group_table()
-        for pg_id in dict.fromkeys(storage.read_text(path).split()):
-            if table.get(pg_id, {}).get("state", "REMOVED") == "REMOVED":
-                continue
-            self._remove(pg_id)
+        self.released += len(release_groups(self.groups_dir / f"{trial_id}.txt"))
 
     def _ended(self, trial) -> None:
         self.ended[trial.trial_id] = time.monotonic()

@@ -12,12 +12,13 @@ one (``distcl.tune.base``), and calls ``Run.train`` once with
   the queue Ray's ``TuneReportCallback`` uses; the per-epoch reports stay in Train) and
   waits for Tune to ask for more, so ASHA grades the trial after every task and a stopped
   trial ends exactly between two tasks. Stopping ends the trial actor; its Train controller
-  and workers die with it (they are owned by it). Their placement group would stay: Ray
-  Train's own cleaner needs the State API, which fails when the dashboard is off or, as
-  seen here, when several Ray instances share a machine (it connects to the latest one).
-  So a recorder callback writes each worker group's placement-group id to
-  ``<tune_dir>/groups/<trial>.txt`` and the search's driver removes those groups when the
-  trial ends (checked in tests/test_tune.py: no placement group is left after a search).
+  and workers die with it (they are owned by it). Their placement group would stay (Ray
+  Train's own cleaner, which distcl does not start, needs the State API, which fails when
+  the dashboard is off or, as seen here, when several Ray instances share a machine). So
+  the run's controller writes each worker group's placement-group id to
+  ``<tune_dir>/groups/<trial>.txt`` (:mod:`distcl.train.groups`) and the search's driver
+  removes those groups when the trial ends (checked in tests/test_tune.py: no placement
+  group is left after a search).
 
 A restored or retried trial runs the same code: finished tasks on disk (``RunDir.done``)
 are never retrained, a task cut mid-way resumes at its last epoch checkpoint, and the last
@@ -182,27 +183,6 @@ def score_and_report(run_dir: str, t: int, *, tc: TuneConfig, link: TuneLink | N
     return metrics
 
 
-def _group_recorder(path: str):
-    """A Ray Train worker-group callback (runs in the Train controller) that appends the id
-    of every placement group its worker groups get to ``path`` (a file or an object; one
-    writer, the trial's controller): the search's driver removes them when the trial ends
-    (:class:`distcl.tune.groups.ReleaseTrialGroups`), with or without Ray's State API."""
-    from ray.train.v2._internal.execution.callback import WorkerGroupCallback
-
-    class PlacementGroupRecorder(WorkerGroupCallback):
-        def after_worker_group_start(self, worker_group) -> None:
-            try:
-                state = worker_group.get_worker_group_state()
-                pg = state.placement_group_handle.placement_group
-                loc = storage.location(path)
-                old = storage.read_text(loc) if storage.is_file(loc) else ""
-                storage.write_text(loc, old + pg.id.hex() + "\n")
-            except Exception as e:  # never fail a run for its bookkeeping
-                print(f"could not record the worker placement group: {e}", flush=True)
-
-    return PlacementGroupRecorder()
-
-
 # ------------------------------------------------------------------ the trainable
 def run_trial(
     config: Mapping[str, Any],
@@ -235,10 +215,9 @@ def run_trial(
     job = trial_job(base, params, name, trials_root)
     run = Run(job, progress=False, log=lambda m: print(f"[{job.name}] {m}", flush=True),
               board=board)  # fmt: skip
-    callbacks = []
+    groups = None  # the trial's placement groups: where the search's driver finds them
     if groups_dir:
-        trial_id = tune.get_context().get_trial_id()
-        callbacks.append(_group_recorder(str(storage.join(groups_dir, f"{trial_id}.txt"))))
+        groups = str(storage.join(groups_dir, f"{tune.get_context().get_trial_id()}.txt"))
     with run.rd.lock():
         run.prepare()
         base_dir = (shared_base or {}).get(job.seed)
@@ -251,4 +230,4 @@ def run_trial(
         if first < run.scenario.num_tasks:
             link = TuneLink.from_session()
             run.train(score_fn=functools.partial(score_and_report, tc=tc, link=link),
-                      callbacks=callbacks)  # fmt: skip
+                      groups_file=groups)  # fmt: skip
