@@ -192,6 +192,27 @@ def test_a_run_without_ray_datasets_starts_no_dataset_manager_and_no_cleaner(two
     assert not any("PlacementGroupCleaner" in t for t in titles), titles
 
 
+def _train_controllers() -> dict[str, int]:
+    """The live Train controllers of this Ray: actor id -> pid (the GCS's table)."""
+    from ray._private import state
+
+    return {i: a["Pid"] for i, a in state.actors(actor_state_name="ALIVE").items()
+            if a["ActorClassName"].endswith("TrainController")}  # fmt: skip
+
+
+def test_a_finished_runs_controller_does_not_live_on(two_ranks):
+    """The two-rank run's fit ran in the main thread, where Ray Train installs a SIGINT
+    handler holding the controller's handle; the Trainer puts the previous handler back,
+    so the controller ends with its run instead of living on."""
+    import signal
+
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # pytest's own
+    deadline = time.monotonic() + 30
+    while _train_controllers():
+        assert time.monotonic() < deadline, _train_controllers()
+        time.sleep(0.2)
+
+
 def test_the_trainer_keeps_rays_callbacks_but_two():
     """distcl's Trainer: Ray Train's default controller callbacks, but no datasets callback
     without Ray Datasets and no placement-group cleaner actor; a recorder of the run's
@@ -229,7 +250,6 @@ def test_a_dead_train_controller_leaves_no_placement_group(tmp_path):
     ``fit`` raises, and the run's placement group, recorded by the controller when its
     workers started, is removed then (distcl.train.groups), not held, with its CPUs, for
     as long as the driver lives. Ray's cleaner actor per run is not started."""
-    from ray._private import state
     from ray.train import RunConfig, ScalingConfig
 
     from distcl.train.groups import recorded_groups
@@ -248,11 +268,7 @@ def test_a_dead_train_controller_leaves_no_placement_group(tmp_path):
         except BaseException as e:  # the controller's death, checked below
             out["error"] = e
 
-    def controllers() -> dict[str, int]:  # a finished run's may live on: its handle is held
-        return {i: a["Pid"] for i, a in state.actors(actor_state_name="ALIVE").items()
-                if a["ActorClassName"].endswith("TrainController")}  # fmt: skip
-
-    before = controllers()
+    before = _train_controllers()  # none, unless a controller is still exiting
     runner = threading.Thread(target=fit, daemon=True)
     with scoped_env(train_env()):
         runner.start()
@@ -262,7 +278,7 @@ def test_a_dead_train_controller_leaves_no_placement_group(tmp_path):
             time.sleep(0.1)
     (pg,) = recorded_groups(groups)
     assert ray.util.placement_group_table()[pg]["state"] == "CREATED"
-    (pid,) = [pid for i, pid in controllers().items() if i not in before]
+    (pid,) = [pid for i, pid in _train_controllers().items() if i not in before]
     os.kill(pid, signal.SIGKILL)
     runner.join(60)
     assert not runner.is_alive()

@@ -10,7 +10,9 @@ it ends (:mod:`distcl.train.groups`): two actor processes fewer per run.
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
+import threading
 import time
 import uuid
 
@@ -51,9 +53,16 @@ class Trainer(DataParallelTrainer):
                 group_recorder(self.groups_file)]  # fmt: skip
 
     def fit(self):
+        # In the main thread Ray Train installs a SIGINT handler that aborts the run, and
+        # leaves it installed: it holds the controller's handle, so the finished run's
+        # controller (a process, ~200 MB) lived on until the next run or the process's end.
+        main = threading.current_thread() is threading.main_thread()
+        sigint = signal.getsignal(signal.SIGINT) if main else None
         try:
             return super().fit()
         finally:
+            if main:
+                signal.signal(signal.SIGINT, sigint)
             release_groups(self.groups_file)
             if self._own_groups_file and os.path.exists(self.groups_file):
                 os.unlink(self.groups_file)
