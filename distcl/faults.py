@@ -41,9 +41,9 @@ def maybe_exit(spec: str | None, task: int, epoch: int, batch: int, batches: int
 
     Ray Train's controller takes a worker's reports by polling (every 0.5 s in distcl's
     runs): a worker that dies right after a report loses that report, and its group restarts
-    from the checkpoint before (exact still, one epoch repeated). A real crash mid-epoch comes long
-    after the epoch's report (an epoch takes minutes); this one first waits until the
-    controller took the report, so the test sees the resume a real crash would get.
+    from the checkpoint before (exact still, one epoch repeated). A real crash mid-epoch
+    comes long after the epoch's report (an epoch takes minutes); this one first waits until
+    the controller took the report, so the test sees the resume a real crash would get.
     """
     if not spec or batch != batches // 2:
         return

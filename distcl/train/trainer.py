@@ -63,6 +63,9 @@ class Trainer(DataParallelTrainer):
         finally:
             if main:
                 signal.signal(signal.SIGINT, sigint)
-            release_groups(self.groups_file)
+            try:
+                release_groups(self.groups_file)
+            except Exception as e:  # never hide how the run ended (e.g. Ray itself gone)
+                print(f"could not release the run's placement groups: {e}", flush=True)
             if self._own_groups_file and os.path.exists(self.groups_file):
                 os.unlink(self.groups_file)
