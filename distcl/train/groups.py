@@ -47,24 +47,27 @@ def recorded_groups(path: str | Loc) -> list[str]:
     return list(dict.fromkeys(storage.read_text(loc).split())) if storage.is_file(loc) else []
 
 
+def remove_group(pg_id: str) -> bool:
+    """Remove the placement group ``pg_id`` (hex); False if it was removed meanwhile."""
+    import ray
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    try:
+        remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(pg_id)))
+    except Exception as e:  # removed meanwhile
+        print(f"placement group {pg_id}: {e}", flush=True)
+        return False
+    return True
+
+
 def release_groups(path: str | Loc) -> list[str]:
     """Remove every group recorded in ``path`` that Ray still holds; returns their ids. A
     group of an earlier Ray instance, or one its controller removed, is skipped."""
     import ray
-    from ray.util.placement_group import PlacementGroup, remove_placement_group
 
     ids = recorded_groups(path)
     if not ids:
         return []
     table = ray.util.placement_group_table()
-    removed = []
-    for pg_id in ids:
-        if table.get(pg_id, {}).get("state", "REMOVED") == "REMOVED":
-            continue
-        try:
-            remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(pg_id)))
-        except Exception as e:  # removed meanwhile
-            print(f"placement group {pg_id}: {e}", flush=True)
-            continue
-        removed.append(pg_id)
-    return removed
+    live = [g for g in ids if table.get(g, {}).get("state", "REMOVED") != "REMOVED"]
+    return [g for g in live if remove_group(g)]

@@ -15,7 +15,7 @@ from ray.tune import Callback
 
 from distcl import storage
 from distcl.storage import Uri
-from distcl.train.groups import release_groups
+from distcl.train.groups import recorded_groups, release_groups, remove_group
 
 
 class ReleaseTrialGroups(Callback):
@@ -53,7 +53,7 @@ class ReleaseTrialGroups(Callback):
         now = time.monotonic() if now is None else now
         job = ray.get_runtime_context().get_job_id()
         recorded = {pg for e in storage.listdir(self.groups_dir) if e.name.endswith(".txt")
-                    for pg in storage.read_text(self.groups_dir / e.name).split()}  # fmt: skip
+                    for pg in recorded_groups(self.groups_dir / e.name)}  # fmt: skip
         avail, total = ray.available_resources(), ray.cluster_resources()
         removed = []
         for pg_id, info in ray.util.placement_group_table().items():
@@ -64,25 +64,13 @@ class ReleaseTrialGroups(Callback):
                 self.idle.pop(pg_id, None)
                 continue
             if now - self.idle.setdefault(pg_id, now) >= self.orphan_s:
-                if self._remove(pg_id):
+                if remove_group(pg_id):
+                    self.released += 1
                     removed.append(pg_id)
                     print(f"removed placement group {pg_id}: no trial recorded it and nothing "
                           f"used it for {self.orphan_s:.0f}s", flush=True)  # fmt: skip
                 self.idle.pop(pg_id, None)
         return removed
-
-    def _remove(self, pg_id: str) -> bool:
-        """Remove the group ``pg_id``; False if it was removed meanwhile."""
-        import ray
-        from ray.util.placement_group import PlacementGroup, remove_placement_group
-
-        try:
-            remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(pg_id)))
-        except Exception as e:  # removed meanwhile
-            print(f"placement group {pg_id}: {e}", flush=True)
-            return False
-        self.released += 1
-        return True
 
     def _release(self, trial_id: str) -> None:
         self.released += len(release_groups(self.groups_dir / f"{trial_id}.txt"))
