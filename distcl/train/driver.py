@@ -210,8 +210,9 @@ class Run:
 
         ``score_fn(run_dir, t) -> dict`` (picklable) runs on rank 0 after task t and its
         result joins the task's report (a tuning trial's); ``groups_file``: where the run's
-        placement groups are recorded (a tuning trial's, read by the search too;
-        :class:`~distcl.train.trainer.Trainer`)."""
+        placement groups are recorded (:class:`~distcl.train.trainer.Trainer`; a tuning
+        trial's, read by the search too), by default ``ray/placement-groups.txt`` in the run
+        dir: a driver SIGKILLed mid-run leaves no file outside it."""
         from ray.train import (
             CheckpointConfig,
             FailureConfig,
@@ -258,7 +259,7 @@ class Run:
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
                 logging_config=LoggingConfig(log_level="WARNING"),  # progress bar, not logs
             ),
-            groups_file=groups_file,
+            groups_file=groups_file or str(self.rd.ray_storage / "placement-groups.txt"),
         )  # fmt: skip
         epochs = {t: job.train.epochs_for(t) for t in range(first, upto)}
         t0, fit_at = time.perf_counter(), time.time()
