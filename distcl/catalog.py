@@ -12,14 +12,22 @@ checks that every name here has an implementation and every implementation a nam
     class MineSpec(MethodSpec):
         name = "mine"
         Params = MineParams                   # its weights (validated when a job loads)
+        later_params = frozenset({"alpha"})   # act only from the second task on (tuning)
         @classmethod
         def needs_for(cls, params) -> Needs:  # old model? memory? class means? head?
             ...
+
+Everything the rest of distcl asks of a method is asked here, of its spec: what it needs per
+task (:meth:`MethodSpec.needs_for`, and :func:`needs_of` for a job, its replay share
+resolved), the keyword arguments of its classifier head (:meth:`MethodSpec.head_kwargs`), an
+external old model for its first task (:meth:`MethodSpec.external_old_model`) and which of
+its parameters act only once an old model exists (``later_params``). Nothing outside
+``catalog.py`` and ``methods/`` reads a method's parameters by name.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Annotated, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat
@@ -63,10 +71,26 @@ class MethodSpec:
 
     name: ClassVar[str] = ""
     Params: ClassVar[type[Params]] = Params
+    #: Parameters (as jobs spell them) that act only when an old model / old classes exist,
+    #: i.e. from the second task on, unless :meth:`external_old_model` gives task 0 one
+    #: (a tuning search then trains the first task once for all its trials: distcl.tune.base).
+    later_params: ClassVar[frozenset[str]] = frozenset()
 
     @classmethod
     def needs_for(cls, params: Any) -> Needs:
         return Needs()
+
+    @classmethod
+    def head_kwargs(cls, params: Any, head: str) -> dict[str, Any]:
+        """Keyword arguments of the classifier head ``head`` this method trains with (e.g.
+        the NormSoftmax temperature of a cosine head); none: the head's own defaults."""
+        return {}
+
+    @classmethod
+    def external_old_model(cls, params: Any) -> str | None:
+        """A finished model folder of another run to be compatible with from the first task
+        on (BCT's ``old_model_dir``), or None."""
+        return None
 
 
 SPECS: Registry[type[MethodSpec]] = Registry("method")
@@ -111,6 +135,7 @@ class LwFParams(Params):
 class LwFSpec(MethodSpec):
     name = "lwf"
     Params = LwFParams
+    later_params = frozenset({"alpha", "temperature"})  # KD on old classes
 
     @classmethod
     def needs_for(cls, params) -> Needs:
@@ -129,6 +154,11 @@ class BCTParams(Params):
 class BCTSpec(MethodSpec):
     name = "bct"
     Params = BCTParams
+    later_params = frozenset({"lambda", "replay_fraction"})  # the influence loss, replay
+
+    @classmethod
+    def external_old_model(cls, params) -> str | None:
+        return params.old_model_dir
 
     @classmethod
     def needs_for(cls, params) -> Needs:
@@ -153,6 +183,11 @@ class CVSParams(Params):
 class CVSSpec(MethodSpec):
     name = "cvs"
     Params = CVSParams
+    later_params = frozenset({"alpha", "beta", "margin", "replay_fraction"})
+
+    @classmethod
+    def head_kwargs(cls, params, head: str) -> dict[str, Any]:
+        return {"temperature": params.temperature} if head == "cosine" else {}
 
     @classmethod
     def needs_for(cls, params) -> Needs:
@@ -173,6 +208,7 @@ class CL2RParams(Params):
 class CL2RSpec(MethodSpec):
     name = "cl2r"
     Params = CL2RParams
+    later_params = frozenset({"lambda", "replay_fraction"})  # distillation needs old classes
 
     @classmethod
     def needs_for(cls, params) -> Needs:
@@ -197,6 +233,7 @@ class MMDParams(Params):
 class MMDSpec(MethodSpec):
     name = "mmd"
     Params = MMDParams
+    later_params = frozenset({"alpha", "beta", "temperature", "sigmas"})  # need the old model
 
     @classmethod
     def needs_for(cls, params) -> Needs:
@@ -218,7 +255,22 @@ BACKBONE_NAMES = _names("backbone", ("resnet18", "resnet32", "resnet50"))
 HEAD_NAMES = _names("head", ("cosine", "linear", "simplex"))
 
 
-# -- the architecture a job names -------------------------------------------------------
+# -- what a job's method needs, and the architecture a job names -------------------------
+def needs_of(job) -> Needs:
+    """What the job's method needs per task, its replay share resolved: ``memory.
+    replay_fraction`` where set, for a method that replays at all."""
+    needs = SPECS[job.method.name].needs_for(job.method.params)
+    if needs.replay_fraction > 0 and job.memory.replay_fraction:
+        needs = replace(needs, replay_fraction=job.memory.replay_fraction)
+    return needs
+
+
+def head_kwargs(job, head: str | None = None) -> dict[str, Any]:
+    """Keyword arguments of the job's classifier head (``head``: another kind, e.g. an old
+    model's saved one), from its method's spec."""
+    return SPECS[job.method.name].head_kwargs(job.method.params, head or head_kind(job))
+
+
 def head_kind(job) -> str:
     """The job's classifier head: ``model.head``, else its method's."""
     return job.model.head or SPECS[job.method.name].needs_for(job.method.params).head

@@ -7,6 +7,7 @@ distcl eval runs/quickstart [--ray [ADDR]]  # recompute metrics + report (search
 distcl compare jobs/fashion_mnist/*.yaml    # methods side by side
 distcl tune jobs/fashion_mnist/tune_cl2r.yaml
 distcl submit JOB --address http://HOST:8265 [--wait]
+distcl doctor [JOB] [--address ADDR]        # will it run here / on every node?
 distcl bench {train,search,eval,memory,sequence,data}
 """
 
@@ -20,7 +21,7 @@ from pathlib import Path
 from distcl import storage
 from distcl.bench import BENCHES
 from distcl.config import ConfigError, JobConfig, load_job
-from distcl.rundir import RunDirBusy
+from distcl.rundir import RunDir, RunDirBusy
 
 
 def _job(args) -> JobConfig:
@@ -82,7 +83,8 @@ def cmd_data_verify(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from distcl.train.driver import init_ray, run_job
+    from distcl.localray import init_ray
+    from distcl.pipeline import run_job
 
     job = _job(args)
     if args.address:
@@ -100,20 +102,20 @@ def cmd_eval(args) -> int:
         from distcl.localray import init_ray
 
         init_ray(args.ray or None)
-    evaluate_run(storage.location(args.run_dir))  # a path or an s3:// / gs:// URI
+    evaluate_run(RunDir(args.run_dir).require("scenario_json").root)  # a path or a URI
     return 0
 
 
 def cmd_report(args) -> int:
     from distcl.eval.report import write_report
 
-    run_dir = storage.location(args.run_dir)
-    print(write_report(run_dir, storage.read_json(run_dir / "metrics.json")))
+    rd = RunDir(args.run_dir).require("metrics_json")
+    print(write_report(rd.root, storage.read_json(rd.metrics_json)))
     return 0
 
 
 def cmd_compare(args) -> int:
-    from distcl.eval.compare import compare_jobs
+    from distcl.pipeline import compare_jobs
 
     jobs = [
         load_job(j, overrides=args.set or (), smoke=True if args.smoke else None) for j in args.jobs
@@ -145,6 +147,18 @@ def cmd_jobs(args) -> int:
     from distcl.submit import jobs_command
 
     return jobs_command(args)
+
+
+def cmd_doctor(args) -> int:
+    from distcl.doctor import doctor
+
+    if args.job:
+        job = _job(args)
+    else:  # the defaults of every section (Fashion-MNIST, ResNet-32, runs/)
+        from distcl.config import parse_job
+
+        job = parse_job({"name": "doctor"}, "<defaults>", args.set or ())
+    return doctor(job, address=args.address)
 
 
 def cmd_bench(args) -> int:
@@ -258,6 +272,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", required=True)
     _add_token_args(p)
     p.set_defaults(func=cmd_jobs)
+
+    p = sub.add_parser(
+        "doctor",
+        help="check that a job can run here (versions, process groups, a DDP step, faiss-gpu, "
+        "data and output roots, loopback), or on every node of a cluster with --address",
+    )
+    p.add_argument("job", nargs="?", help="YAML job file (default: every section's defaults)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.add_argument("--smoke", action="store_true")
+    p.add_argument("--address", help="a Ray cluster: one check task per node")
+    p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser(
         "bench", help="benchmarks, reported as ratios against a baseline measured in the same run"

@@ -134,7 +134,10 @@ def dump_job(job: JobConfig) -> str:
 
 
 def _check_cross_fields(job: JobConfig) -> None:
-    """Checks that span fields (one field's range depends on another)."""
+    """Checks that span fields (one field's range depends on another), and the scenario's
+    class split where the number of classes is known without reading data."""
+    from distcl.data.scenario import check_class_split
+
     head = head_kind(job)
     known = {"synthetic": job.data.synthetic_classes, "fashion-mnist": 10}.get(job.data.source)
     if head == "simplex" and known and job.model.embedding_dim + 1 < known:
@@ -142,6 +145,11 @@ def _check_cross_fields(job: JobConfig) -> None:
             f"model.embedding_dim: the d-simplex head needs embedding_dim >= classes - 1 = "
             f"{known - 1}, got {job.model.embedding_dim}"
         )
+    if known:
+        try:
+            check_class_split(job.scenario, known)
+        except ValueError as e:
+            raise ConfigError(f"{e} ({job.data.source} has {known} classes)") from None
 
 
 # ------------------------------------------------------------------------- errors

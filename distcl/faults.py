@@ -54,14 +54,7 @@ def maybe_exit(spec: str | None, task: int, epoch: int, batch: int, batches: int
         os._exit(1)
 
 
-def _wait_until_reports_taken(timeout_s: float = 120.0) -> None:
-    try:  # Ray Train V2's per-worker result queue (an internal: test tooling only)
-        from ray.train.v2._internal.execution.context import get_train_context
+def _wait_until_reports_taken() -> None:
+    from distcl.raycompat import wait_until_reports_taken
 
-        queue = get_train_context().get_result_queue()
-    except Exception:  # another Ray: the poll interval, twice
-        time.sleep(4)
-        return
-    deadline = time.monotonic() + timeout_s
-    while not queue.empty() and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_until_reports_taken()

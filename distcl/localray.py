@@ -14,17 +14,23 @@ tests/test_localray.py):
   and runtime-env agent bind the routable address. Ray's single-machine mode (the one it
   uses on macOS and Windows, ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``) keeps the node address
   at 127.0.0.1, and the C++ servers then bind loopback only. We switch that mode on for the
-  start of the embedded Ray only, then list the listening sockets of every process of the
-  session and refuse to go on (shutting Ray down, naming the socket) if one is not loopback.
+  start of the embedded Ray only (:func:`distcl.raycompat.loopback_only`), then list the
+  listening sockets of every process of the session and refuse to go on (shutting Ray
+  down, naming the socket) if one is not loopback.
 - **Token auth.** Ray 2.60 has token authentication (``RAY_AUTH_MODE=token``; the token from
   ``$RAY_AUTH_TOKEN``, ``$RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``, generated there if
-  missing). The embedded Ray always starts with it on.
+  missing). The embedded Ray always starts with it on (:func:`distcl.raycompat.
+  enable_token_auth`).
 - **Dying with the driver.** Ray ties the GCS and raylet to the driver, but after a SIGKILL
   of the driver its dashboard agent, runtime-env agent and idle workers live on. Every
   process of the session inherits a marker variable (``DISTCL_RAY_SESSION``); a small
   watchdog process (``python -m distcl.localray watch``) holds the read end of a pipe whose
   write end only the driver holds, so it wakes on the driver's exit however it happens
-  (kernel closes the pipe) and SIGKILLs every process that carries the marker.
+  (kernel closes the pipe; it also polls the driver's pid, in case a forked process kept a
+  copy of the write end), then SIGKILLs every process that carries the marker, again and
+  again until none has been seen for 2 s (a dying raylet may still be starting an agent or
+  a worker). Checked after every kill of tests/test_faults.py: nothing of the session is
+  left within 15 s.
 
 A cluster address (``address`` or ``$RAY_ADDRESS``) is used as is: its network exposure is
 the cluster's own (see cluster/README.md).
@@ -47,10 +53,13 @@ from pathlib import Path
 NAMESPACE = "distcl"
 #: Inherited by every process of an embedded Ray session (value: a random id).
 SESSION_ENV = "DISTCL_RAY_SESSION"
-#: Ray's switch for its single-machine (loopback) mode, read at import and in children.
-_SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+#: Where a Ray process finds the State API (the dashboard) of its own instance: Ray's
+#: placement-group cleaner asks it, and left to guess on a machine with several Ray
+#: instances it asks the newest one (distcl.train.trainer).
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
 
 _session: str | None = None  # marker of the embedded session this process started
+_api_server: str | None = None  # the dashboard URL of the embedded Ray this process started
 
 
 class LocalRayError(RuntimeError):
@@ -127,24 +136,55 @@ def current_session() -> str | None:
     return _session
 
 
+def dashboard_url() -> str | None:
+    """The dashboard (State API) of the embedded Ray this process started, for State API
+    calls from this process (``ray.util.state.list_actors(address=...)``); None otherwise."""
+    return _api_server
+
+
 # ------------------------------------------------------------------------ watchdog
-def _watch(fd: int, marker: str, grace_s: float = 5.0) -> int:
-    """Block until the driver's end of the pipe closes, then kill the session."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def _start_time(pid: int) -> str | None:
+    """A process's start time (clock ticks since boot; with its pid, its identity), or None
+    when it is gone or a zombie."""
     try:
-        while os.read(fd, 1):
-            pass
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
-        pass
+        return None
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
+def _watch(fd: int, marker: str, driver: int, grace_s: float = 30.0, quiet_s: float = 2.0) -> int:
+    """Wait for the driver to end, then kill the session's processes until none is left.
+
+    The driver's end is seen two ways: the pipe's write end closing (the kernel closes it
+    whatever kills the driver) and, every half second, the driver's pid gone or reused (in
+    case a copy of the write end lives on in a process forked from the driver). Then every
+    process carrying the session's marker is SIGKILLed, again and again (a dying raylet may
+    still spawn a worker, an agent may be starting) until none has been seen for
+    ``quiet_s``, for at most ``grace_s``."""
+    import select
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    born = _start_time(driver)
+    while born is not None and _start_time(driver) == born:
+        try:
+            ready, _, _ = select.select([fd], [], [], 0.5)
+            if ready and not os.read(fd, 1):
+                break  # EOF: the driver's end closed
+        except OSError:
+            break
     deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline:  # repeat: a dying raylet may still spawn a worker
+    last_seen = time.monotonic()
+    while time.monotonic() < deadline:
         pids = session_pids(marker, exclude=[os.getpid()])
-        if not pids:
+        if pids:
+            last_seen = time.monotonic()
+        elif time.monotonic() - last_seen >= quiet_s:
             return 0
         for pid in pids:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
-        time.sleep(0.2)
+        time.sleep(0.1)
     return 1
 
 
@@ -155,7 +195,15 @@ def _start_watchdog(marker: str) -> None:
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     subprocess.Popen(
-        [sys.executable, "-m", "distcl.localray", "watch", str(read_fd), marker],
+        [
+            sys.executable,
+            "-m",
+            "distcl.localray",
+            "watch",
+            str(read_fd),
+            marker,
+            str(os.getpid()),
+        ],  # fmt: skip
         pass_fds=[read_fd],
         env=env,
         stdin=subprocess.DEVNULL,
@@ -184,33 +232,6 @@ def scoped_env(values: dict[str, str]) -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-
-
-def _loopback_patch():
-    """Ray's single-machine mode for this process: its node address stays 127.0.0.1."""
-    from ray._private import ray_constants
-
-    if not hasattr(ray_constants, "ENABLE_RAY_CLUSTER"):
-        raise LocalRayError(
-            "this Ray release has no single-machine mode (ray_constants.ENABLE_RAY_CLUSTER), "
-            "so an embedded Ray would listen on every interface; start a head with `ray "
-            "start --head` on a trusted network and pass its address (--address / "
-            "$RAY_ADDRESS) instead"
-        )
-    old = ray_constants.ENABLE_RAY_CLUSTER
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    return lambda: setattr(ray_constants, "ENABLE_RAY_CLUSTER", old)
-
-
-def _enable_token_auth() -> None:
-    """RAY_AUTH_MODE=token for this process (Ray's C++ config re-read) and its children."""
-    try:
-        from ray._private.authentication.authentication_token_setup import _enable_token_auth
-    except ImportError as e:
-        raise LocalRayError(
-            f"this Ray release has no token authentication ({e}); the embedded Ray needs it"
-        ) from None
-    _enable_token_auth()  # sets os.environ["RAY_AUTH_MODE"] and re-reads Ray's config
 
 
 def check_loopback(marker: str) -> list[tuple[int, str, str, int]]:
@@ -250,15 +271,19 @@ def system_config(num_cpus: int | None = None) -> dict:
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Connect to ``address`` (or $RAY_ADDRESS), else start an embedded local Ray that
-    listens on loopback only, with token auth, and ends with this process."""
+    listens on loopback only, with token auth, and ends with this process. ``local`` (Ray's
+    word for a new instance on this machine) starts the embedded one too."""
     import ray
 
-    global _session
+    from distcl import raycompat  # Ray's release checked; its two non-public switches
+
+    global _session, _api_server
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
     runtime_env = {"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}}
-    if address:
+    if address and address != "local":
+        _api_server = None
         ray.init(
             address=address, namespace=NAMESPACE, runtime_env=runtime_env, logging_level="WARNING"
         )
@@ -266,33 +291,33 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     while _keep_open:  # a previous embedded session was shut down: release its watchdog
         os.close(_keep_open.pop())
     marker = secrets.token_hex(8)
-    _enable_token_auth()
-    restore = _loopback_patch()
+    raycompat.enable_token_auth()
     # The dashboard (Ray's UI and its State API) binds 127.0.0.1 too. Its port is chosen here
     # so that the workers' State API calls name THIS instance: left to find one, a call fails
     # ("Found multiple active Ray instances") when another Ray runs on the machine, or asks
     # the newest instance (stack-notes). Ray Train's placement-group cleaner did the latter,
     # missed a live controller there and removed the group of a running Train run (seen with
-    # two runs at once); distcl's runs no longer start it (distcl.train.groups).
+    # two runs at once).
     dashboard_port = _free_port()
-    runtime_env["env_vars"]["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
-    try:
-        with scoped_env({_SINGLE_MACHINE_ENV: "0", SESSION_ENV: marker}):
-            ray.init(
-                address="local",  # always a new instance, never a `ray start` left running
-                num_cpus=num_cpus,
-                include_dashboard=True,
-                dashboard_host="127.0.0.1",
-                dashboard_port=dashboard_port,
-                namespace=NAMESPACE,
-                _node_ip_address="127.0.0.1",
-                logging_level="WARNING",
-                runtime_env=runtime_env,
-                _system_config=system_config(num_cpus),
-            )
-    finally:
-        restore()
+    api_server = f"http://127.0.0.1:{dashboard_port}"
+    runtime_env["env_vars"][API_SERVER_ENV] = api_server  # its workers and actors
+    with raycompat.loopback_only(), scoped_env({SESSION_ENV: marker}):
+        ray.init(
+            address="local",  # always a new instance, never a `ray start` left running
+            num_cpus=num_cpus,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=dashboard_port,
+            namespace=NAMESPACE,
+            _node_ip_address="127.0.0.1",
+            logging_level="WARNING",
+            runtime_env=runtime_env,
+            _system_config=system_config(num_cpus),
+        )
     _session = marker
+    # Not set in this process's environment: Ray's job-submission client reads the variable
+    # too, and would send `distcl submit --address ...` from here to this Ray instead.
+    _api_server = api_server
     if sys.platform.startswith("linux"):
         _start_watchdog(marker)
         try:
@@ -304,10 +329,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m distcl.localray {watch FD MARKER | sockets}``."""
+    """``python -m distcl.localray {watch FD MARKER PID | sockets}``."""
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["watch"] and len(argv) == 3:
-        return _watch(int(argv[1]), argv[2])
+    if argv[:1] == ["watch"] and len(argv) == 4:
+        return _watch(int(argv[1]), argv[2], int(argv[3]))
     if argv[:1] == ["sockets"]:
         import ray
 
@@ -318,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{ip}:{port}\t{name}\t(pid {pid})")
         ray.shutdown()
         return 0
-    print("usage: python -m distcl.localray {watch FD MARKER | sockets}", file=sys.stderr)
+    print("usage: python -m distcl.localray {watch FD MARKER PID | sockets}", file=sys.stderr)
     return 2
 
 

@@ -56,6 +56,10 @@ class CheckpointError(ValueError):
     """A checkpoint does not belong to this job or does not fit this architecture."""
 
 
+class NotARunDir(ValueError):
+    """A folder given as a run directory is not one (or lacks what the command reads)."""
+
+
 def read_meta(model_dir: str | Path | Uri) -> dict:
     """A finished model folder's ``meta.json`` (``models/<t>/``, distcl.train.modeling)."""
     path = storage.join(model_dir, "meta.json")
@@ -154,6 +158,49 @@ class RunDir:
 
     def model(self, task: int) -> Loc:
         return self.root / "models" / str(task)
+
+    def history_json(self, task: int) -> Loc:
+        return self.model(task) / "history.json"
+
+    def row_json(self, task: int) -> Loc:
+        """Row ``task`` of every matrix (``distcl.eval.evaluate``'s cache)."""
+        return self.eval_rows / f"{task}.json"
+
+    # -- reading what a run wrote ----------------------------------------------------
+    def require(self, *what: str) -> RunDir:
+        """``self`` if the folder is a run directory holding ``what`` (names of the
+        properties above, e.g. ``"metrics_json"``); else :class:`NotARunDir` naming the
+        folder and what is missing."""
+        if not storage.is_file(self.job_yaml):
+            missing = "the folder does not exist" if not storage.exists(self.root) else (
+                "no job.yaml")  # fmt: skip
+            raise NotARunDir(f"{self.root}: not a run directory ({missing})")
+        for name in what:
+            loc = getattr(self, name)
+            if not storage.exists(loc):
+                rel = storage.relative(loc, self.root)
+                raise NotARunDir(f"{self.root}: no {rel} in this run directory")
+        return self
+
+    def load_job(self):
+        """The resolved job this run directory belongs to (``job.yaml``)."""
+        import yaml
+
+        from distcl.config import parse_job
+
+        path = self.require().job_yaml
+        return parse_job(yaml.safe_load(storage.read_text(path)) or {}, str(path))
+
+    def load_scenario(self):
+        """The run's scenario (``scenario.json``)."""
+        from distcl.data.scenario import Scenario
+
+        return Scenario.from_json(storage.read_json(self.require("scenario_json").scenario_json))
+
+    def history(self, task: int) -> list[dict]:
+        """Task ``task``'s per-epoch records ([] before it is trained)."""
+        path = self.history_json(task)
+        return storage.read_json(path) if storage.is_file(path) else []
 
     def ray_storage_args(self) -> dict:
         """``RunConfig`` keyword arguments placing Ray Train's checkpoints in ``ray/``

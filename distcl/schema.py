@@ -175,6 +175,10 @@ class TrainConfig(Section):
     loader_workers: NonNeg | Literal["auto"] = "auto"
     max_failures: NonNeg = 2  #: worker-group restarts (Ray Train FailureConfig)
     augment: Bool = True  #: random crop + flip
+    #: autocast precision of training and of the end-of-task embedding (rows stay float32):
+    #: auto = bf16 on a GPU that has it, fp16 on an older GPU, fp32 on CPUs
+    #: (distcl.train.precision)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
 
     @model_validator(mode="after")
     def _one_rank_per_gpu(self) -> TrainConfig:

@@ -128,6 +128,8 @@ def _start_head(ray_bin: Path):
         # Ray's single-machine mode: without it a head given --node-ip-address=127.0.0.1
         # still binds the GCS/raylet to every interface (distcl.localray explains).
         RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+        # Its processes ask its own dashboard (Ray Train's placement-group cleaner does).
+        RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{ports['dashboard-port']}",
         # The entrypoint runs the cluster's `python`: this interpreter's.
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
     )

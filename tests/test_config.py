@@ -484,3 +484,28 @@ def test_loading_a_job_and_the_cli_import_no_torch(tmp_path):
         "assert not loaded, loaded[:5]\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_a_class_split_that_cannot_be_made_is_refused_at_load_time(synthetic_job, tmp_path):
+    """Checked when the job loads (the counts are known without data), before any Ray."""
+    with pytest.raises(ConfigError, match="scenario.tasks: 1000 tasks but only 8 classes"):
+        synthetic_job(scenario={"tasks": 1000})
+    with pytest.raises(ConfigError, match="scenario.heldout_classes"):
+        synthetic_job(scenario={"tasks": 4, "heldout_classes": 6})
+    with pytest.raises(ConfigError, match="scenario.first_task_classes"):
+        synthetic_job(scenario={"tasks": 4, "first_task_classes": 7})
+
+
+def test_lwf_and_mmd_with_a_cosine_head_use_the_heads_temperature(synthetic_job):
+    """The cosine head's temperature is the method's where it has one for it (CVS's
+    NormSoftmax), else the head's own default: not LwF's or MMD's KD temperature."""
+    from distcl.models.heads import CosineHead
+    from distcl.train.modeling import build_model
+
+    default = CosineHead(4, 3).temperature
+    for name in ("lwf", "mmd"):
+        job = synthetic_job(method={"name": name, "params": {"temperature": 2.0}},
+                            model={"head": "cosine"})  # fmt: skip
+        assert build_model(job, 8, 1).head.temperature == default == 0.05, name
+    cvs = synthetic_job(method={"name": "cvs", "params": {"temperature": 0.1}})
+    assert build_model(cvs, 8, 1).head.temperature == 0.1

@@ -21,7 +21,8 @@ import torch
 from distcl.config import ConfigError
 from distcl.localray import scoped_env
 from distcl.methods import METHODS
-from distcl.train.driver import Run, run_job, train_env
+from distcl.pipeline import run_job
+from distcl.train.driver import Run, train_env
 from distcl.train.modeling import CheckpointError, build_model, load_model_dir
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("shared_ray")]  # conftest.py
@@ -185,19 +186,19 @@ def test_the_train_controller_does_not_load_torch(two_ranks):
     assert found and not any(found), found  # this run's (and any still exiting)
 
 
-def test_a_run_without_ray_datasets_starts_no_dataset_manager_and_no_cleaner(two_ranks):
-    titles = [title for title, _ in two_ranks[2]["beside"]]
-    assert any("RayTrainWorker" in t for t in titles), titles
-    assert not any("DatasetManager" in t for t in titles), titles
-    assert not any("PlacementGroupCleaner" in t for t in titles), titles
-
-
 def _train_controllers() -> dict[str, int]:
-    """The live Train controllers of this Ray: actor id -> pid (the GCS's table)."""
-    from ray._private import state
+    """The live Train controllers of this Ray: actor id -> pid (Ray's State API)."""
+    from ray.util.state import list_actors
 
-    return {i: a["Pid"] for i, a in state.actors(actor_state_name="ALIVE").items()
-            if a["ActorClassName"].endswith("TrainController")}  # fmt: skip
+    from distcl.localray import dashboard_url
+
+    alive = list_actors(
+        address=dashboard_url(),
+        filters=[("state", "=", "ALIVE")],
+        limit=10_000,
+        raise_on_missing_output=False,
+    )
+    return {a.actor_id: a.pid for a in alive if a.class_name.endswith("TrainController")}
 
 
 def test_a_finished_runs_controller_does_not_live_on(two_ranks):
@@ -212,53 +213,30 @@ def test_a_finished_runs_controller_does_not_live_on(two_ranks):
         time.sleep(0.2)
 
 
-def test_the_trainer_keeps_rays_callbacks_but_two():
-    """distcl's Trainer: Ray Train's default controller callbacks, but no datasets callback
-    without Ray Datasets and no placement-group cleaner actor; a recorder of the run's
-    groups instead. (This pins the Ray internals it replaces: a Ray release that renames
-    them fails here.)"""
-    from ray.train import ScalingConfig
-    from ray.train.torch import TorchTrainer
-    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
-    from ray.train.v2._internal.callbacks.placement_group_callback import (
-        PlacementGroupCleanerCallback,
-    )
-
-    from distcl.train.trainer import Trainer
-
-    def fn():
-        pass
-
-    scaling = ScalingConfig(num_workers=1)
-    stock = [type(c) for c in TorchTrainer(fn, scaling_config=scaling)._create_default_callbacks()]
-    lean = [type(c) for c in Trainer(fn, scaling_config=scaling)._create_default_callbacks()]
-    assert DatasetsCallback in stock and PlacementGroupCleanerCallback in stock
-    assert lean[:-1] == [c for c in stock if c not in (DatasetsCallback,
-                                                       PlacementGroupCleanerCallback)]  # fmt: skip
-    assert lean[-1].__name__ == "PlacementGroupRecorder"
-    with_data = Trainer(fn, scaling_config=scaling, datasets={"train": ray.data.range(4)})
-    assert DatasetsCallback in [type(c) for c in with_data._create_default_callbacks()]
-
-
 def _hold(config: dict) -> None:
+    with open(config["started"], "w") as f:  # the worker group has started
+        f.write("1")
     time.sleep(config["seconds"])
 
 
 def test_a_dead_train_controller_leaves_no_placement_group(tmp_path):
     """The Train controller SIGKILLed mid-run (as a crash, or Tune killing a trial's actor):
-    ``fit`` raises, and the run's placement group, recorded by the controller when its
-    workers started, is removed then (distcl.train.groups), not held, with its CPUs, for
-    as long as the driver lives. Ray's cleaner actor per run is not started."""
+    ``fit`` raises, and Ray Train's placement-group cleaner (Ray's default callbacks, which
+    distcl's Trainer keeps) removes the run's group within seconds instead of it holding
+    its CPUs for as long as the driver lives. The cleaner asks the State API of the Ray it
+    runs in (the embedded Ray names its dashboard to its processes: localray.init_ray)."""
     from ray.train import RunConfig, ScalingConfig
 
-    from distcl.train.groups import recorded_groups
     from distcl.train.trainer import Trainer
 
-    groups = tmp_path / "groups.txt"
-    trainer = Trainer(_hold, train_loop_config={"seconds": 600},
+    def live_groups() -> set[str]:
+        table = ray.util.placement_group_table()
+        return {g for g, v in table.items() if v["state"] == "CREATED"}
+
+    started = tmp_path / "started"
+    trainer = Trainer(_hold, train_loop_config={"seconds": 600, "started": str(started)},
                       scaling_config=ScalingConfig(num_workers=1),
-                      run_config=RunConfig(storage_path=str(tmp_path), name="held"),
-                      groups_file=str(groups))  # fmt: skip
+                      run_config=RunConfig(storage_path=str(tmp_path), name="held"))  # fmt: skip
     out: dict = {}
 
     def fit():
@@ -267,22 +245,25 @@ def test_a_dead_train_controller_leaves_no_placement_group(tmp_path):
         except BaseException as e:  # the controller's death, checked below
             out["error"] = e
 
+    before_groups = live_groups()
     before = _train_controllers()  # none, unless a controller is still exiting
     runner = threading.Thread(target=fit, daemon=True)
     with scoped_env(train_env()):
         runner.start()
         deadline = time.monotonic() + 120
-        while not recorded_groups(groups):  # the worker group started
+        while not started.exists():  # the worker group started (its group registered)
             assert runner.is_alive() and time.monotonic() < deadline, out
             time.sleep(0.1)
-    (pg,) = recorded_groups(groups)
-    assert ray.util.placement_group_table()[pg]["state"] == "CREATED"
+    (pg,) = live_groups() - before_groups
     (pid,) = [pid for i, pid in _train_controllers().items() if i not in before]
     os.kill(pid, signal.SIGKILL)
     runner.join(60)
     assert not runner.is_alive()
     assert isinstance(out.get("error"), ray.exceptions.RayActorError), out
-    assert ray.util.placement_group_table()[pg]["state"] == "REMOVED"
+    deadline = time.monotonic() + 30  # the cleaner looks every second
+    while ray.util.placement_group_table()[pg]["state"] != "REMOVED":
+        assert time.monotonic() < deadline, ray.util.placement_group_table()[pg]
+        time.sleep(0.2)
 
 
 def test_batch_spanning_terms_do_not_depend_on_the_number_of_workers(two_ranks):

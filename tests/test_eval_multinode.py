@@ -23,14 +23,13 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def cluster():
-    from ray._private import ray_constants
     from ray.cluster_utils import Cluster
+
+    from distcl.raycompat import loopback_only
 
     if ray.is_initialized():
         ray.shutdown()
-    with pytest.MonkeyPatch.context() as mp:  # loopback only, as tests/test_multinode.py
-        mp.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        mp.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
+    with loopback_only():  # as tests/test_multinode.py
         # The head has CPUs too: only the placement keeps the evaluation tasks off it.
         c = Cluster(
             initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False}

@@ -7,11 +7,12 @@ import json
 
 import numpy as np
 import pytest
+from reference import topk_summary
 
 from distcl.config import dump_job
 from distcl.data.scenario import build_scenario
 from distcl.eval import compat
-from distcl.eval.evaluate import evaluate_run, topk_summary
+from distcl.eval.evaluate import evaluate_run
 from distcl.eval.metrics import retrieval_summary
 from distcl.gallery.index import build_index
 from distcl.gallery.store import read_embeddings, write_embeddings
@@ -128,7 +129,7 @@ def test_compare_table_and_figure_from_evaluated_runs(fake_run, synthetic_job, t
         history = [{"epoch": 0, "epoch_s": 4.0 + t}, {"epoch": 1, "epoch_s": 6.0}]
         (run / "models" / str(t) / "history.json").write_text(json.dumps(history))
     job = synthetic_job(name="fake", data={"synthetic_classes": 6}, scenario={"tasks": 3})
-    row = _row(job, result, run)
+    row = _row(job, result)
     s = result["protocols"]["all"]["summary"]
     assert row["ac_all"] == s["ac"] and row["am_all"] == s["am"]
     assert row["train_s"] == 33.0
@@ -145,7 +146,7 @@ def test_compare_table_and_figure_from_evaluated_runs(fake_run, synthetic_job, t
 
 
 def test_compare_refuses_jobs_on_different_scenarios(synthetic_job, tmp_path):
-    from distcl.eval.compare import compare_jobs
+    from distcl.pipeline import compare_jobs
 
     a = synthetic_job(name="a")
     b = synthetic_job(name="b", seed=1)

@@ -35,6 +35,8 @@ import pytest
 import yaml
 from notorch import NO_TORCH
 
+from distcl.localray import SESSION_ENV, session_pids
+
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,8 +90,24 @@ def _finish(proc: subprocess.Popen, what: str) -> str:
     return out
 
 
+def _ray_session(driver: int) -> str:
+    """The embedded Ray session marker (``DISTCL_RAY_SESSION``) of a driver's Ray: its
+    children (the GCS, the raylet) carry it."""
+    for proc in Path("/proc").iterdir():
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        found = [e for e in env if e.startswith(f"{SESSION_ENV}=".encode())]
+        if ppid == driver and found:
+            return found[0].split(b"=", 1)[1].decode()
+    raise AssertionError(f"no Ray process of driver {driver} carries {SESSION_ENV}")
+
+
 def _run_killed_at(job: Path, point: str, task: int, marker: Path, env: dict) -> None:
-    """Run until a process reaches (point, task), then SIGKILL the driver."""
+    """Run until a process reaches (point, task), then SIGKILL the driver; every process of
+    its embedded Ray (the agents included) must be gone within seconds."""
     proc = _cli(job, {**env, "DISTCL_PAUSE_AT": f"{point}:{task}:{marker}"})
     deadline = time.monotonic() + 600
     while not marker.exists():
@@ -98,8 +116,15 @@ def _run_killed_at(job: Path, point: str, task: int, marker: Path, env: dict) ->
             raise AssertionError(f"run ended before {point}:{task} (seed {SEED}):\n{out[-3000:]}")
         assert time.monotonic() < deadline, f"{point}:{task} not reached (seed {SEED})"
         time.sleep(0.2)
+    session = _ray_session(proc.pid)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
+    deadline = time.monotonic() + 15
+    while left := session_pids(session):
+        names = [Path(f"/proc/{p}/comm").read_text().strip() for p in left
+                 if Path(f"/proc/{p}/comm").exists()]  # fmt: skip
+        assert time.monotonic() < deadline, f"left after a kill at {point}:{task}: {names}"
+        time.sleep(0.5)
 
 
 def _snapshot(run: Path) -> dict:
@@ -147,11 +172,12 @@ def _killed_and_rerun(tmp_path: Path) -> dict:
     """The chain of killed runs and the final re-run; checks what needs no reference and
     returns the snapshot of the finished run."""
     rng = np.random.default_rng(SEED)
-    # Three kills in task order (a later kill cannot come before an earlier one's point).
-    plan = sorted(
-        ((int(rng.integers(0, 3)), str(rng.choice(POINTS[:3]))) for _ in range(2)),
-        key=lambda p: (p[0], POINTS.index(p[1])),
-    ) + [(2, "eval")]
+    # Three kills in task order (a later kill cannot come before an earlier one's point):
+    # right after task 0's model is saved (early in a run, when Ray's agents outlived a
+    # killed driver once), a drawn one, and during the evaluation.
+    drawn = (int(rng.integers(0, 3)), str(rng.choice(POINTS[:3])))
+    plan = sorted([(0, "saved"), drawn], key=lambda p: (p[0], POINTS.index(p[1])))
+    plan += [(2, "eval")]
     worker_task = int(rng.integers(1, 3))  # a Train worker dies mid-epoch 1 of this task
     print(f"fault seed {SEED}: kills {plan}, worker death in task {worker_task}")
     job = _job(tmp_path)

@@ -10,6 +10,7 @@ import faiss
 import numpy as np
 import pytest
 from faiss.contrib.exhaustive_search import knn_ground_truth
+from reference import search_blocked
 
 from distcl.gallery.index import (
     GPU_MAX_K,
@@ -18,7 +19,6 @@ from distcl.gallery.index import (
     build_index,
     gpu_available,
     recall_at_k_vs_exact,
-    search_blocked,
 )
 
 

@@ -27,23 +27,29 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def cluster():
-    from ray._private import ray_constants
     from ray.cluster_utils import Cluster
+
+    from distcl.localray import API_SERVER_ENV, _free_port
+    from distcl.raycompat import loopback_only
 
     if ray.is_initialized():
         ray.shutdown()
     # Ray's single-machine mode keeps every node on 127.0.0.1 (otherwise Ray swaps in the
     # host's routable address: see distcl.localray); set for this process and the nodes.
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        mp.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
+    # Every process of the cluster asks its own dashboard (Ray Train's placement-group
+    # cleaner does: distcl.train.trainer).
+    port = _free_port()
+    with pytest.MonkeyPatch.context() as mp, loopback_only():
+        mp.setenv(API_SERVER_ENV, f"http://127.0.0.1:{port}")
         # The head takes no tasks (0 CPUs): every shard task has to go to a worker node.
         # A lost node is declared dead after 3 failed health checks 1 s apart (Ray's
         # default: 5 checks 3 s apart, ~15 s in which a memory shard that lived there
         # cannot restart: the node-loss test waited on it).
         health = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
         c = Cluster(initialize_head=True,
-                    head_node_args={"num_cpus": 0, "_system_config": health})  # fmt: skip
+                    head_node_args={"num_cpus": 0, "_system_config": health,
+                                    "include_dashboard": True, "dashboard_port": port,
+                                    "dashboard_host": "127.0.0.1"})  # fmt: skip
         try:
             nodes = {
                 name: c.add_node(num_cpus=1, resources={name: 1}) for name in ("node_a", "node_b")
@@ -98,7 +104,7 @@ def test_a_run_spreads_over_the_nodes_and_survives_losing_one(cluster, make_job,
     and every process on it killed) and node_c added; Ray Train restarts the worker group on
     node_a + node_c from the epoch checkpoint, a memory shard that lived on node_b restarts
     from its files. Must be the module's last test: it changes the cluster."""
-    from distcl.train.driver import run_job
+    from distcl.pipeline import run_job
 
     c, names, nodes = cluster
     job = make_job(tmp_path, name="nodes", scenario={"tasks": 3}, method={"name": "cvs"},

@@ -31,13 +31,13 @@ import pytest
 import yaml
 from notorch import NO_TORCH
 from rayhead import kill_until_gone
+from reference import grow_matrix
 
 from distcl.config import ConfigError, load_job, parse_job
 from distcl.eval import compat
 from distcl.tune.results import best_job, best_row, make_row, plot_objective, write_table
 from distcl.tune.search import TaskASHA, max_concurrency
 from distcl.tune.space import base_dict, objective, param_space, trial_job, validate_tune
-from distcl.tune.trial import grow_matrix
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -438,28 +438,14 @@ def _tuned(root: Path, synthetic_raw_job) -> SimpleNamespace:
 
 @pytest.fixture(scope="module")
 def local_ray():
-    """One Ray for the module's in-process runs: a new local instance (address "local":
-    never another process's cluster), without the dashboard, so no State API: the
-    placement-group cleanup must not depend on it. RAY_ADDRESS=local in the workers too:
-    Ray Train's own cleaner otherwise asks the State API of the machine's latest Ray
-    instance (another process's, on a shared machine), does not find the live controller
-    there, and removes the placement group of a running Train run (seen here)."""
+    """One Ray for the module's in-process runs: distcl's embedded Ray (a new local instance,
+    never another process's cluster), whose processes find its own dashboard: Ray Train's
+    placement-group cleaner asks it about the trials' controllers."""
     import ray
 
-    from distcl.localray import system_config
+    from distcl.localray import init_ray
 
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        _system_config=system_config(2),  # as distcl's own embedded Ray
-        namespace="distcl",
-        _node_ip_address="127.0.0.1",
-        logging_level="WARNING",
-        runtime_env={
-            "env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning", "RAY_ADDRESS": "local"}
-        },
-    )
+    init_ray(num_cpus=2)
     yield
     ray.shutdown()
 
@@ -628,7 +614,7 @@ def test_confirm_a_best_file_runs_no_search(pareto, local_ray):
 @pytest.mark.ray
 def test_no_placement_group_is_left(pareto, local_ray):
     """Trials that ended (completed here; ASHA-stopped and failed ones in the other tests)
-    leave no Train placement group behind, without Ray's State API (no dashboard here)."""
+    leave no Train placement group behind (Ray Train's cleaner removes a stopped trial's)."""
     assert _leftover_groups() == []
 
 
@@ -671,8 +657,10 @@ def test_asha_stops_a_trial_early_and_no_trial_hangs(tuned):
 def test_best_job_reproduces_its_trial(tuned, local_ray):
     """``best.yaml`` retrained from scratch scores the trial's objective (same seed: equal
     up to nondeterminism; tolerance 0.05, about one eval item per matrix cell here)."""
+    from reference import score_run
+
     from distcl.train.driver import Run
-    from distcl.tune.trial import score_run, score_tune
+    from distcl.tune.trial import score_tune
 
     tune_job = load_job(tuned.job_file)
     best = load_job(tuned.tune_dir / "best.yaml", overrides=[
@@ -841,33 +829,31 @@ def test_start_with_job_names_a_value_outside_the_space(
 
 
 @pytest.mark.ray
-def test_an_unrecorded_idle_group_of_the_search_is_removed(local_ray, tmp_path):
-    """A placement group nothing uses and no trial recorded (a dying Train controller's) is
-    removed after ``orphan_s``; a used one and a recorded one stay."""
+def test_an_idle_group_of_the_search_is_removed(local_ray):
+    """A placement group of the search's job that nothing uses (a dying Train controller's,
+    created after Ray's cleaner stopped looking) is removed after ``idle_s``; a used one
+    stays."""
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    from distcl.tune.groups import ReleaseTrialGroups
+    from distcl.tune.groups import SweepIdleGroups
 
     @ray.remote(num_cpus=0.01)
     class Holder:
         def ping(self):
             return 1
 
-    groups = [placement_group([{"CPU": 0.01}]) for _ in range(3)]
-    ray.get([g.ready() for g in groups])
-    orphan, used, recorded = groups
+    orphan, used = [placement_group([{"CPU": 0.01}]) for _ in range(2)]
+    ray.get([orphan.ready(), used.ready()])
     holder = Holder.options(scheduling_strategy=PlacementGroupSchedulingStrategy(used)).remote()
     assert ray.get(holder.ping.remote()) == 1
-    (tmp_path / "trial.txt").write_text(recorded.id.hex() + "\n")
-    release = ReleaseTrialGroups(tmp_path, orphan_s=60.0)
-    assert release.sweep_orphans(now=1000.0) == []  # idle from now on
-    assert release.sweep_orphans(now=1059.0) == []  # not yet orphan_s
-    assert release.sweep_orphans(now=1060.0) == [orphan.id.hex()]
+    sweep = SweepIdleGroups(idle_s=60.0)
+    assert sweep.sweep(now=1000.0) == []  # idle from now on
+    assert sweep.sweep(now=1059.0) == []  # not yet idle_s
+    assert sweep.sweep(now=1060.0) == [orphan.id.hex()]
     table = ray.util.placement_group_table()
     assert table[orphan.id.hex()]["state"] == "REMOVED"
-    assert table[used.id.hex()]["state"] == table[recorded.id.hex()]["state"] == "CREATED"
+    assert table[used.id.hex()]["state"] == "CREATED"
     ray.kill(holder)
-    for g in (used, recorded):
-        remove_placement_group(g)
+    remove_placement_group(used)

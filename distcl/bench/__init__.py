@@ -7,6 +7,7 @@ measured in the same run (never timed assertions in tests).
     distcl bench memory   # replay overhead per step (local sampling from a per-task snapshot)
     distcl bench sequence # per-task overhead of a long sequence: one Train run vs one per task
     distcl bench data     # shard building throughput: 1, 2, 4 Ray tasks vs one process
+    distcl bench controller  # a Train run's controller: Ray's stock TorchTrainer vs distcl's
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import importlib
 
 BENCHES = {
     "train": "train", "search": "search", "eval": "evalcost", "memory": "memory",
-    "sequence": "sequence", "data": "data",
+    "sequence": "sequence", "data": "data", "controller": "controller",
 }  # fmt: skip
 
 

@@ -88,9 +88,9 @@ def run_train_bench(
         run.train(upto=1)
         wall = time.perf_counter() - t0  # end-of-task embedding included in the start-up
         history = json.loads((run.rd.model(0) / "history.json").read_text())
-        full = float(np.median([h["images_per_s"] for h in history]))
+        full = float(np.median([h["new_images_per_s"] for h in history]))
         train_s = sum(h["epoch_s"] for h in history)
-        keys, images, labels, _ = load_arrays(run.plan(1)["tasks"][0]["train_paths"])
+        keys, images, labels, _ = load_arrays(run.plan(1).tasks[0].train_paths)
         global_batch = job.train.batch_size_per_worker * workers
         steps = max(10, int(sum(h["epoch_s"] for h in history[-1:]) * full / global_batch))
         base = baseline_images_per_s(

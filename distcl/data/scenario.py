@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from distcl.config import ScenarioConfig
+from distcl.schema import ScenarioConfig
 
 
 @dataclass(frozen=True)
@@ -148,6 +148,20 @@ def _split_classes(
         out.append(order[start : start + s])
         start += s
     return out
+
+
+def check_class_split(cfg: ScenarioConfig, num_classes: int) -> None:
+    """The checks :func:`build_scenario` makes on class counts, on the counts alone (no data
+    read): a ValueError naming the field when ``num_classes`` cannot be split as ``cfg``
+    asks. Run when a job loads (``distcl.config``), before any Ray starts."""
+    heldout = cfg.heldout_classes
+    if heldout and num_classes - heldout < cfg.tasks:
+        raise ValueError(
+            f"scenario.heldout_classes: holding out {heldout} of {num_classes} classes leaves "
+            f"{num_classes - heldout} for {cfg.tasks} tasks (each needs at least one class)"
+        )
+    _split_classes(list(range(num_classes - heldout)), cfg.tasks, cfg.classes_per_task,
+                   cfg.first_task_classes)  # fmt: skip
 
 
 def build_scenario(

@@ -1,4 +1,5 @@
-"""``distcl compare JOB [JOB ...]``: run several jobs (resuming) and compare them.
+"""The table and figure of ``distcl compare JOB [JOB ...]`` (which runs or reads the jobs:
+:func:`distcl.pipeline.compare_jobs`).
 
     distcl compare jobs/fashion_mnist/*.yaml --out runs/compare
 
@@ -17,13 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-from distcl import storage
 from distcl.config import JobConfig
 from distcl.eval.compat import average_compatibility
-from distcl.rundir import atomic_write
+from distcl.rundir import RunDir, atomic_write
 
 
-def _row(job: JobConfig, metrics: dict, run_dir: Path) -> dict:
+def _row(job: JobConfig, metrics: dict) -> dict:
     metric = metrics["metric"]
     out = {"job": job.name, "method": job.method.name}
     for proto, block in metrics["protocols"].items():
@@ -44,10 +44,9 @@ def _row(job: JobConfig, metrics: dict, run_dir: Path) -> dict:
     out["stale_recall@1"] = float(np.mean([r["recall@1"] for r in stale]))
     # Seconds inside training epochs (the histories; meta.json of the one-run engine has no
     # per-task wall time, and start-up is the run's, not a task's).
+    rd = RunDir(job.run_dir)
     out["train_s"] = sum(
-        h.get("epoch_s", 0.0)
-        for t in range(metrics["tasks"])
-        for h in storage.read_json(run_dir / "models" / str(t) / "history.json")
+        h.get("epoch_s", 0.0) for t in range(metrics["tasks"]) for h in rd.history(t)
     )
     return out
 
@@ -103,33 +102,13 @@ def plot_side_by_side(results: list[tuple[str, dict]], path: Path) -> None:
     plt.close(fig)
 
 
-def compare_jobs(jobs: list[JobConfig], out: Path, log=print, run: bool = True) -> list[dict]:
-    """Run (or resume) every job, then write the side-by-side table and figure.
-    ``run=False`` only reads each finished run's ``metrics.json``."""
-    from distcl.train.driver import run_job
-
-    fingerprints = {j.data_fingerprint() for j in jobs}
-    if len(fingerprints) > 1:
-        raise ValueError(
-            "compare: the jobs do not share data/scenario/seed "
-            f"({', '.join(j.name for j in jobs)}): their matrices are not comparable"
-        )
+def write_comparison(results: list[tuple[JobConfig, dict]], out: Path, log=print) -> list[dict]:
+    """``compare.md`` / ``.json`` / ``.png`` in ``out`` from (job, its metrics.json) pairs."""
     out.mkdir(parents=True, exist_ok=True)
-    rows, results = [], []
-    for job in jobs:
-        if run:
-            log(f"== {job.name} ({job.method.name})")
-            metrics = run_job(job, progress=True, log=log)["eval"]
-        else:
-            path = job.run_dir / "metrics.json"
-            if not storage.is_file(path):
-                raise ValueError(f"{path}: no metrics (run the job first, or drop --no-run)")
-            metrics = storage.read_json(path)
-        rows.append(_row(job, metrics, job.run_dir))
-        results.append((job.name, metrics))
+    rows = [_row(job, metrics) for job, metrics in results]
     metric = results[0][1]["metric"]
     table = compare_table(rows, metric)
-    plot_side_by_side(results, out / "compare.png")
+    plot_side_by_side([(job.name, m) for job, m in results], out / "compare.png")
     atomic_write(out / "compare.json", json.dumps(rows, indent=1))
     atomic_write(
         out / "compare.md", "# distcl compare\n\n" + table + "\n\n![matrices](compare.png)\n"

@@ -1,7 +1,7 @@
-"""Compatibility matrix and the scores read from it: ECC, AC, AM, BC, FC (design.md section 4).
+"""Compatibility matrix and the scores read from it: ECC, AC, AM, BC, FC (docs/design.md).
 
 M is a (T, T) array with M[i][j] = a retrieval metric with queries embedded by model i and the
-gallery by model j (0-indexed here; design.md writes the same formulas 1-indexed). Only the
+gallery by model j (0-indexed here; docs/metrics.md writes the same formulas 1-indexed). Only the
 lower triangle including the diagonal is read; the upper triangle may hold NaN. The diagonal
 is each model's self-test.
 
@@ -79,7 +79,7 @@ def average_multimodel_accuracy(M: Any) -> float:
 
 
 def backward_compatibility(M: Any) -> float:
-    """BC = 1 / (T - 1) * sum_{i < T} (M[T][i] - M[i][i]) (1-indexed, as in design.md).
+    """BC = 1 / (T - 1) * sum_{i < T} (M[T][i] - M[i][i]) (1-indexed, as in docs/metrics.md).
 
     The last model's queries against each older gallery, minus that older model's self-test.
     Needs T >= 2.
@@ -90,7 +90,7 @@ def backward_compatibility(M: Any) -> float:
 
 
 def forward_compatibility(M: Any) -> float:
-    """FC = 1 / (T - 1) * sum_{i >= 2} (M[i][i-1] - M[i][i]) (1-indexed, as in design.md).
+    """FC = 1 / (T - 1) * sum_{i >= 2} (M[i][i-1] - M[i][i]) (1-indexed, as in docs/metrics.md).
 
     Each model's queries against the previous model's gallery, minus its own self-test.
     Needs T >= 2.

@@ -1,5 +1,5 @@
 """Evaluation rows as Ray tasks: the driver coordinates, the search runs on the workers
-(design.md section 7; what is computed: ``distcl.eval.engine``, docs/metrics.md).
+(docs/design.md; what is computed: ``distcl.eval.engine``, docs/metrics.md).
 
     rows = compute_rows(run_dir, settings, scenario, [3])  # Ray tasks in a Ray driver, else here
 

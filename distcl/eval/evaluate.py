@@ -52,9 +52,10 @@ def _parts_stat(folder: Loc) -> list:
 
 def _inputs_digest(run_dir: Loc, settings: EvalSettings, scenario: Scenario, t: int) -> str:
     """What row t depends on: settings, scenario, and the Parquet parts of models <= t."""
+    rd = RunDir(run_dir)
     files = {
-        f"{kind}/{j}": _parts_stat(run_dir / kind / f"model={j}")
-        for kind in ("eval/embeddings", "gallery")
+        f"{kind}/{j}": _parts_stat(root / f"model={j}")
+        for kind, root in (("eval/embeddings", rd.eval_embeddings), ("gallery", rd.gallery))
         for j in range(t + 1)
     }
     key = {"format": ROW_FORMAT, "settings": settings.key(), "scenario": scenario.digest(),
@@ -63,7 +64,7 @@ def _inputs_digest(run_dir: Loc, settings: EvalSettings, scenario: Scenario, t: 
 
 
 def _cached_row(run_dir: Loc, t: int, digest: str) -> dict | None:
-    path = run_dir / "eval" / "rows" / f"{t}.json"
+    path = RunDir(run_dir).row_json(t)
     try:
         row = storage.read_json(path)
     except (OSError, ValueError):
@@ -81,7 +82,7 @@ def _score_rows(
     if missing:  # as Ray tasks in a Ray driver (distcl.eval.distributed), else in this process
         for t, row in compute_rows(run_dir, settings, scenario, missing, log=log).items():
             row["inputs"] = digests[t]
-            atomic_write_json(run_dir / "eval" / "rows" / f"{t}.json", row, default=_json_default)
+            atomic_write_json(RunDir(run_dir).row_json(t), row, default=_json_default)
             rows[t] = row
     return rows
 
@@ -100,26 +101,17 @@ def score_task(
     return _score_rows(storage.location(run_dir), settings, scenario, [t])[t]
 
 
-def _load_job(run_dir: Loc):
-    import yaml
-
-    from distcl.config import parse_job
-
-    path = run_dir / "job.yaml"
-    return parse_job(yaml.safe_load(storage.read_text(path)), str(path))
-
-
 def evaluate_run(
     run_dir: str | Path | Uri, log=print, *, settings: EvalSettings | None = None
 ) -> dict:
     """Every metric of a finished (or partly finished) run; writes the report."""
     from distcl.eval.report import print_summary, write_report
 
-    run_dir = storage.location(run_dir)
-    job = _load_job(run_dir)
-    scenario = Scenario.from_json(storage.read_json(run_dir / "scenario.json"))
+    rd = RunDir(run_dir).require("scenario_json")
+    run_dir = rd.root
+    job, scenario = rd.load_job(), rd.load_scenario()
     settings = settings or EvalSettings.from_job(job)
-    T = finished_tasks(run_dir)
+    T = rd.finished_tasks()
     if T == 0:
         raise ValueError(f"{run_dir}: no finished task to evaluate")
     if T < scenario.num_tasks:
@@ -129,8 +121,8 @@ def evaluate_run(
     result = assemble(rows, settings, T)
     result.update(job=job.name, method=job.method.name, tasks_planned=scenario.num_tasks)
     result["eval_s"] = time.perf_counter() - t0
-    result["history"] = _histories(run_dir, T)
-    atomic_write_json(run_dir / "metrics.json", result, indent=1, default=_json_default)
+    result["history"] = [record for t in range(T) for record in rd.history(t)]
+    atomic_write_json(rd.metrics_json, result, indent=1, default=_json_default)
     write_report(run_dir, result)
     print_summary(result, log=log)
     return result
@@ -172,64 +164,6 @@ def assemble(rows: dict[int, dict], settings: EvalSettings, T: int) -> dict:
         "stale_gallery": [rows[t]["stale"] for t in range(T)],
         "settings": settings.key(),
     }
-
-
-def _load_eval_embeddings(
-    run_dir: str | Path | Uri, T: int, items_per_class: int | None, seed: int
-):
-    """(ids, labels, [emb_t for t < T]) of the closed-set evaluation items (task >= 0),
-    aligned by id across models, in memory (small runs: tuning, scripts)."""
-    from distcl.gallery.store import read_embeddings
-
-    root = storage.join(run_dir, "eval", "embeddings")
-    embs, ids, labels = [], None, None
-    for t in range(T):
-        g = read_embeddings(root, models=[t])
-        keep = g.tasks >= 0
-        order = np.argsort(g.item_ids[keep].astype(str), kind="stable")
-        g_ids = g.item_ids[keep][order].astype(str)
-        if ids is None:
-            ids, labels = g_ids, g.labels[keep][order]
-        elif not np.array_equal(ids, g_ids):
-            raise ValueError(f"{root}: model {t} embedded a different evaluation set")
-        embs.append(g.embeddings[keep][order])
-    mask = pr.closed_subset(labels, np.ones(len(labels), bool), items_per_class, seed)
-    return ids[mask], labels[mask], [e[mask] for e in embs]
-
-
-def topk_summary(
-    query_emb, query_ids, query_lab, index, gallery_ids, gallery_lab, ks=(1, 5, 10)
-) -> dict:
-    """CMC/Recall@K and mAP@k from one faiss top-k search (self matches dropped by id)."""
-    from distcl.eval.metrics import topk_counts
-
-    kmax = max(ks)
-    scores, nn = index.search(query_emb, kmax + 1)  # (Q, k+1): one spare for the self match
-    drop = (nn < 0) | (np.asarray(gallery_ids)[np.maximum(nn, 0)] == np.asarray(query_ids)[:, None])
-    order = np.argsort(drop, axis=1, kind="stable")
-    scores = np.take_along_axis(np.where(drop, -np.inf, scores), order, 1)[:, :kmax]
-    nn = np.take_along_axis(np.where(drop, -1, nn), order, 1)[:, :kmax]
-    same = (np.asarray(gallery_lab)[np.maximum(nn, 0)] == np.asarray(query_lab)[:, None]) & (
-        nn >= 0
-    )
-    g_ids = set(np.asarray(gallery_ids).tolist())
-    classes, counts = np.unique(gallery_lab, return_counts=True)
-    pos = np.searchsorted(classes, query_lab)
-    n_pos = counts[pos] - np.array([q in g_ids for q in np.asarray(query_ids).tolist()])
-    hits, ap, n = topk_counts(scores, same, n_pos, ks, map_k=kmax)
-    out = {f"cmc@{k}": float(h) / n for k, h in zip(ks, hits, strict=True)}
-    out.update({f"recall@{k}": out[f"cmc@{k}"] for k in ks})
-    out[f"map@{kmax}"] = ap / n
-    return out
-
-
-def _histories(run_dir: Loc, T: int) -> list[dict]:
-    out = []
-    for t in range(T):
-        path = run_dir / "models" / str(t) / "history.json"
-        if storage.is_file(path):
-            out.extend(storage.read_json(path))
-    return out
 
 
 def _json_default(o):

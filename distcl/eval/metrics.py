@@ -1,4 +1,4 @@
-"""Retrieval and verification metrics: CMC top-k, Recall@K, mAP, TAR@FAR (design.md section 4).
+"""Retrieval and verification metrics: CMC top-k, Recall@K, mAP, TAR@FAR (docs/design.md).
 
 Pure numpy (torch tensors are accepted and converted); no faiss, Ray or file I/O, so these are
 the brute-force reference that the faiss-backed gallery code is tested against.

@@ -3,7 +3,7 @@
 ``build_index(gallery_emb)`` returns a ``SearchIndex`` (faiss ``IndexFlatIP``; ``kind="ivf"``
 for an ``IndexIVFFlat`` approximate index with its recall measured by the caller). Ids are row
 positions in add order. Embeddings are compared by inner product (= cosine for L2-normalised
-rows, design.md section 6). Compatibility metrics must use exact search: ANN recall noise would
+rows, docs/design.md). Compatibility metrics must use exact search: ANN recall noise would
 confound cross-model comparisons; IVF is for serving-scale galleries.
 
 - CPU: all cores unless ``threads`` says otherwise (Ray workers start with OMP_NUM_THREADS=1).
@@ -26,7 +26,6 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Iterable
 
 try:
     import faiss
@@ -45,7 +44,6 @@ __all__ = [
     "SearchIndex",
     "build_index",
     "gpu_available",
-    "search_blocked",
     "brute_force_search",
     "recall_at_k_vs_exact",
 ]
@@ -252,48 +250,6 @@ def build_index(
     out = SearchIndex(index, kind=kind, on_gpu=on_gpu, threads=threads, query_batch=query_batch)
     out.add(emb)  # added after the GPU copy so host memory holds the gallery only once
     return out
-
-
-def search_blocked(
-    queries: np.ndarray,
-    gallery_blocks: Iterable[tuple[int, np.ndarray]],
-    k: int,
-    *,
-    threads: int | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Exact inner-product top-``k`` over a gallery streamed as ``(offset, block)`` pairs.
-
-    ``block`` (B, d) holds gallery rows ``offset .. offset+B-1``; only one block is in memory
-    at a time. Returns ``scores`` (Q, k') float32 best first and ``ids`` (Q, k') int64 global
-    row ids, k' = min(k, rows seen). Equals flat search up to ties.
-    """
-    q = _as_matrix(queries, "queries")  # (Q, d)
-    k = _check_k(k)
-    _set_threads(threads)
-    nq, d = q.shape
-    heap = faiss.ResultHeap(nq, k, keep_max=True)  # running global top-k per query
-    total = 0
-    for i, item in enumerate(gallery_blocks):
-        try:
-            offset, block = item
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"gallery_blocks[{i}] must be an (offset, block) pair") from e
-        if isinstance(offset, bool) or not isinstance(offset, (int, np.integer)) or offset < 0:
-            raise ValueError(f"gallery_blocks[{i}] offset must be a non-negative int")
-        b = _as_matrix(block, f"gallery_blocks[{i}] block")  # (B, d)
-        if b.shape[1] != d:
-            raise ValueError(f"gallery_blocks[{i}] block has dim {b.shape[1]}, queries have {d}")
-        if b.shape[0] == 0:
-            continue
-        k_b = min(k, b.shape[0])
-        scores_b, ids_b = faiss.knn(q, b, k_b, metric=faiss.METRIC_INNER_PRODUCT)  # (Q, k_b)
-        heap.add_result(scores_b, ids_b + int(offset))
-        total += b.shape[0]
-    if total == 0:
-        raise ValueError("gallery_blocks yielded no gallery rows")
-    heap.finalize()
-    k_eff = min(k, total)
-    return np.ascontiguousarray(heap.D[:, :k_eff]), np.ascontiguousarray(heap.I[:, :k_eff])
 
 
 def brute_force_search(

@@ -1,4 +1,4 @@
-"""Streamed top-k search of several query sets against one gallery fed in blocks (design.md 7).
+"""Streamed top-k search of several query sets against one gallery fed in blocks (docs/design.md).
 
     search = StreamSearch([QuerySet(q1, k=11), QuerySet(q2, k=11, allowed=seen)], dim=128)
     for emb, labels in gallery_blocks:        # (B, d) float32, (B,): one block in memory

@@ -1,4 +1,4 @@
-"""Parquet embedding store: one row per (item, model version), design.md section 3.
+"""Parquet embedding store: one row per (item, model version), docs/design.md.
 
 What it is for: the end of each task writes the evaluation set and the gallery arrivals,
 embedded by that task's model, as Parquet parts (one per train rank); the evaluation engine

@@ -1,4 +1,4 @@
-"""Writing the Parquet embedding store: schema, validation, atomic parts (design.md section 3),
+"""Writing the Parquet embedding store: schema, validation, atomic parts (docs/design.md),
 and ``scan_parts``: the parts of a store from their footers (pyarrow.dataset discovery).
 
 One call writes one part, ``root/model=<model>/<part>.parquet`` (the end of task t writes one

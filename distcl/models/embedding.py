@@ -112,7 +112,7 @@ class EmbeddingModel(nn.Module):
         feat, stages = self._features(x, return_stages)
         out: dict[str, Any] = {
             "feat": feat,
-            "emb": F.normalize(feat, dim=1),  # (B, D), unit norm
+            "emb": F.normalize(feat.float(), dim=1),  # (B, D), unit norm, float32 (autocast)
             "logits": self.head(feat),  # (B, C)
         }
         if return_stages:
@@ -120,9 +120,9 @@ class EmbeddingModel(nn.Module):
         return out
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """L2-normalised embedding (B, D); skips the head."""
+        """L2-normalised embedding (B, D), float32 also under autocast; skips the head."""
         feat, _ = self._features(x, return_stages=False)
-        return F.normalize(feat, dim=1)
+        return F.normalize(feat.float(), dim=1)
 
 
 def model_signature(model: EmbeddingModel) -> dict[str, Any]:

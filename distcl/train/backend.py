@@ -11,9 +11,8 @@ worker sets torch's environment (``MASTER_*``, ``RANK``, ``LOCAL_RANK``, ...) an
 process group; at shut-down the group is destroyed and CUDA's cache emptied. torch is
 imported only inside the functions, which run on the workers.
 
-Beside it, :func:`lean_callbacks` trims Ray Train's default controller callbacks
-(:class:`distcl.train.trainer.Trainer` uses it): two actor processes less per run. Both
-rely on Ray Train V2's internal callback classes, which tests/test_engine.py pins.
+Only Ray's public API: ``ray.train.backend.Backend`` / ``BackendConfig`` (DeveloperAPI, the
+documented way to add a framework backend) and ``ray.train.get_context()``.
 """
 
 from __future__ import annotations
@@ -28,20 +27,9 @@ import ray
 import ray.train
 from ray.exceptions import GetTimeoutError
 from ray.train.backend import Backend, BackendConfig
-from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
-from ray.train.v2._internal.callbacks.placement_group_callback import (
-    PlacementGroupCleanerCallback,
-)
 
 logger = logging.getLogger(__name__)
 SHUTDOWN_TIMEOUT_S = 30
-
-try:  # the framework tag of Ray Train V2's run state (which versions it records)
-    from ray.train.v2._internal.util import TrainingFramework
-
-    _TORCH = TrainingFramework.TORCH
-except ImportError:  # pragma: no cover - another Ray release
-    _TORCH = None
 
 
 def _address() -> tuple[str, int]:
@@ -138,25 +126,3 @@ class TorchBackendConfig(BackendConfig):
     @property
     def train_func_context(self):
         return _CudaDevice
-
-    @property
-    def framework(self):
-        return _TORCH
-
-
-def lean_callbacks(callbacks: list, has_datasets: bool) -> list:
-    """Ray Train's default controller callbacks, less what a distcl run does not use: the
-    datasets callback starts a ``DatasetManager`` actor (a process) per run even when the
-    trainer has no Ray Datasets (distcl streams WebDataset shards); the placement-group
-    cleaner is a detached actor (a process) per run that asks the State API every second
-    whether the controller lives: distcl's runs record their groups and remove what is
-    left of them when ``fit`` ends (:mod:`distcl.train.groups`). Each callback not named
-    here is kept."""
-    out = []
-    for cb in callbacks:
-        if type(cb) is DatasetsCallback and not has_datasets:
-            continue
-        if type(cb) is PlacementGroupCleanerCallback:
-            continue
-        out.append(cb)
-    return out

@@ -30,7 +30,7 @@ import ray
 import yaml
 
 from distcl import faults, storage
-from distcl.catalog import SPECS
+from distcl.catalog import SPECS, needs_of
 from distcl.config import ConfigError, JobConfig, dump_job, parse_job, to_dict
 from distcl.data.scenario import Scenario
 from distcl.data.shards import build_shards, load_manifest
@@ -42,6 +42,7 @@ from distcl.localray import (  # noqa: F401  (init_ray: re-exported)
 from distcl.memory.service import create_memory_service
 from distcl.placement import worker_nodes
 from distcl.rundir import RunDir, atomic_write, atomic_write_json, read_meta
+from distcl.train.plan import RunPlan, Shard, TaskPlan
 from distcl.train.progress import RunProgress, progress_board, show_progress
 
 #: Ray Train settings of distcl's runs, unless this process's environment sets them (Train
@@ -90,9 +91,10 @@ class Run:
         self.dir = self.rd.root
         self.progress = progress
         self.log = log
-        self.params = job.method.params
-        self.needs = SPECS[job.method.name].needs_for(self.params)
+        self.needs = needs_of(job)  # the method's, its replay share resolved
         self.uses_memory = self.needs.replay_fraction > 0 or self.needs.class_means
+        #: A finished model folder of another run to be compatible with from task 0 on.
+        self.external_old_model = SPECS[job.method.name].external_old_model(job.method.params)
         self.digest = training_digest(job)
 
     # -- set-up --------------------------------------------------------------------
@@ -134,9 +136,9 @@ class Run:
         atomic_write(path, dump_job(self.job))
 
     def _check_external_old_model(self) -> None:
-        """BCT's ``old_model_dir`` may hold another backbone, never another embedding
-        dimension: fail here, before any worker starts."""
-        external = getattr(self.params, "old_model_dir", None)
+        """An external old model (BCT's ``old_model_dir``) may hold another backbone, never
+        another embedding dimension: fail here, before any worker starts."""
+        external = self.external_old_model
         if external:
             dim = read_meta(external)["signature"]["embedding_dim"]
             if dim != self.job.model.embedding_dim:
@@ -169,50 +171,51 @@ class Run:
         compatible with (BCT's ``old_model_dir``)."""
         if t > 0:
             return str(self.rd.model(t - 1))
-        external = getattr(self.params, "old_model_dir", None)
-        return str(external) if external else None
+        return str(self.external_old_model) if self.external_old_model else None
 
     # -- the plan the workers follow ------------------------------------------------------
-    def _shards(self, split: str, tasks) -> list[tuple[str, int]]:
-        return [
+    def _shards(self, split: str, tasks) -> tuple[Shard, ...]:
+        return tuple(
             (str(self.shards_dir / s["name"]), int(s["count"]))
             for s in self.manifest["shards"]
             if s["split"] == split and s["task"] in tasks and s["count"] > 0
-        ]
+        )
 
-    def plan(self, upto: int) -> dict:
+    def plan(self, upto: int, **services) -> RunPlan:
+        """The :class:`~distcl.train.plan.RunPlan` of training tasks ``.. upto - 1``;
+        ``services``: the run's handles (memory, progress, score_fn, fault, pause)."""
         T = self.scenario.num_tasks
         tasks = []
         for t, task in enumerate(self.scenario.tasks):
             old = self.scenario.tasks[t - 1].seen_classes if t > 0 else ()
-            train = self._shards("train", set(range(t + 1)) if self.needs.all_data else {t})
-            tasks.append({
-                "new_classes": [c for c in task.seen_classes if c not in old],
-                "seen_classes": list(task.seen_classes), "old_classes": list(old),
-                "train_paths": [p for p, _ in train], "train_shards": train,
-                "train_count": sum(c for _, c in train),
-                "memory_shards": self._shards("train", {t}),
-            })  # fmt: skip
-        eval_shards = self._shards("gallery", set(range(T)) | {-1})  # -1: held-out classes
-        return {
-            "num_tasks": T, "upto": upto, "num_classes": self.num_classes,
-            "in_channels": self.in_channels, "scenario_digest": self.scenario.digest(),
-            "train_digest": self.digest, "tasks": tasks, "uses_memory": self.uses_memory,
-            "needs": {"class_means": self.needs.class_means,
-                      "replay_fraction": self.needs.replay_fraction},
-            "eval_shards": eval_shards, "eval_count": sum(c for _, c in eval_shards),
-            "old_model_dirs": [self.old_model_dir(t) for t in range(T)],
-        }  # fmt: skip
+            tasks.append(TaskPlan(
+                index=t, new_classes=tuple(c for c in task.seen_classes if c not in old),
+                seen_classes=tuple(task.seen_classes), old_classes=tuple(old),
+                train_shards=self._shards("train", set(range(t + 1)) if self.needs.all_data
+                                          else {t}),
+                memory_shards=self._shards("train", {t}), old_model_dir=self.old_model_dir(t),
+            ))  # fmt: skip
+        return RunPlan(
+            job=self.job,
+            run_dir=str(self.dir),
+            num_tasks=T,
+            upto=upto,
+            num_classes=self.num_classes,
+            in_channels=self.in_channels,
+            scenario_digest=self.scenario.digest(),
+            train_digest=self.digest,
+            needs=self.needs,
+            tasks=tuple(tasks),
+            eval_shards=self._shards("gallery", set(range(T)) | {-1}),
+            **services,
+        )  # fmt: skip  (-1: the held-out classes' items)
 
     # -- training ------------------------------------------------------------------------
-    def train(self, upto: int | None = None, score_fn=None, groups_file: str | None = None) -> dict:
+    def train(self, upto: int | None = None, score_fn=None) -> dict:
         """Train (and finish) every task before ``upto`` not finished yet: one Train run.
 
         ``score_fn(run_dir, t) -> dict`` (picklable) runs on rank 0 after task t and its
-        result joins the task's report (a tuning trial's); ``groups_file``: where the run's
-        placement groups are recorded (:class:`~distcl.train.trainer.Trainer`; a tuning
-        trial's, read by the search too), by default ``ray/placement-groups.txt`` in the run
-        dir: a driver SIGKILLed mid-run leaves no file outside it."""
+        result joins the task's report (a tuning trial's)."""
         from ray.train import (
             CheckpointConfig,
             FailureConfig,
@@ -235,18 +238,16 @@ class Run:
         if use_gpu is None:
             use_gpu = ray.cluster_resources().get("GPU", 0) >= job.train.workers * gpw
         page = RunProgress(self.board or progress_board(), self.run_id)
-        config = {
-            "job": job, "plan": self.plan(upto), "run_dir": str(self.dir),
-            "memory": self.memory_service() if self.uses_memory else None,
-            "progress": page,
-            "fault": os.environ.get(faults.FAULT_ENV), "pause": os.environ.get(faults.PAUSE_ENV),
-            "score_fn": score_fn,
-        }  # fmt: skip
+        plan = self.plan(
+            upto, memory=self.memory_service() if self.uses_memory else None, progress=page,
+            score_fn=score_fn, fault=os.environ.get(faults.FAULT_ENV),
+            pause=os.environ.get(faults.PAUSE_ENV),
+        )  # fmt: skip
         trainer = Trainer(
             run_sequence,
-            # The controller unpickles train_loop_config but never reads the run's config
-            # (the job, every task's shard lists, handles): it gets a reference.
-            train_loop_config={"config": ray.put(config)},
+            # The controller unpickles train_loop_config but never reads the plan (the job,
+            # every task's shard lists, handles): it gets a reference.
+            train_loop_config={"plan": ray.put(plan)},
             scaling_config=ScalingConfig(
                 num_workers=job.train.workers, use_gpu=use_gpu,
                 resources_per_worker={"CPU": job.train.cpus_per_worker,
@@ -259,7 +260,6 @@ class Run:
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
                 logging_config=LoggingConfig(log_level="WARNING"),  # progress bar, not logs
             ),
-            groups_file=groups_file or str(self.rd.ray_storage / "placement-groups.txt"),
         )  # fmt: skip
         epochs = {t: job.train.epochs_for(t) for t in range(first, upto)}
         t0, fit_at = time.perf_counter(), time.time()
@@ -290,9 +290,11 @@ class Run:
         history = storage.read_json(self.rd.model(t) / "history.json")
         last = history[-1] if history else {}
         terms = " ".join(f"{k[5:]}={v:.3f}" for k, v in last.items() if k.startswith("loss/"))
+        rows = last.get("rows_per_s", 0)
+        replay = f" ({rows:.0f} rows/s with replay)" if last.get("replay_rows") else ""
         self.log(
             f"task {t + 1}/{self.scenario.num_tasks}: train_acc={last.get('train_acc', 0):.3f} "
-            f"{last.get('images_per_s', 0):.0f} img/s {terms} | train "
+            f"{last.get('new_images_per_s', 0):.0f} new img/s{replay} {terms} | train "
             f"{timing.get('train_s', 0):.1f}s, end-of-task {timing.get('end_task_s', 0):.1f}s"
         )
 
@@ -302,16 +304,3 @@ class Run:
             self.prepare()
             out = self.train()
         return {"run_dir": str(self.dir), **out}
-
-
-def run_job(job: JobConfig, progress: bool = True, evaluate: bool = True, log=print) -> dict:
-    """Train every task of ``job`` (resuming), then evaluate and write the report."""
-    init_ray()
-    run = Run(job, progress=progress, log=log)
-    out = run.run()
-    if evaluate:
-        from distcl.eval.evaluate import evaluate_run
-
-        faults.pause_point(os.environ.get(faults.PAUSE_ENV), "eval", run.scenario.num_tasks - 1)
-        out["eval"] = evaluate_run(run.dir, log=log)
-    return out

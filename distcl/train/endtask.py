@@ -30,6 +30,7 @@ from distcl.gallery.store import write_embeddings
 from distcl.memory.selection import per_class_budget
 from distcl.methods.base import TaskContext
 from distcl.placement import node_id
+from distcl.train.precision import Precision
 
 # Images per forward pass of the end-of-task embedding. On CPU small batches are faster: a
 # batch's activations stay in cache (ResNet-32 on 28x28 images, one thread, 1000 images:
@@ -49,13 +50,13 @@ def embed_batch(device) -> int:
 
 def task_context(w, t: int) -> TaskContext:
     """The method's view of task t (built the same way on every rank)."""
-    task = w.plan["tasks"][t]
+    task = w.plan.tasks[t]
     ctx = TaskContext(
-        task=t, num_tasks=w.plan["num_tasks"], num_classes=w.plan["num_classes"],
-        new_classes=tuple(task["new_classes"]), seen_classes=tuple(task["seen_classes"]),
-        old_classes=tuple(task["old_classes"]), embedding_dim=w.job.model.embedding_dim,
+        task=t, num_tasks=w.plan.num_tasks, num_classes=w.plan.num_classes,
+        new_classes=task.new_classes, seen_classes=task.seen_classes,
+        old_classes=task.old_classes, embedding_dim=w.job.model.embedding_dim,
     )  # fmt: skip
-    if t > 0 and w.plan["needs"]["class_means"] and w.memory is not None:
+    if t > 0 and w.plan.needs.class_means and w.memory is not None:
         means = w.memory.running_class_means()
         if means:
             labels = sorted(means)
@@ -107,11 +108,12 @@ class _EmbedStream(torch.utils.data.IterableDataset):
 @torch.no_grad()
 def embed_shards(
     model, shards: Sequence[tuple[str, int]], device, loader_workers: int = 0,
-    rank: int = 0, world: int = 1,
+    rank: int = 0, world: int = 1, precision: Precision | None = None,
 ) -> dict[str, np.ndarray]:  # fmt: skip
     """Rank ``rank``'s share (of ``world``; ``item_split``) of the samples of ``shards``
     ((path, manifest count) pairs) embedded by ``model``, decoded here
-    (``loader_workers=0``) or in that many DataLoader worker processes."""
+    (``loader_workers=0``) or in that many DataLoader worker processes. ``precision``: the
+    training's (autocast); the rows are float32 whatever it is."""
     pieces = item_split(shards, rank, world)
     workers = min(loader_workers, sum(stop - start for _, _, start, stop in pieces))
     size = embed_batch(device)
@@ -124,12 +126,15 @@ def embed_shards(
         )
     )  # fmt: skip
     net = _inference_model(model, device)
+    precision = precision or Precision("fp32", _kind(device))
     keys, labels, tasks, embs = [], [], [], []
     for images, k, lab, tk in batches:
         x = torch.as_tensor(images).to(device, non_blocking=True).float().div_(255.0)
-        if net is not model and x.dim() == 4:
+        if x.dim() == 4 and (net is not model or precision.channels_last):
             x = x.contiguous(memory_format=torch.channels_last)
-        embs.append(net.embed(x).cpu().numpy().astype(np.float32))  # (B, D), L2-normalised
+        with precision.autocast():
+            emb = net.embed(x)  # (B, D), L2-normalised in float32 (EmbeddingModel.embed)
+        embs.append(emb.float().cpu().numpy())
         keys += list(k)
         labels += [int(v) for v in lab]
         tasks += [int(v) for v in tk]
@@ -144,7 +149,7 @@ def embed_shards(
 
 def _class_sums(w, labels: np.ndarray, emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-class (sums (C, D) float64, counts (C,)) over every rank's rows (all-reduced)."""
-    C, D = w.plan["num_classes"], emb.shape[1]
+    C, D = w.plan.num_classes, emb.shape[1]
     sums = np.zeros((C, D), np.float64)
     np.add.at(sums, labels, emb.astype(np.float64))
     counts = np.bincount(labels, minlength=C).astype(np.float64)
@@ -156,7 +161,8 @@ def _class_sums(w, labels: np.ndarray, emb: np.ndarray) -> tuple[np.ndarray, np.
 
 def class_means(w, model, shards) -> tuple[torch.Tensor, torch.Tensor]:
     """(means (K, D), labels (K,)) of the classes present in ``shards``, over all ranks."""
-    out = embed_shards(model, shards, w.device, w.loaders, w.rank, w.world)
+    out = embed_shards(model, shards, w.device, w.loaders, w.rank, w.world,
+                       precision=w.precision)  # fmt: skip
     sums, counts = _class_sums(w, out["labels"], out["emb"])
     present = np.flatnonzero(counts > 0)
     means = sums[present] / counts[present, None]
@@ -171,7 +177,8 @@ def finish_task(w, t: int, model) -> dict:
         for root in (rd.eval_embeddings, rd.gallery):
             storage.delete_dir(root / f"model={t}")
     w.barrier()
-    ev = embed_shards(model, plan["eval_shards"], w.device, w.loaders, w.rank, w.world)
+    ev = embed_shards(model, plan.eval_shards, w.device, w.loaders, w.rank, w.world,
+                      precision=w.precision)  # fmt: skip
     part = f"part-{w.rank}"
     if len(ev["keys"]):
         write_embeddings(
@@ -182,7 +189,7 @@ def finish_task(w, t: int, model) -> dict:
             write_embeddings(rd.gallery, t, part, ev["keys"][now], ev["labels"][now],
                              ev["tasks"][now], ev["emb"][now])  # fmt: skip
     embed_s = time.perf_counter() - t0
-    if plan["uses_memory"]:
+    if plan.uses_memory:
         _update_memory(w, t, model)
     counts = torch.tensor([len(ev["keys"])], dtype=torch.int64)
     nodes = [node_id()]
@@ -191,10 +198,10 @@ def finish_task(w, t: int, model) -> dict:
         nodes = [None] * w.world
         dist.all_gather_object(nodes, node_id())
     if w.rank == 0:
-        if int(counts) != plan["eval_count"]:
+        if int(counts) != plan.eval_count:
             raise RuntimeError(
                 f"task {t}: the ranks embedded {int(counts)} evaluation items, the manifest "
-                f"lists {plan['eval_count']}"
+                f"lists {plan.eval_count}"
             )
         info = {"embed_s": embed_s, "memory_s": time.perf_counter() - t0 - embed_s,
                 "eval_items": int(counts), "workers": w.world, "nodes": nodes}  # fmt: skip
@@ -221,18 +228,20 @@ def _update_memory(w, t: int, model) -> None:
     training items are embedded only where something uses the features (class means,
     herding); random selection needs their labels only, and stores exemplars without
     embeddings (training replays images; nothing reads the stored features)."""
-    job, plan, needs = w.job, w.plan, w.plan["needs"]
-    shards = plan["tasks"][t]["memory_shards"]
-    if needs["class_means"] or job.memory.selection != "random":
-        tr = embed_shards(model, shards, w.device, w.loaders, w.rank, w.world)
+    job, plan, needs = w.job, w.plan, w.plan.needs
+    task = plan.tasks[t]
+    shards = task.memory_shards
+    if needs.class_means or job.memory.selection != "random":
+        tr = embed_shards(model, shards, w.device, w.loaders, w.rank, w.world,
+                          precision=w.precision)  # fmt: skip
     else:
         tr = shard_labels(shards, w.rank, w.world)
     emb = tr["emb"]
-    if needs["class_means"]:
+    if needs.class_means:
         sums, counts = _class_sums(w, tr["labels"], emb)
         if w.rank == 0:
             w.memory.update_class_sums(sums, counts, key=f"task{t}")
-    if needs["replay_fraction"] <= 0:
+    if needs.replay_fraction <= 0:
         return
     # Candidates: labels and embeddings of every rank (no images), in rank order.
     parts = [None] * w.world
@@ -246,7 +255,7 @@ def _update_memory(w, t: int, model) -> None:
         labels = np.concatenate([p[1] for p in parts])
         embs = np.concatenate([p[2] for p in parts])
         m = job.memory
-        budget = per_class_budget(len(plan["tasks"][t]["seen_classes"]), m.per_class, m.total)
+        budget = per_class_budget(len(task.seen_classes), m.per_class, m.total)
         rows = w.memory.select(labels, embs, budget, m.selection, job.seed * 100 + t)
         chosen_keys = (keys[rows].tolist(), labels[rows], embs[rows])
     box = [chosen_keys]
@@ -267,6 +276,6 @@ def _update_memory(w, t: int, model) -> None:
     if w.rank == 0:
         images = {k: v for g in gathered for k, v in g.items()}
         stack = np.stack([images[k] for k in keys])
-        faults.pause_point(w.config.get("pause"), "memory", t)
-        n_seen = len(plan["tasks"][t]["seen_classes"])
+        faults.pause_point(plan.pause, "memory", t)
+        n_seen = len(task.seen_classes)
         w.memory.commit(t, keys, stack, labels, embs, classes_seen=n_seen)

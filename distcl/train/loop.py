@@ -20,7 +20,6 @@ A finished task (``models/<t>/done.json``) is never trained or embedded again.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import tempfile
 import time
@@ -33,7 +32,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from distcl import faults
+from distcl import faults, raycompat
 from distcl.config import JobConfig
 from distcl.data.readers import train_batches
 from distcl.data.shards import batches_per_epoch
@@ -49,6 +48,8 @@ from distcl.train.modeling import (
     model_meta,
     save_model_dir,
 )
+from distcl.train.plan import RunPlan
+from distcl.train.precision import Precision, resolve_precision
 from distcl.train.step import TrainStep
 
 
@@ -60,18 +61,6 @@ def _augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     padded = torch.nn.functional.pad(images, (2, 2, 2, 2), mode="replicate")
     h, w = images.shape[2:]
     return padded[:, :, 2 + dy : 2 + dy + h, 2 + dx : 2 + dx + w]
-
-
-def _quiet_train_logs() -> None:
-    """Per-epoch reports are drawn by the driver's progress bar, not logged by each worker.
-    Ray Train V2 logs "Reporting training result ..." on a logger named after its file."""
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
-    try:
-        from ray.train.v2._internal.execution import context as train_context
-
-        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
-    except ImportError:  # another Ray version: its logs stay
-        pass
 
 
 def global_gather(t: torch.Tensor) -> torch.Tensor:
@@ -86,17 +75,37 @@ def global_gather(t: torch.Tensor) -> torch.Tensor:
         return torch.cat(dist_nn.all_gather(t.contiguous()))
 
 
+def optimise(step, batch: Batch, opt, precision: Precision, scaler=None) -> tuple:
+    """One optimiser step of ``step`` (a :class:`~distcl.train.step.TrainStep`, maybe in
+    DDP) on ``batch``: the forward passes and loss terms under ``precision``'s autocast (fp32:
+    none, so the step is bitwise what it is without autocast), backward (scaled for fp16),
+    step. Returns (named terms, their sum, the new model's logits detached)."""
+    with precision.autocast():
+        terms = step(batch)
+    logits = terms.pop("_logits")
+    loss = sum(terms.values())
+    opt.zero_grad(set_to_none=True)
+    if scaler is None:
+        loss.backward()
+        opt.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    return terms, loss, logits
+
+
 class Worker:
     """One Train worker's view of the run: rank, device, the plan and the run directory."""
 
-    def __init__(self, config: dict):
-        self.job: JobConfig = config["job"]
-        self.plan: dict = config["plan"]
-        self.rd = RunDir(config["run_dir"])
-        self.config = config
+    def __init__(self, plan: RunPlan):
+        self.plan = plan
+        self.job: JobConfig = plan.job
+        self.rd = RunDir(plan.run_dir)
         tc = ray.train.get_context()
         self.rank, self.world = tc.get_world_rank(), tc.get_world_size()
-        self.device = ray.train.torch.get_device()
+        self.device = ray.train.torch.get_device()  # this rank's GPU, or the CPU
+        self.precision = resolve_precision(self.job.train.precision, self.device)
         self.distributed = dist.is_available() and dist.is_initialized() and self.world > 1
         self.gather = global_gather if self.distributed else None
         if self.distributed:
@@ -105,8 +114,8 @@ class Worker:
             # worker, paid here once, not inside the first task's timings.
             import torch._dynamo  # noqa: F401
         self.loaders = self.job.train.loaders()  # DataLoader processes that read and decode
-        self.memory = config.get("memory")  # a MemoryService (its shards' handles) or None
-        self.progress = config.get("progress") if self.rank == 0 else None  # a RunProgress
+        self.memory = plan.memory  # a MemoryService (its shards' handles) or None
+        self.progress = plan.progress if self.rank == 0 else None  # a RunProgress
 
     def barrier(self) -> None:
         if self.distributed:
@@ -117,13 +126,13 @@ class Worker:
         job, plan = self.job, self.plan
         torch.set_num_threads(job.train.threads())
         torch.manual_seed(job.seed)  # the same initial model in every run (DDP: rank 0's)
-        model = build_model(job, plan["num_classes"], plan["in_channels"])
+        model = self.precision.model(build_model(job, plan.num_classes, plan.in_channels))
         first = self.rd.finished_tasks()
         if first > 0:
             load_model_dir(model, self.rd.model(first - 1))  # continue from the last model
         state = _load_checkpoint(ray.train.get_checkpoint(), self.device)
         timings, started = {}, time.time()
-        for t in range(first, plan["upto"]):
+        for t in range(first, plan.upto):
             torch.manual_seed(job.seed * 1000 + t * 10 + self.rank)
             t0 = time.perf_counter()
             parts: dict[str, float] = {}
@@ -139,10 +148,10 @@ class Worker:
             if self.progress is not None:  # the driver logs the task now, not at the end
                 self.progress.task_done(t, timings[t])
             metrics = {"task": t, "task_done": 1, **timings[t]}
-            if self.rank == 0 and self.config.get("score_fn"):  # e.g. a tuning trial's row
-                metrics.update(self.config["score_fn"](str(self.rd.root), t))
+            if self.rank == 0 and plan.score_fn:  # e.g. a tuning trial's row
+                metrics.update(plan.score_fn(str(self.rd.root), t))
             t2 = time.perf_counter()
-            if self.config.get("score_fn") and t + 1 < plan["upto"]:
+            if plan.score_fn and t + 1 < plan.upto:
                 # A tuning trial: every rank waits here for rank 0, which waits for Tune's
                 # decision (distcl.tune.trial.TuneLink), so a stopped trial ends between two
                 # tasks. Nothing else reads this report, and each costs a controller poll.
@@ -156,14 +165,15 @@ class Worker:
         """The task's context, the frozen old model and the replay snapshot."""
         ctx = endtask.task_context(self, t)
         method = build_method(self.job, ctx)
-        needs = method.needs()
-        old_dir = self.plan["old_model_dirs"][t]
+        needs = self.plan.needs  # the method's, replay share resolved
+        task = self.plan.tasks[t]
         old_model = None
-        if old_dir and (needs.old_model or self.job.method.align):
-            old_model = load_frozen_model(old_dir, self.job).to(self.device)
+        if task.old_model_dir and (needs.old_model or self.job.method.align):
+            old_model = load_frozen_model(task.old_model_dir, self.job).to(self.device)
+            old_model = self.precision.model(old_model)
             if needs.old_class_means:
                 ctx.old_class_means, ctx.old_class_mean_labels = endtask.class_means(
-                    self, old_model, self.plan["tasks"][t]["train_shards"]
+                    self, old_model, task.train_shards
                 )
             ctx.extras.update(method.begin_task(old_model))
         snapshot = None
@@ -179,10 +189,9 @@ class Worker:
         ``checkpoint_s`` (the epochs' checkpoints, all but the last), ``save_s`` (model t
         written, the barrier, every rank reloading it). The epochs' own are in the history."""
         job, plan = self.job, self.plan
-        task = plan["tasks"][t]
+        task = plan.tasks[t]
         t_prep = time.perf_counter()
         ctx, method, old_model, snapshot = self.prepare_task(t, model)
-        needs = method.needs()
         step = TrainStep(model, method, job.method.align, ctx, old_model)
         # Learned parts of a method or alignment term may get no gradient in a step (e.g. no
         # memory rows in the batch): only then does DDP need to look for unused parameters.
@@ -199,7 +208,7 @@ class Worker:
         )
         epochs = job.train.epochs_for(t)
         bsz = job.train.batch_size_per_worker
-        n_batches = batches_per_epoch(task["train_count"], self.world, bsz)
+        n_batches = batches_per_epoch(task.train_count, self.world, bsz)
         total_steps = epochs * n_batches
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, total_steps) / total_steps))
@@ -213,8 +222,9 @@ class Worker:
         n_mem, sampler = 0, None
         if snapshot is not None:
             sampler = BalancedSampler(snapshot["labels"])
-            frac = job.memory.replay_fraction or needs.replay_fraction
+            frac = plan.needs.replay_fraction  # the method's, or memory.replay_fraction
             n_mem = max(1, round(bsz * frac / (1 - frac)))
+        scaler = self.precision.scaler()  # fp16: dynamic loss scaling
         parts = {"prepare_s": time.perf_counter() - t_prep, "checkpoint_s": 0.0}
         for epoch in range(start_epoch, epochs):
             # Every random stream restarts per (task, epoch, rank): an epoch resumed from a
@@ -225,19 +235,19 @@ class Worker:
                 job.seed * 100_003 + t * 1009 + epoch * 31 + 17 * (self.rank + 1)
             )
             if epoch > 0:  # a checkpoint of this task exists
-                faults.pause_point(self.config.get("pause"), "epoch", t)
+                faults.pause_point(plan.pause, "epoch", t)
             step.train()
             sums: dict[str, float] = {}
             correct = seen = 0
-            t0 = time.perf_counter()
+            t0 = t_first = time.perf_counter()
             for b, (images, labels, _keys) in enumerate(
                 train_batches(
-                    task["train_paths"], task["train_count"], self.rank, self.world, bsz,
+                    task.train_paths, task.train_count, self.rank, self.world, bsz,
                     job.seed * 31 + t, epoch, loader_workers=self.loaders,
                     pin_memory=self.device.type == "cuda",
                 )
             ):  # fmt: skip
-                faults.maybe_exit(self.config.get("fault"), t, epoch, b, n_batches)
+                faults.maybe_exit(plan.fault, t, epoch, b, n_batches)
                 images, labels = torch.as_tensor(images), torch.as_tensor(labels)
                 from_memory = torch.zeros(len(labels), dtype=torch.bool)
                 if n_mem:
@@ -250,19 +260,17 @@ class Worker:
                 x = images.to(self.device, non_blocking=True).float().div_(255.0)
                 if job.train.augment:
                     x = _augment(x, gen)
+                x = self.precision.images(x)  # channels-last on a GPU
                 batch = Batch(
                     x,
                     labels.to(self.device),
                     from_memory.to(self.device),
                     gather=self.gather,
                 )
-                terms = step(batch)
-                logits = terms.pop("_logits")
-                loss = sum(terms.values())
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                terms, loss, logits = optimise(step, batch, opt, self.precision, scaler)
                 sched.step()
+                if b == 0:  # what comes after is steady state (loaders, first step warm)
+                    t_first = time.perf_counter()
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach())
                 cur = ~batch.from_memory
@@ -273,7 +281,8 @@ class Worker:
                     self.progress.update(
                         task=t, epoch=epoch, step=b + 1, steps=n_batches, loss=float(loss.detach())
                     )
-            record = self._epoch_record(t, epoch, sums, correct, seen, n_batches, n_mem, t0)
+            record = self._epoch_record(t, epoch, sums, correct, seen, n_batches, n_mem, t0,
+                                        t_first)  # fmt: skip
             record["resumed"] = bool(resume) and epoch == start_epoch  # after a checkpoint
             history.append(record)
             if self.progress is not None:
@@ -286,12 +295,13 @@ class Worker:
                 parts["checkpoint_s"] += time.perf_counter() - t_ckpt
         t_save = time.perf_counter()
         if self.rank == 0:
-            meta = model_meta(job, model, t, plan["scenario_digest"])
-            meta.update(workers=self.world, device=str(self.device), loader_workers=self.loaders)
+            meta = model_meta(job, model, t, plan.scenario_digest)
+            meta.update(workers=self.world, device=str(self.device), loader_workers=self.loaders,
+                        precision=self.precision.name)  # fmt: skip
             with tempfile.TemporaryDirectory() as d:
                 torch.save(model.state_dict(), Path(d) / "model.pt")
                 save_model_dir(self.rd.root, t, Path(d) / "model.pt", history, meta)
-            faults.pause_point(self.config.get("pause"), "saved", t)
+            faults.pause_point(plan.pause, "saved", t)
         self.barrier()  # model t is on disk for every rank
         # Every rank continues with the saved model: DDP keeps parameters equal, but each
         # rank's BatchNorm running statistics moved with its own last batches.
@@ -299,19 +309,30 @@ class Worker:
         parts["save_s"] = time.perf_counter() - t_save
         return parts
 
-    def _epoch_record(self, t, epoch, sums, correct, seen, n_batches, n_mem, t0) -> dict:
-        """Global epoch statistics: sums over ranks (a collective: every rank runs it)."""
-        elapsed = time.perf_counter() - t0
+    def _epoch_record(self, t, epoch, sums, correct, seen, n_batches, n_mem, t0,
+                      t_first) -> dict:  # fmt: skip
+        """Global epoch statistics: sums over ranks (a collective: every rank runs it).
+
+        Throughput is of the steady state, after the epoch's first step (which waits for
+        the loaders to start and, in a run's first epoch, warms DDP up), as ``distcl bench
+        train`` measures it: ``new_images_per_s`` counts the task's own images,
+        ``rows_per_s`` every row a step processed (replayed exemplars too)."""
+        now = time.perf_counter()
+        elapsed = now - t0
+        steady_batches, steady_s = n_batches - 1, now - t_first
+        if steady_batches < 1:  # one batch per epoch: nothing but its first step
+            steady_batches, steady_s = n_batches, elapsed
         keys = sorted(sums)
         stats = torch.tensor([sums[k] for k in keys] + [correct, seen], dtype=torch.float64)
         if self.distributed:
             dist.all_reduce(stats)
         bsz = self.job.train.batch_size_per_worker
+        per_s = steady_batches * self.world / steady_s
         return {
             "task": t, "epoch": epoch,
             **{f"loss/{k}": float(stats[i]) / (n_batches * self.world) for i, k in enumerate(keys)},
             "train_acc": float(stats[-2] / max(stats[-1], 1)),
-            "images_per_s": (bsz + n_mem) * n_batches * self.world / elapsed,
+            "new_images_per_s": bsz * per_s, "rows_per_s": (bsz + n_mem) * per_s,
             "replay_rows": n_mem, "epoch_s": elapsed,
         }  # fmt: skip
 
@@ -330,7 +351,7 @@ class Worker:
                          "sched": sched.state_dict(), "task": t, "epoch": epoch}  # fmt: skip
                 torch.save(state, Path(d) / "step.pt")
                 (Path(d) / "history.json").write_text(json.dumps(history))
-                (Path(d) / "config.json").write_text(json.dumps(self.plan["train_digest"]))
+                (Path(d) / "config.json").write_text(json.dumps(self.plan.train_digest))
                 checkpoint = ray.train.Checkpoint.from_directory(d)
             ray.train.report(record, checkpoint=checkpoint)
 
@@ -347,6 +368,6 @@ def _load_checkpoint(ckpt, device) -> dict | None:
 def train_sequence_loop(loop_config: dict) -> dict:
     """Every remaining task on this worker (through :func:`distcl.train.trainer.run_sequence`,
     Ray Train's ``train_loop_per_worker``); returns rank 0's timings.
-    ``loop_config["config"]``: an object ref of the run's config (the driver's ``train``)."""
-    _quiet_train_logs()
-    return Worker(ray.get(loop_config["config"])).run()
+    ``loop_config["plan"]``: an object ref of the run's :class:`RunPlan` (``Run.train``)."""
+    raycompat.quiet_train_logs()
+    return Worker(ray.get(loop_config["plan"])).run()

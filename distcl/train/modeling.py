@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from distcl import storage
-from distcl.catalog import head_kind, head_size
+from distcl.catalog import head_kind, head_kwargs, head_size
 from distcl.config import JobConfig
 from distcl.methods import METHODS, TaskContext
 from distcl.models.embedding import EmbeddingModel, load_state_checked, model_signature
@@ -35,9 +35,6 @@ from distcl.storage import Loc, Uri
 def build_model(job: JobConfig, num_classes: int, in_channels: int) -> EmbeddingModel:
     """The embedding model of a job; the head is pre-allocated for every class."""
     kind, n_head = head_kind(job), head_size(job, num_classes)  # simplex: d + 1 vertices
-    head_kwargs = {}
-    if kind == "cosine":
-        head_kwargs["temperature"] = float(getattr(job.method.params, "temperature", 0.05))
     return EmbeddingModel(
         backbone=job.model.backbone,
         in_channels=in_channels,
@@ -45,7 +42,7 @@ def build_model(job: JobConfig, num_classes: int, in_channels: int) -> Embedding
         head=kind,
         num_classes=n_head,
         small_input=job.model.small_input,
-        head_kwargs=head_kwargs,
+        head_kwargs=head_kwargs(job, kind),
     )
 
 
@@ -94,14 +91,11 @@ def load_frozen_model(model_dir: str | Path | Uri, job: JobConfig) -> EmbeddingM
     """The model of ``model_dir`` built from its own saved signature (it may differ from
     the job's architecture: BCT's old model), frozen and in eval mode."""
     sig = read_meta(model_dir)["signature"]
-    head_kwargs = {}
-    if sig["head"] == "cosine":
-        head_kwargs["temperature"] = float(getattr(job.method.params, "temperature", 0.05))
     model = EmbeddingModel(
         backbone=sig["backbone"], in_channels=sig["in_channels"],
         embedding_dim=sig["embedding_dim"], head=sig["head"],
         num_classes=sig["num_classes"], small_input=sig["small_input"],
-        head_kwargs=head_kwargs,
+        head_kwargs=head_kwargs(job, sig["head"]),
     )  # fmt: skip
     load_model_dir(model, model_dir)
     return model.eval().requires_grad_(False)

@@ -82,7 +82,7 @@ def _describe(state: dict) -> str:
     if rec:
         extra = (
             f" | ep{rec['epoch']} {terms} acc={rec['train_acc']:.3f} "
-            f"{rec['images_per_s']:.0f} img/s"
+            f"{rec['new_images_per_s']:.0f} new img/s"
         )
     return f"task {state.get('task', 0) + 1} epoch {state.get('epoch', 0) + 1}{extra}"
 

@@ -24,11 +24,8 @@ Which keys act only later (no external old model for task 0):
     train.later_lr                       the lr of tasks 1..T-1
     train.epochs                         when train.first_task_epochs is set
     memory.replay_fraction               (> 0) rows drawn from memory: none before task 1
-    cl2r   lambda, replay_fraction (> 0) distillation and replay need old classes
-    bct    lambda, replay_fraction (> 0) influence loss needs the old model (no old_model_dir)
-    lwf    alpha, temperature            KD on old classes
-    cvs    alpha, beta, margin, replay_fraction (> 0)   triplet vs old model, E_c from task 1
-    mmd    alpha, beta, temperature, sigmas             KD and MMD need the old model
+    method.params.<p>                    p in the method's ``later_params`` (its spec in
+                                         distcl.catalog; a replay fraction only when > 0)
 Anything else (seed, data, scenario, model, lr, batch size, method temperature of a head,
 margin of a batch-hard triplet, ...) changes task 0: no sharing.
 
@@ -45,18 +42,11 @@ from pathlib import Path
 from typing import Any
 
 from distcl import storage
+from distcl.catalog import SPECS, model_signature_for, needs_of
 from distcl.config import ConfigError, JobConfig, SearchSpace, TuneConfig, to_dict
 from distcl.data.shardio import sha256_file
 from distcl.storage import Loc, Uri
 
-#: Method params that act only when an old model / old classes exist (from task 1 on).
-LATER_PARAMS: dict[str, frozenset[str]] = {
-    "cl2r": frozenset({"lambda", "replay_fraction"}),
-    "bct": frozenset({"lambda", "replay_fraction"}),
-    "lwf": frozenset({"alpha", "temperature"}),
-    "cvs": frozenset({"alpha", "beta", "margin", "replay_fraction"}),
-    "mmd": frozenset({"alpha", "beta", "temperature", "sigmas"}),
-}
 #: Keys whose 0 would switch the memory off (then task 0's end-of-task work differs).
 _POSITIVE = ("replay_fraction",)
 #: The run-dir paths a trial takes from the base (relative; folders or files).
@@ -82,10 +72,11 @@ def later_only(job: JobConfig, key: str, s: SearchSpace) -> str | None:
         return None if positive else "a replay fraction of 0 changes the memory of task 0"
     if len(parts) == 3 and parts[:2] == ["method", "params"]:
         name, param = job.method.name, parts[2]
-        if param not in LATER_PARAMS.get(name, ()):
+        spec = SPECS[name]
+        if param not in spec.later_params:
             return f"{name}'s {param} acts on the first task"
-        if getattr(job.method.params, "old_model_dir", None):
-            return "method.params.old_model_dir gives task 0 an old model"
+        if spec.external_old_model(job.method.params):
+            return "the method's external old model gives task 0 an old model"
         if param in _POSITIVE and not positive:
             return "a replay fraction of 0 changes the memory of task 0"
         return None
@@ -108,7 +99,6 @@ def base_plan(job: JobConfig, space: Mapping[str, SearchSpace], mode: str) -> tu
 def task0_key(job: JobConfig, later_keys: list[str]) -> dict:
     """What decides task 0's outputs: the training fields without the name and without the
     later-only keys, plus whether the method keeps a memory (and which kind)."""
-    from distcl.catalog import SPECS
     from distcl.train.driver import TRAINING_FIELDS
 
     raw = {k: v for k, v in to_dict(job).items() if k in TRAINING_FIELDS and k != "name"}
@@ -118,7 +108,7 @@ def task0_key(job: JobConfig, later_keys: list[str]) -> dict:
             node = node.get(p, {}) if isinstance(node, dict) else {}
         if isinstance(node, dict):
             node.pop(parts[-1], None)
-    needs = SPECS[job.method.name].needs_for(job.method.params)
+    needs = needs_of(job)
     raw["_memory"] = {"replay": needs.replay_fraction > 0, "class_means": needs.class_means}
     return raw
 
@@ -212,8 +202,6 @@ def _link(src: Loc, dst: Loc) -> None:
 def adopt_base(base_dir: str | Path, run, later_keys: list[str]) -> str:
     """Link the base's task 0 into ``run`` (a prepared :class:`~distcl.train.driver.Run`,
     task 0 not finished) after verifying it; returns "shared" or why not ("own: ...")."""
-    from distcl.catalog import model_signature_for
-
     base_dir = storage.location(base_dir)
     path = base_dir / MARKER
     if not storage.is_file(path):

@@ -156,7 +156,7 @@ def confirm_best(
     from distcl.rundir import RunDir
     from distcl.train.progress import progress_board
     from distcl.tune.base import prepare_bases
-    from distcl.tune.groups import ReleaseTrialGroups
+    from distcl.tune.groups import SweepIdleGroups
     from distcl.tune.space import trial_job
     from distcl.tune.trial import score_tune
 
@@ -188,7 +188,7 @@ def confirm_best(
         tune.with_resources(
             tune.with_parameters(_confirm_trial, base=base, trials_root=str(root),
                                  job_name=job.name, tc=tc, shared_base=shared,
-                                 later_keys=later, groups_dir=str(tune_dir / "groups"),
+                                 later_keys=later,
                                  board=progress_board()),
             tune.PlacementGroupFactory([{"CPU": tc.driver_cpus}]),
         ),
@@ -197,7 +197,7 @@ def confirm_best(
         run_config=tune.RunConfig(
             name=exp.name, **storage.ray_storage(tune_dir),
             failure_config=tune.FailureConfig(max_failures=tc.max_trial_failures),
-            callbacks=[ReleaseTrialGroups(tune_dir / "groups")],
+            callbacks=[SweepIdleGroups()],
         ),
     ).fit()  # fmt: skip
     errors = [r.error for r in results if r.error is not None]

@@ -11,20 +11,14 @@ from pathlib import Path
 
 from distcl import storage
 from distcl.config import JobConfig
+from distcl.rundir import RunDir
 
 
 @functools.lru_cache(maxsize=8)
 def _run_inputs(run_dir: str):
     """(job, scenario) of a run dir (read once per process)."""
-    import yaml
-
-    from distcl.config import parse_job
-    from distcl.data.scenario import Scenario
-
-    root = storage.location(run_dir)
-    job = parse_job(yaml.safe_load(storage.read_text(root / "job.yaml")), str(root / "job.yaml"))
-    scenario = Scenario.from_json(storage.read_json(root / "scenario.json"))
-    return job, scenario
+    rd = RunDir(run_dir)
+    return rd.load_job(), rd.load_scenario()
 
 
 def tune_settings(job: JobConfig, protocol: str):

@@ -23,8 +23,7 @@ every trial starts from it (``distcl.tune.base``).
 Everything lives in ``<output.root>/<job>-tune/`` (a folder every node mounts, or an
 object-store prefix: Tune's state through its ``storage_filesystem``): ``tune_job.yaml``
 (the job the folder belongs to), ``experiment/`` (Tune's state), ``trials/<job>-trial-<id>/``
-(normal run dirs), ``trials/<job>-base/`` (the shared first task), ``groups/`` (the trials'
-placement groups), ``trials.csv``, ``trials.md``,
+(normal run dirs), ``trials/<job>-base/`` (the shared first task), ``trials.csv``, ``trials.md``,
 ``objective_vs_<param>.png`` (or ``pareto.png``), ``best.yaml`` and, with ``--confirm``,
 ``confirm.md``/``confirm.json`` and ``confirm/`` (run dirs ``<job>-best-<digest>-seed<s>``,
 ``<job>-baseline-seed<s>``).
@@ -58,7 +57,7 @@ from distcl import storage
 from distcl.config import ConfigError, JobConfig, TuneConfig, dump_job, parse_job, to_dict
 from distcl.storage import Loc
 from distcl.tune.base import prepare_bases
-from distcl.tune.groups import ReleaseTrialGroups
+from distcl.tune.groups import SweepIdleGroups
 from distcl.tune.pareto import reported_results
 from distcl.tune.space import (
     base_dict,
@@ -269,7 +268,7 @@ def tune_job(
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=base, trials_root=str(trials_root),
                              job_name=job.name, tc=tc, shared_base=shared_base,
-                             later_keys=later, groups_dir=str(tune_dir / "groups"),
+                             later_keys=later,
                              board=progress_board()),
         tune.PlacementGroupFactory([{"CPU": tc.driver_cpus}]),
     )  # fmt: skip
@@ -333,7 +332,7 @@ def tune_job(
                 name=exp_dir.name, **storage.ray_storage(tune_dir),
                 failure_config=tune.FailureConfig(max_failures=tc.max_trial_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                callbacks=[ReleaseTrialGroups(tune_dir / "groups")],
+                callbacks=[SweepIdleGroups()],
             ),
         )  # fmt: skip
     out = _write_results(job, tc, tuner.fit(), num_tasks, tune_dir, log)

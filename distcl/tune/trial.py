@@ -12,13 +12,9 @@ one (``distcl.tune.base``), and calls ``Run.train`` once with
   the queue Ray's ``TuneReportCallback`` uses; the per-epoch reports stay in Train) and
   waits for Tune to ask for more, so ASHA grades the trial after every task and a stopped
   trial ends exactly between two tasks. Stopping ends the trial actor; its Train controller
-  and workers die with it (they are owned by it). Their placement group would stay (Ray
-  Train's own cleaner, which distcl does not start, needs the State API, which fails when
-  the dashboard is off or, as seen here, when several Ray instances share a machine). So
-  the run's controller writes each worker group's placement-group id to
-  ``<tune_dir>/groups/<trial>.txt`` (:mod:`distcl.train.groups`) and the search's driver
-  removes those groups when the trial ends (checked in tests/test_tune.py: no placement
-  group is left after a search).
+  and workers die with it (they are owned by it), and Ray Train's placement-group cleaner
+  removes their placement group (checked in tests/test_tune.py: no placement group is left
+  after a search).
 
 A restored or retried trial runs the same code: finished tasks on disk (``RunDir.done``)
 are never retrained, a task cut mid-way resumes at its last epoch checkpoint, and the last
@@ -32,7 +28,6 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,78 +36,6 @@ from distcl import storage
 from distcl.config import JobConfig, TuneConfig
 from distcl.tune.scoring import _run_inputs, score_rows, tune_settings  # noqa: F401
 from distcl.tune.space import objective, trial_job
-
-
-def _pair_metric(q_emb: np.ndarray, g_emb: np.ndarray, labels: np.ndarray, metric: str) -> float:
-    """metric(queries embedded by one model, gallery by another), the same items both sides."""
-    from distcl.eval.metrics import retrieval_summary
-
-    if metric == "map":
-        ks = (1,)
-    elif metric.split("@")[0] in ("cmc", "recall") and metric.split("@")[-1].isdigit():
-        ks = (int(metric.split("@")[1]),)
-    else:
-        raise ValueError(f"eval.metric: {metric!r} is not one of 'map', 'cmc@K', 'recall@K'")
-    out = retrieval_summary(q_emb, labels, g_emb, labels, exclude_self=True, topk=ks,
-                            recall_ks=ks)  # fmt: skip
-    return float(out[metric])
-
-
-def grow_matrix(
-    M: np.ndarray,
-    embs: Sequence[np.ndarray],
-    labels: np.ndarray,
-    masks: Sequence[np.ndarray] | None,
-    metric: str,
-) -> np.ndarray:
-    """The (T, T) compatibility matrix of ``embs`` (T models) given the rows already in
-    ``M`` ((R, R), R <= T): only rows R..T-1 are computed. Same values as
-    ``distcl.eval.compat.compatibility_matrix(embs, labels, metric, True, masks)``.
-
-    M[i][j], j <= i: queries embedded by model i, gallery by model j, on the items of
-    ``masks[j]`` (the classes model j had seen) or on all items when ``masks`` is None.
-    """
-    T, R = len(embs), M.shape[0]
-    if R > T or M.shape != (R, R):
-        raise ValueError(f"M must be (R, R) with R <= {T}, got {M.shape}")
-    out = np.full((T, T), np.nan)
-    out[:R, :R] = M
-    for i in range(R, T):
-        for j in range(i + 1):
-            mask = slice(None) if masks is None else masks[j]
-            out[i, j] = _pair_metric(embs[i][mask], embs[j][mask], labels[mask], metric)
-    return out
-
-
-def score_run(
-    run_dir: str | Path, tc: TuneConfig, tasks: int, M: np.ndarray | None = None
-) -> tuple[dict[str, float], np.ndarray]:
-    """Score the first ``tasks`` models of a run dir for tuning: (metrics, matrix).
-
-    ``M``: the matrix of an earlier call (its rows are reused). Metrics: ``task``, the
-    compatibility scores ``ac`` (NaN for one model), ``am``, ``bc``, ``fc`` and the
-    ``objective`` of ``tc``.
-    """
-    import yaml
-
-    from distcl.config import parse_job
-    from distcl.data.scenario import Scenario
-    from distcl.eval import compat
-    from distcl.eval.evaluate import _load_eval_embeddings
-
-    run_dir = storage.location(run_dir)
-    job_yaml = run_dir / "job.yaml"
-    job = parse_job(yaml.safe_load(storage.read_text(job_yaml)), str(job_yaml))
-    scenario = Scenario.from_json(storage.read_json(run_dir / "scenario.json"))
-    _ids, labels, embs = _load_eval_embeddings(run_dir, tasks, job.eval.items_per_class, job.seed)
-    masks = None
-    if tc.protocol == "seen":
-        masks = [np.isin(labels, scenario.tasks[t].seen_classes) for t in range(tasks)]
-    M = grow_matrix(np.zeros((0, 0)) if M is None else M, embs, labels, masks, job.eval.metric)
-    s = compat.summarize(M)
-    metrics = {"task": tasks, **{k: float(s[k]) for k in ("ac", "am", "bc", "fc")}}
-    metrics["objective"] = objective(metrics["ac"], metrics["am"], tc.objective, tc.ac_floor)
-    return metrics, M
 
 
 # ------------------------------------------------------------------ scoring on the workers
@@ -162,9 +85,9 @@ class TuneLink:
 
     @classmethod
     def from_session(cls) -> TuneLink:
-        from ray.train._internal.session import get_session
+        from distcl.raycompat import tune_result_queue
 
-        return cls(get_session()._get_or_create_inter_actor_queue())
+        return cls(tune_result_queue())
 
     def send(self, metrics: Mapping[str, Any], poll_s: float = 0.1) -> None:
         import time
@@ -193,7 +116,6 @@ def run_trial(
     tc: TuneConfig,
     shared_base: Mapping[int, str] | None = None,
     later_keys: Sequence[str] = (),
-    groups_dir: str | None = None,
     board=None,
 ) -> None:
     """The Tune function trainable: ``config`` holds the sampled values (dotted keys). The
@@ -215,9 +137,6 @@ def run_trial(
     job = trial_job(base, params, name, trials_root)
     run = Run(job, progress=False, log=lambda m: print(f"[{job.name}] {m}", flush=True),
               board=board)  # fmt: skip
-    groups = None  # the trial's placement groups: where the search's driver finds them
-    if groups_dir:
-        groups = str(storage.join(groups_dir, f"{tune.get_context().get_trial_id()}.txt"))
     with run.rd.lock():
         run.prepare()
         base_dir = (shared_base or {}).get(job.seed)
@@ -229,5 +148,4 @@ def run_trial(
             tune.report(score_tune(str(run.dir), first - 1, tc=tc))
         if first < run.scenario.num_tasks:
             link = TuneLink.from_session()
-            run.train(score_fn=functools.partial(score_and_report, tc=tc, link=link),
-                      groups_file=groups)  # fmt: skip
+            run.train(score_fn=functools.partial(score_and_report, tc=tc, link=link))
