@@ -215,6 +215,42 @@ class CL2RSpec(MethodSpec):
         return Needs(old_model=True, replay_fraction=params.replay_fraction, head="simplex")
 
 
+# -- HOC: lambda * CE + (1 - lambda) * old/new InfoNCE on a stationary d-simplex ------------
+class HOCParams(Params):
+    #: weight of the cross-entropy; the old/new InfoNCE term gets 1 - lambda (``lambda``)
+    lambda_: Annotated[StrictFloat, Field(ge=0, le=1)] = Field(0.1, alias="lambda")
+    mu: Positive = 10.0  #: scale of the old/new similarities (an inverse temperature)
+    replay_fraction: ReplayFraction = 0.5  #: fraction of each batch drawn from memory
+
+
+@SPECS.register()
+class HOCSpec(MethodSpec):
+    name = "hoc"
+    Params = HOCParams
+    #: the first task has no old model: plain cross-entropy, whatever lambda and mu are
+    later_params = frozenset({"lambda", "mu", "replay_fraction"})
+
+    @classmethod
+    def needs_for(cls, params) -> Needs:
+        return Needs(old_model=True, replay_fraction=params.replay_fraction, head="simplex")
+
+
+# -- ER: experience replay (cross-entropy on new data and replayed exemplars) ----------------
+class ERParams(Params):
+    replay_fraction: ReplayFraction = 0.5  #: fraction of each batch drawn from memory
+
+
+@SPECS.register()
+class ERSpec(MethodSpec):
+    name = "er"
+    Params = ERParams
+    later_params = frozenset({"replay_fraction"})  # no exemplar before the second task
+
+    @classmethod
+    def needs_for(cls, params) -> Needs:
+        return Needs(replay_fraction=params.replay_fraction, head="linear")
+
+
 # -- MMD retrieval: CE + batch-hard triplet + alpha * KD + beta * MMD^2(new, old) -----------
 class MMDParams(Params):
     alpha: Weight = 1.0  #: KD weight
@@ -250,7 +286,9 @@ def _names(kind: str, names: tuple[str, ...]) -> Registry[str]:
 #: ``method.align`` terms (distcl.methods.align), added to any method.
 ALIGN_TERM_NAMES = _names("alignment term", ("adversarial", "kd", "l2", "layerwise", "projection"))
 #: ``model.backbone`` (distcl.models.backbones).
-BACKBONE_NAMES = _names("backbone", ("resnet18", "resnet32", "resnet50"))
+BACKBONE_NAMES = _names(
+    "backbone", ("resnet8", "resnet18", "resnet20", "resnet32", "resnet50", "resnet56")
+)
 #: ``model.head`` (distcl.models.heads).
 HEAD_NAMES = _names("head", ("cosine", "linear", "simplex"))
 

@@ -120,7 +120,8 @@ def cmd_compare(args) -> int:
     jobs = [
         load_job(j, overrides=args.set or (), smoke=True if args.smoke else None) for j in args.jobs
     ]
-    compare_jobs(jobs, Path(args.out), run=not args.no_run)
+    seeds = [int(v) for v in args.seeds.split(",")] if args.seeds else None
+    compare_jobs(jobs, Path(args.out), run=not args.no_run, seeds=seeds, protocol=args.protocol)
     return 0
 
 
@@ -227,6 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
     p.add_argument("--smoke", action="store_true")
+    p.add_argument(
+        "--seeds",
+        metavar="S1,S2,...",
+        help="run every job once per seed; cells are mean ± std over the seeds",
+    )
+    p.add_argument("--protocol", help="the matrices the figure shows (default: all)")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("tune", help="Ray Tune search over the job's tune: block")

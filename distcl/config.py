@@ -145,6 +145,9 @@ def _check_cross_fields(job: JobConfig) -> None:
             f"model.embedding_dim: the d-simplex head needs embedding_dim >= classes - 1 = "
             f"{known - 1}, got {job.model.embedding_dim}"
         )
+    if job.eval.preset == "iamcl2r" and not job.scenario.heldout_classes:
+        raise ConfigError("scenario.heldout_classes: eval.preset iamcl2r identifies probes of "
+                          "classes no model trained on: hold some out (> 0)")  # fmt: skip
     if known:
         try:
             check_class_split(job.scenario, known)

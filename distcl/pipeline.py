@@ -34,27 +34,44 @@ def run_job(job: JobConfig, progress: bool = True, evaluate: bool = True, log=pr
     return out
 
 
-def compare_jobs(jobs: list[JobConfig], out: Path, log=print, run: bool = True) -> list[dict]:
+def with_seed(job: JobConfig, seed: int) -> JobConfig:
+    """``job`` on another seed, in its own run dir (``<name>-s<seed>``)."""
+    from distcl.config import parse_job, to_dict
+
+    raw = {**to_dict(job), "seed": seed, "name": f"{job.name}-s{seed}"}
+    return parse_job({**raw, "resolved": True}, f"{job.name} (seed {seed})")
+
+
+def compare_jobs(
+    jobs: list[JobConfig], out: Path, log=print, run: bool = True,
+    seeds: list[int] | None = None, protocol: str | None = None,
+) -> list[dict]:  # fmt: skip
     """Run (or resume) every job, then write the side-by-side table and figure
     (:func:`distcl.eval.compare.write_comparison`). ``run=False`` only reads each finished
-    run's ``metrics.json``."""
+    run's ``metrics.json``; ``seeds``: every job once per seed, cells as mean ± std;
+    ``protocol``: the matrices of the figure."""
     from distcl.eval.compare import write_comparison
 
-    fingerprints = {j.data_fingerprint() for j in jobs}
-    if len(fingerprints) > 1:
-        raise ValueError(
-            "compare: the jobs do not share data/scenario/seed "
-            f"({', '.join(j.name for j in jobs)}): their matrices are not comparable"
-        )
+    variants = [[with_seed(j, s) for s in seeds] if seeds else [j] for j in jobs]
+    for group in zip(*variants, strict=True):  # the jobs of one seed share its scenario
+        if len({j.data_fingerprint() for j in group}) > 1:
+            raise ValueError(
+                "compare: the jobs do not share data/scenario/seed "
+                f"({', '.join(j.name for j in group)}): their matrices are not comparable"
+            )
     results = []
-    for job in jobs:
-        rd = RunDir(job.run_dir)
-        if run:
-            log(f"== {job.name} ({job.method.name})")
-            metrics = run_job(job, progress=True, log=log)["eval"]
-        elif not storage.is_file(rd.metrics_json):
-            raise ValueError(f"{rd.metrics_json}: no metrics (run the job first, or drop --no-run)")
-        else:
-            metrics = storage.read_json(rd.metrics_json)
-        results.append((job, metrics))
-    return write_comparison(results, out, log=log)
+    for group in variants:
+        runs = []
+        for job in group:
+            rd = RunDir(job.run_dir)
+            if run:
+                log(f"== {job.name} ({job.method.name}, seed {job.seed})")
+                runs.append(run_job(job, progress=True, log=log)["eval"])
+            elif not storage.is_file(rd.metrics_json):
+                raise ValueError(
+                    f"{rd.metrics_json}: no metrics (run the job first, or drop --no-run)"
+                )
+            else:
+                runs.append(storage.read_json(rd.metrics_json))
+        results.append((group, runs))
+    return write_comparison(results, out, log=log, protocol=protocol)

@@ -238,6 +238,31 @@ class EvalConfig(Section):
     #: when that process sees one (a Ray scan task gets one when the cluster has GPUs),
     #: ``yes`` fails where none is usable, ``no`` searches on CPUs
     use_gpu: Literal["auto", "yes", "no"] = "auto"
+    #: a named protocol of a paper's code, so a distcl row reads beside its table.
+    #: ``iamcl2r`` (HOC's code): held-out classes' probes identified against class templates
+    #: (protocols: [identification], identification: templates), strict ECC (a tie fails),
+    #: and that matrix's AM over its non-zero entries (docs/metrics.md)
+    preset: Literal["none", "iamcl2r"] = "none"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset") == "iamcl2r":
+            data = {"protocols": ["identification"], "identification": "templates",
+                    "ties": "strict", **data}  # fmt: skip
+        return data
+
+    @model_validator(mode="after")
+    def _preset_holds(self) -> EvalConfig:
+        if self.preset == "iamcl2r":
+            wants = {"identification": "templates", "ties": "strict"}
+            for field, value in wants.items():
+                if getattr(self, field) != value:
+                    raise ValueError(f"eval.{field}: eval.preset iamcl2r needs {value!r}, "
+                                     f"got {getattr(self, field)!r}")  # fmt: skip
+            if "identification" not in self.protocols:
+                raise ValueError("eval.protocols: eval.preset iamcl2r needs 'identification'")
+        return self
 
     @field_validator("metric")
     @classmethod

@@ -190,3 +190,26 @@ def test_tie_rule_pass_counts_equal_as_compatible():
     assert summarize(M, ties="ties_pass")["ties"] == "pass"
     with pytest.raises(ValueError, match="ties must be one of"):
         average_compatibility(M, ties="loose")
+
+
+def test_iamcl2r_ac_and_am_on_a_hand_made_matrix():
+    from distcl.eval import compat
+
+    """As iamcl2r's compatibility_metrics.py: a pair (i, j) passes only if M[i][j] > M[j][j]
+    (a tie fails); AM is the mean of the non-zero entries of the lower triangle."""
+    M = np.array([[0.6, np.nan, np.nan],
+                  [0.6, 0.7, np.nan],
+                  [0.65, 0.0, 0.8]])  # fmt: skip
+    # pairs: (1,0) 0.6 vs 0.6 tie -> fails; (2,0) 0.65 > 0.6 passes; (2,1) 0.0 < 0.7 fails
+    assert compat.average_compatibility(M, ties="strict") == pytest.approx(1 / 3)
+    # AM over the lower triangle's non-zero entries: (0.6 + 0.6 + 0.7 + 0.65 + 0.8) / 5
+    assert compat.average_multimodel_accuracy(M, ignore_zeros=True) == pytest.approx(0.67)
+    # distcl's own AM counts the 0: six entries
+    assert compat.average_multimodel_accuracy(M) == pytest.approx(3.35 / 6)
+    s = compat.summarize(M, "strict", am_ignores_zeros=True)
+    assert s["am"] == pytest.approx(0.67) and s["n_compatible"] == 1
+    # a tie on a 2 x 2 matrix: [[0.6, 0], [0.6, 0.7]] -> AC 0, AM 0.6333
+    M2 = np.array([[0.6, np.nan], [0.6, 0.7]])
+    assert compat.average_compatibility(M2) == 0.0
+    assert compat.average_multimodel_accuracy(M2, ignore_zeros=True) == pytest.approx(1.9 / 3)
+    assert np.isnan(compat.average_multimodel_accuracy(np.zeros((1, 1)), ignore_zeros=True))

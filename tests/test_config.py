@@ -486,6 +486,44 @@ def test_loading_a_job_and_the_cli_import_no_torch(tmp_path):
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
+def test_hoc_and_er_are_in_the_catalogue_with_validated_parameters(synthetic_job):
+    from distcl.catalog import SPECS, needs_of
+
+    hoc = synthetic_job(method={"name": "hoc"})
+    assert (hoc.method.params.lambda_, hoc.method.params.mu) == (0.1, 10.0)
+    assert needs_of(hoc).head == "simplex" and needs_of(hoc).old_model
+    assert needs_of(hoc).replay_fraction == 0.5
+    assert SPECS["hoc"].later_params == {"lambda", "mu", "replay_fraction"}
+    er = synthetic_job(method={"name": "er", "params": {"replay_fraction": 0.25}})
+    assert needs_of(er).replay_fraction == 0.25 and not needs_of(er).old_model
+    for bad, field in ((["method.params.lambda=1.5"], "method.params.lambda"),
+                       (["method.params.mu=0"], "method.params.mu"),
+                       (["method.params.temperature=1"], "method.params.temperature")):  # fmt: skip
+        with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+            synthetic_job(sets=bad, method={"name": "hoc"})
+
+
+def test_the_iamcl2r_preset_sets_its_protocol_and_refuses_what_contradicts_it(synthetic_job):
+    job = synthetic_job(scenario={"heldout_classes": 2}, eval={"preset": "iamcl2r"})
+    e = job.eval
+    assert (e.protocols, e.identification, e.ties) == (("identification",), "templates", "strict")
+    both = synthetic_job(
+        scenario={"heldout_classes": 2},
+        eval={"preset": "iamcl2r", "protocols": ["closed", "identification"]},
+    )
+    assert both.eval.protocols == ("closed", "identification")
+    with pytest.raises(ConfigError, match="eval.ties"):
+        synthetic_job(
+            scenario={"heldout_classes": 2}, eval={"preset": "iamcl2r", "ties": "ties_pass"}
+        )
+    with pytest.raises(ConfigError, match="eval.protocols"):
+        synthetic_job(
+            scenario={"heldout_classes": 2}, eval={"preset": "iamcl2r", "protocols": ["closed"]}
+        )
+    with pytest.raises(ConfigError, match="scenario.heldout_classes"):
+        synthetic_job(eval={"preset": "iamcl2r"})
+
+
 def test_a_class_split_that_cannot_be_made_is_refused_at_load_time(synthetic_job, tmp_path):
     """Checked when the job loads (the counts are known without data), before any Ray."""
     with pytest.raises(ConfigError, match="scenario.tasks: 1000 tasks but only 8 classes"):

@@ -276,8 +276,8 @@ def test_batch_spanning_terms_do_not_depend_on_the_number_of_workers(two_ranks):
 
 
 # finetune runs in a shared module fixture; cvs runs in its herding + blurry variant below.
-METHOD_JOBS = {
-    name: {"method": {"name": name}} for name in METHODS if name not in ("finetune", "cvs")
+METHOD_JOBS = {  # finetune, cvs and hoc run in their own tests
+    name: {"method": {"name": name}} for name in METHODS if name not in ("finetune", "cvs", "hoc")
 }
 METHOD_JOBS["finetune+align"] = {"method": {"name": "finetune", "align": [
     {"name": "l2"}, {"name": "projection"}, {"name": "layerwise", "weight": 0.5},
@@ -337,6 +337,33 @@ def test_two_task_smoke_run_of_every_method(variant, synthetic_job):
     _check_smoke_run(variant, job, out)
 
 
+def test_hoc_three_tasks_with_the_iamcl2r_protocol(synthetic_job):
+    """HOC on 2 workers over 3 tasks, evaluated as iamcl2r does: probes of held-out classes
+    against class templates, strict ECC; the first task is plain cross-entropy, the later
+    ones lambda * CE + (1 - lambda) * L_hoc against the frozen previous model."""
+    job = synthetic_job(
+        name="smoke-hoc", method={"name": "hoc"},
+        data={**TINY["data"], "synthetic_classes": 6},
+        scenario={"tasks": 3, "heldout_classes": 2, "first_task_classes": 2},
+        model={"embedding_dim": 8}, memory={"per_class": 4},
+        train={**TINY["train"], "epochs": 1}, eval={"preset": "iamcl2r", "probes_per_class": 3},
+    )  # fmt: skip
+    out = run_job(job, progress=False, log=lambda *a: None)
+    terms = [
+        {k for h in json.loads((job.run_dir / "models" / str(t) / "history.json").read_text())
+         for k in h if k.startswith("loss/")}
+        for t in range(3)
+    ]  # fmt: skip
+    assert terms[0] == {"loss/ce"} and terms[1] == terms[2] == {"loss/ce", "loss/hoc"}
+    meta = json.loads((job.run_dir / "models" / "0" / "meta.json").read_text())
+    assert meta["signature"]["head"] == "simplex" and meta["signature"]["num_classes"] == 9
+    block = out["eval"]["protocols"]["identification"]
+    M = np.asarray(block["matrices"][block["metric"]], dtype=float)
+    assert M.shape == (3, 3) and np.all(np.isfinite(M[np.tril_indices(3)]))
+    assert block["summary"]["ties"] == "strict" and out["eval"]["preset"] == "iamcl2r"
+    assert "AM over the non-zero entries" in (job.run_dir / "report.md").read_text()
+
+
 def _check_smoke_run(variant, job, out):
     run_dir = job.run_dir
     for t in (0, 1):
@@ -358,6 +385,7 @@ def _check_smoke_run(variant, job, out):
         "finetune+align": "loss/align_adversarial",
         "joint": "loss/ce",
         "finetune": "loss/ce",
+        "er": "loss/ce",
     }
     assert expected[variant] in terms, terms
     if variant == "finetune+align":
@@ -373,7 +401,7 @@ def _check_smoke_run(variant, job, out):
         ids = [i for p in parts for i in pq.read_table(p, columns=["item_id"])[0].to_pylist()]
         assert len(ids) == len(set(ids)) == 4 * 6  # 4 classes x 6 test items
         assert json.loads((run_dir / "models" / str(t) / "done.json").read_text())["workers"] == 2
-    replays = variant.startswith(("cvs", "cl2r", "bct"))  # memory rows in every task-1 batch
+    replays = variant.startswith(("cvs", "cl2r", "bct", "er"))  # memory rows in every batch
     assert all((h["replay_rows"] > 0) == replays for h in hist), hist
     if replays:
         assert (run_dir / "memory").is_dir()

@@ -152,3 +152,19 @@ def test_compare_refuses_jobs_on_different_scenarios(synthetic_job, tmp_path):
     b = synthetic_job(name="b", seed=1)
     with pytest.raises(ValueError, match="do not share data/scenario/seed"):
         compare_jobs([a, b], tmp_path / "out")
+
+
+def test_compare_over_seeds_gives_mean_and_sample_std():
+    from distcl.eval.compare import aggregate, compare_table
+
+    rows = [{"job": f"fm-hoc-s{s}", "method": "hoc", "ac_all": v, "am_all": 0.5, "train_s": t}
+            for s, v, t in ((0, 0.1, 10.0), (1, 0.3, 12.0), (2, 0.2, 14.0))]  # fmt: skip
+    agg = aggregate(rows)
+    assert agg["job"] == "fm-hoc" and agg["seeds"] == 3
+    mean, std, n = agg["ac_all"]
+    assert (mean, n) == (pytest.approx(0.2), 3) and std == pytest.approx(0.1)  # ddof 1
+    assert agg["am_all"] == (pytest.approx(0.5), 0.0, 3)
+    table = compare_table([agg], "cmc@1")
+    assert "| fm-hoc | hoc | 0.200 ± 0.100 | 0.500 ± 0.000 |" in table and "| 12 |" in table
+    one = aggregate(rows[:1])
+    assert one["job"] == "fm-hoc-s0" and "| 0.100 |" in compare_table([one], "cmc@1")

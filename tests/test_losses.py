@@ -192,6 +192,70 @@ def test_grad_reverse_trains_discriminator_and_confuses_new():
 # ---------------------------------------------------------------- zero when new == old
 
 
+def test_hoc_infonce_golden():
+    """Hand computation, mu = 2, labels (5, 5, 7): S = 2 * old @ new.T = [[2, 0, 2],
+    [2, 0, 2], [0, 2, 0]]; same-class entries (the diagonal included) become 0, not -inf:
+    every row's log-sum-exp is log(1 + 1 + e^2); positives -S[i, i] = (-2, 0, 0).
+    L = log(2 + e^2) - 2/3."""
+    new = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]], requires_grad=True)
+    old = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    labels = torch.tensor([5, 5, 7])
+    got = L.hoc_infonce_loss(new, old, labels, mu=2.0)
+    assert got.item() == pytest.approx(math.log(2 + math.e**2) - 2 / 3, rel=1e-6)
+    # Features are L2-normalised inside: scaling either side changes nothing.
+    again = L.hoc_infonce_loss(3 * new, 0.5 * old, labels, mu=2.0)
+    assert again.item() == pytest.approx(got.item(), rel=1e-6)
+    got.backward()
+    assert new.grad is not None and torch.isfinite(new.grad).all()
+
+
+def test_hoc_infonce_matches_a_loop_reference():
+    """An independent loop over rows, as iamcl2r's methods/hoc.py reads (mu = 10)."""
+    torch.manual_seed(3)
+    new, old = torch.randn(9, 6), torch.randn(9, 6)
+    labels = torch.randint(0, 3, (9,))
+    n = [v / v.norm() for v in new]
+    o = [v / v.norm() for v in old]
+    rows = []
+    for i in range(9):
+        s = [10.0 * float(o[i] @ n[j]) for j in range(9)]
+        masked = [0.0 if labels[i] == labels[j] else s[j] for j in range(9)]
+        rows.append(-s[i] + math.log(sum(math.exp(v) for v in masked)))
+    got = L.hoc_infonce_loss(new, old, labels).item()
+    assert got == pytest.approx(sum(rows) / 9, rel=1e-5)
+
+
+def test_hoc_infonce_trains_the_new_side_only_and_sees_the_global_batch():
+    torch.manual_seed(4)
+    new = torch.randn(8, 4, requires_grad=True)
+    old = torch.randn(8, 4, requires_grad=True)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    L.hoc_infonce_loss(new, old, labels).backward()
+    assert old.grad is None and new.grad.abs().sum() > 0  # the old model is a target
+    # Rank r holds half the batch; its gather returns the global batch (the other rank's
+    # normalised rows beside its own, in rank order): each rank computes the loss one
+    # process holding the whole batch computes.
+    full = L.hoc_infonce_loss(new, old, labels).item()
+    halves = {0: slice(0, 4), 1: slice(4, 8)}
+
+    def gather_for(rank: int):
+        other = halves[1 - rank]
+        rest = iter(
+            [
+                torch.nn.functional.normalize(new[other].detach(), dim=1),
+                torch.nn.functional.normalize(old[other].detach(), dim=1),
+                labels[other],
+            ]
+        )
+        return lambda t: torch.cat([t, next(rest)] if rank == 0 else [next(rest), t])
+
+    for rank, rows in halves.items():
+        local = L.hoc_infonce_loss(new[rows], old[rows], labels[rows], gather=gather_for(rank))
+        assert local.item() == pytest.approx(full, rel=1e-6)
+    with pytest.raises(ValueError, match="mu"):
+        L.hoc_infonce_loss(new, old, labels, mu=0.0)
+
+
 def test_distillation_terms_zero_at_identity():
     torch.manual_seed(0)
     x = torch.randn(6, 5)

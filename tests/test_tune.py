@@ -329,8 +329,12 @@ def test_tune_job_files_validate(path):
         job = load_job(path, smoke=smoke)
         tc = validate_tune(job)
         assert tc.space and job.tune.search in ("optuna", "random", "grid")
-    assert job.scenario.tasks + job.scenario.heldout_classes == 10
-    assert job.scenario.classes_per_task == 1
+    from distcl.data.scenario import _split_classes
+
+    sc = job.scenario  # every Fashion-MNIST class is trained or held out
+    groups = _split_classes(list(range(10 - sc.heldout_classes)), sc.tasks, sc.classes_per_task,
+                            sc.first_task_classes)  # fmt: skip
+    assert sum(map(len, groups)) + sc.heldout_classes == 10
 
 
 # ---------------------------------------------------------------- real Ray Tune runs

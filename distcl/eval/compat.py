@@ -71,11 +71,19 @@ def average_compatibility(M: Any, ties: str = "strict") -> float:
     return float(ecc_matrix(m, ties).sum()) * 2.0 / (t * (t - 1))
 
 
-def average_multimodel_accuracy(M: Any) -> float:
-    """AM = 2 / (T (T + 1)) * sum_{j <= i} M[i][j]: the mean of the lower triangle."""
+def average_multimodel_accuracy(M: Any, ignore_zeros: bool = False) -> float:
+    """AM = 2 / (T (T + 1)) * sum_{j <= i} M[i][j]: the mean of the lower triangle.
+
+    ``ignore_zeros``: the mean of its non-zero entries only, as iamcl2r's public code computes
+    AM (it turns exact zeros into NaN so that its zero-filled upper triangle drops out; a
+    lower-triangle entry of exactly 0 drops out with it). NaN when every entry is 0."""
     m = _check_matrix(M)
     t = m.shape[0]
-    return float(m[np.tril_indices(t)].sum()) * 2.0 / (t * (t + 1))
+    lower = m[np.tril_indices(t)]
+    if ignore_zeros:
+        lower = lower[lower != 0]
+        return float(lower.mean()) if len(lower) else float("nan")
+    return float(lower.sum()) * 2.0 / (t * (t + 1))
 
 
 def backward_compatibility(M: Any) -> float:
@@ -101,12 +109,13 @@ def forward_compatibility(M: Any) -> float:
     return float(np.mean(m[idx, idx - 1] - m[idx, idx]))
 
 
-def summarize(M: Any, ties: str = "strict") -> dict[str, Any]:
+def summarize(M: Any, ties: str = "strict", am_ignores_zeros: bool = False) -> dict[str, Any]:
     """All compatibility scores of M in a JSON-friendly dict.
 
     Keys: ac, am, bc, fc (floats; ac/bc/fc are NaN when T == 1, where they are undefined, so
     a one-task run still gets a report), ecc (list of lists of bool, see `ecc_matrix`),
     n_compatible (pairs passing ECC), n_pairs (T (T - 1) / 2), ties (the ECC tie rule).
+    ``am_ignores_zeros``: AM as iamcl2r computes it (``average_multimodel_accuracy``).
     """
     m = _check_matrix(M)
     t = m.shape[0]
@@ -114,7 +123,7 @@ def summarize(M: Any, ties: str = "strict") -> dict[str, Any]:
     nan = float("nan")
     return {
         "ac": average_compatibility(m, ties) if t >= 2 else nan,
-        "am": average_multimodel_accuracy(m),
+        "am": average_multimodel_accuracy(m, am_ignores_zeros),
         "bc": backward_compatibility(m) if t >= 2 else nan,
         "fc": forward_compatibility(m) if t >= 2 else nan,
         "ecc": ecc.tolist(),

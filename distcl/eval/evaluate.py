@@ -145,7 +145,8 @@ def assemble(rows: dict[int, dict], settings: EvalSettings, T: int) -> dict:
             for m in names:
                 mats[m][i, : i + 1] = rows[i]["protocols"][name]["values"][m]
         main = pr.main_metric(name, settings.metric, settings.topk)
-        summary = compat.summarize(mats[main], settings.ties)
+        iamcl2r = settings.preset == "iamcl2r" and name == "identification"
+        summary = compat.summarize(mats[main], settings.ties, am_ignores_zeros=iamcl2r)
         protocols[name] = {
             "metric": main,
             "map_kind": rows[0]["protocols"][name].get("map_kind"),
@@ -156,6 +157,7 @@ def assemble(rows: dict[int, dict], settings: EvalSettings, T: int) -> dict:
         "metric": settings.metric,
         "tasks": T,
         "ties": settings.ties,
+        "preset": settings.preset,
         "protocol_names": list(protocols),
         "eval_items": rows[0]["items"]["closed"],
         "items": rows[0]["items"],

@@ -155,7 +155,10 @@ def write_report(run_dir: str | Path | Uri, result: dict) -> str:
             f"({_rule(result)}).{note}", "",
             matrix_markdown(M, s["ecc"]), "",
             f"AC={_fmt(s['ac'])} AM={_fmt(s['am'])} BC={_fmt(s['bc'])} FC={_fmt(s['fc'])} "
-            f"compatible pairs {s['n_compatible']}/{s['n_pairs']}", "",
+            f"compatible pairs {s['n_compatible']}/{s['n_pairs']}"
+            + (" (eval.preset iamcl2r: AM over the non-zero entries, as its code)"
+               if result.get("preset") == "iamcl2r" and proto == "identification" else ""),
+            "",
             f"![{proto}]({png})", "",
         ]  # fmt: skip
     stale = result["stale_gallery"]

@@ -47,6 +47,7 @@ class EvalSettings:
     block_rows: int | None = None  # streamed gallery block size; None: from the budget
     shard_rows: int | None = None  # rows per gallery shard (a Ray task each); None: a budget
     nprobe: int = 16  # IVF (-PQ) lists probed per query
+    preset: str = "none"  # eval.preset: "iamcl2r" reads the identification AM as its code
 
     @classmethod
     def from_job(cls, job: Any, use_gpu: bool | str | None = None) -> EvalSettings:
@@ -58,13 +59,13 @@ class EvalSettings:
             tuple(e.protocols), e.metric, tuple(e.topk), tuple(e.recall_ks), e.items_per_class,
             job.seed, e.ties, e.probes_per_class, e.distractor_classes, e.verification_pairs,
             e.folds, tuple(e.fars), e.identification, e.index, e.exact_map, e.memory_budget_mb,
-            use_gpu, nprobe=e.nprobe,
+            use_gpu, nprobe=e.nprobe, preset=e.preset,
         )  # fmt: skip
 
     def key(self) -> dict:
         """The settings that change results (row-cache key; the GPU does not)."""
         out = asdict(self)
-        for name in ("use_gpu", "block_rows", "shard_rows"):  # rows stay the same
+        for name in ("use_gpu", "block_rows", "shard_rows", "preset"):  # rows stay the same
             out.pop(name)
         if self.index == "flat":  # exact search probes nothing: flat rows keep their cache
             out.pop("nprobe")

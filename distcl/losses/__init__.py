@@ -17,6 +17,7 @@ from distcl.losses.adversarial import (
     grad_reverse,
 )
 from distcl.losses.classification import cross_entropy, norm_softmax_loss
+from distcl.losses.contrastive import hoc_infonce_loss
 from distcl.losses.distillation import (
     coherence_loss,
     cosine_distillation_loss,
@@ -39,6 +40,7 @@ __all__ = [
     "cosine_distillation_loss",
     "cross_entropy",
     "grad_reverse",
+    "hoc_infonce_loss",
     "kd_loss",
     "old_class_kd_loss",
     "l2_feature_loss",

@@ -26,7 +26,7 @@ from distcl.registry import Registry
 __all__ = [
     "BACKBONES",
     "Backbone",
-    "ResNet32",
+    "CifarResNet",
     "TorchvisionResNet",
     "build_backbone",
     "resnet32",
@@ -75,10 +75,11 @@ class _BasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-class ResNet32(Backbone):
-    """ResNet-32 for small images (He et al. 2016, CIFAR variant): a 3x3 stem, then 3 stages
-    of 5 BasicBlocks with 16/32/64 channels (strides 1/2/2), global average pooling.
-    Works for any input of at least 8x8 pixels (28x28 -> 7x7, 32x32 -> 8x8 at the last stage).
+class CifarResNet(Backbone):
+    """A ResNet for small images (He et al. 2016, CIFAR variant, 6n + 2 layers): a 3x3 stem,
+    then 3 stages of n BasicBlocks with 16/32/64 channels (strides 1/2/2), global average
+    pooling; n = 5 is ResNet-32 (``CIFAR_RESNETS``). Works for any input of at least 8x8
+    pixels (28x28 -> 7x7, 32x32 -> 8x8 at the last stage).
     """
 
     def __init__(self, in_channels: int = 1, blocks_per_stage: int = 5) -> None:
@@ -163,9 +164,13 @@ class TorchvisionResNet(Backbone):
         return feats, stages
 
 
-def resnet32(in_channels: int = 1) -> ResNet32:
+def resnet32(in_channels: int = 1) -> CifarResNet:
     """CIFAR-style ResNet-32 (feature_dim 64) for 28x28 / 32x32 images."""
-    return ResNet32(in_channels=in_channels)
+    return CifarResNet(in_channels=in_channels)
+
+
+#: The CIFAR ResNet family (He et al. 2016, 6n + 2 layers): n BasicBlocks per stage.
+CIFAR_RESNETS = {"resnet8": 1, "resnet20": 3, "resnet32": 5, "resnet56": 9}
 
 
 def torchvision_resnet(
@@ -175,10 +180,11 @@ def torchvision_resnet(
     return TorchvisionResNet(name=name, in_channels=in_channels, small_input=small_input)
 
 
-# name -> factory(in_channels, small_input). resnet32's stem is always the small-image one,
-# so it ignores small_input.
+# name -> factory(in_channels, small_input). The CIFAR ResNets' stem is always the small-image
+# one, so they ignore small_input.
 BACKBONES: Registry[Callable[[int, bool], Backbone]] = Registry("backbone")
-BACKBONES.add("resnet32", lambda in_channels, small_input: resnet32(in_channels))
+for _name, _n in CIFAR_RESNETS.items():  # small-image stems always: small_input is ignored
+    BACKBONES.add(_name, lambda in_channels, small_input, n=_n: CifarResNet(in_channels, n))
 for _name in ("resnet18", "resnet50"):
     BACKBONES.add(_name, partial(torchvision_resnet, _name))
 

@@ -50,7 +50,8 @@ def tune_metrics(rows: Sequence[dict], tc: TuneConfig, job: JobConfig) -> dict:
     M = np.full((T, T), np.nan)
     for i, row in enumerate(rows):
         M[i, : i + 1] = row["protocols"][tc.protocol]["values"][name]
-    s = compat.summarize(M, job.eval.ties)
+    iamcl2r = job.eval.preset == "iamcl2r" and tc.protocol == "identification"
+    s = compat.summarize(M, job.eval.ties, am_ignores_zeros=iamcl2r)
     out = {"tasks_done": T, **{k: float(s[k]) for k in ("ac", "am", "bc", "fc")}}
     out["objective"] = objective(out["ac"], out["am"], tc.objective, tc.ac_floor)
     for m in tc.objectives:
