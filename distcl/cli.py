@@ -4,6 +4,7 @@ distcl data build jobs/quickstart.yaml      # WebDataset shards + manifest
 distcl data verify jobs/quickstart.yaml     # check shards against the manifest
 distcl run jobs/quickstart.yaml [--smoke] [--set train.epochs=3]
 distcl eval runs/quickstart [--ray [ADDR]]  # recompute metrics + report (search as Ray tasks)
+distcl backfill runs/quickstart [--apply --model T --fraction F --policy P]
 distcl compare jobs/fashion_mnist/*.yaml    # methods side by side
 distcl tune jobs/fashion_mnist/tune_cl2r.yaml
 distcl submit JOB --address http://HOST:8265 [--wait]
@@ -103,6 +104,26 @@ def cmd_eval(args) -> int:
 
         init_ray(args.ray or None)
     evaluate_run(RunDir(args.run_dir).require("scenario_json").root)  # a path or a URI
+    return 0
+
+
+def cmd_backfill(args) -> int:
+    from distcl.eval.backfill_scan import backfill_run
+
+    run_dir = RunDir(args.run_dir).require("scenario_json").root
+    if args.apply:
+        from distcl.reindex import apply_backfill
+
+        apply_backfill(run_dir, model=args.model, fraction=args.fraction,
+                       policy=(args.policy or ["random"])[0], ray_address=args.ray)  # fmt: skip
+        return 0
+    if args.ray is not None:  # the passes run as Ray tasks (distcl.eval.distributed)
+        from distcl.localray import init_ray
+
+        init_ray(args.ray or None)
+    policies = args.policy or ["random", "oldest", "distance", "class_mean"]
+    backfill_run(run_dir, pairs=args.pairs, policies=policies, steps=args.steps,
+                 protocols=args.protocol, map_k=None if args.no_map else 100)  # fmt: skip
     return 0
 
 
@@ -215,6 +236,50 @@ def build_parser() -> argparse.ArgumentParser:
         "embedded local Ray",
     )
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "backfill",
+        help="backfilling curves of a run (quality as the gallery is re-embedded in a "
+        "policy's order), or --apply: re-embed a fraction of the stored gallery",
+    )
+    p.add_argument("run_dir")
+    p.add_argument(
+        "--pairs",
+        default="last",
+        help="last (every older model against the last), all, or J,I (1-indexed)",
+    )
+    p.add_argument(
+        "--policy",
+        action="append",
+        metavar="P",
+        help="random, oldest, distance, class_mean, uncertainty (repeatable; "
+        "default: the first four; --apply: one, default random)",
+    )
+    p.add_argument("--steps", type=int, default=20, help="K: the curve has K + 2 points")
+    p.add_argument(
+        "--protocol",
+        action="append",
+        choices=["closed", "open"],
+        help="default: those the run was evaluated on",
+    )
+    p.add_argument("--no-map", action="store_true", help="CMC@1 only (no mAP@100 lists)")
+    p.add_argument(
+        "--apply",
+        action="store_true",
+        help="re-embed the first FRACTION of the stored gallery (in the policy's "
+        "order) with model MODEL, as a new gallery version",
+    )
+    p.add_argument("--model", type=int, help="--apply: the model (1-indexed task) that embeds")
+    p.add_argument("--fraction", type=float, help="--apply: share of the gallery, in [0, 1]")
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="run the passes as Ray tasks (on ADDRESS, $RAY_ADDRESS or an embedded Ray)",
+    )
+    p.set_defaults(func=cmd_backfill)
 
     p = sub.add_parser("report", help="re-render report.md and plots from metrics.json")
     p.add_argument("run_dir")

@@ -6,7 +6,8 @@
   once Ray Train's controller took the previous epoch's report),
   ``saved`` (rank 0 after writing ``models/<t>/``, before the end-of-task work), ``memory``
   (rank 0 after exemplar selection, before the commit), ``eval`` (the driver, before the
-  evaluation).
+  evaluation), ``reindex`` (``distcl backfill --apply`` in one process, after writing part
+  ``task``: the number of the gallery shard whose items it re-embedded).
 - ``DISTCL_FAULT=<marker>:<task>:<epoch>``: a Train worker exits in the middle of that
   epoch (a worker crash; Ray Train restarts the group from its last checkpoint).
 

@@ -434,7 +434,7 @@ def test_ivf_training_sample_is_seeded_uniform_and_independent_of_batch_size(
     store, models, filt, _ = engine._source(cell)
     target = next(t for t in engine._targets(cell) if t.name == "closed")
     members = np.flatnonzero(target.member)
-    whole, n_whole = engine._train_sample(store, models, filt, target)
+    whole, n_whole = engine._train_sample(store, models, filt, target, cell)
     assert n_whole == len(members) and len(whole) == len(members)  # small: every row
     np.testing.assert_array_equal(whole, embs[cell.model][members])
 
@@ -443,6 +443,6 @@ def test_ivf_training_sample_is_seeded_uniform_and_independent_of_batch_size(
     want = np.sort(members[np.argsort(keys[members], kind="stable")[:30]])
     for batch in (7, 100_000):
         monkeypatch.setattr(Engine, "_batch_rows", property(lambda self, b=batch: b))
-        sample, n = engine._train_sample(store, models, filt, target)
+        sample, n = engine._train_sample(store, models, filt, target, cell)
         assert n == len(members)
         np.testing.assert_array_equal(sample, embs[cell.model][want])

@@ -8,6 +8,7 @@ measured in the same run (never timed assertions in tests).
     distcl bench sequence # per-task overhead of a long sequence: one Train run vs one per task
     distcl bench data     # shard building throughput: 1, 2, 4 Ray tasks vs one process
     distcl bench controller  # a Train run's controller: Ray's stock TorchTrainer vs distcl's
+    distcl bench backfill # a whole backfilling curve against one engine pass of the same pair
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import importlib
 BENCHES = {
     "train": "train", "search": "search", "eval": "evalcost", "memory": "memory",
     "sequence": "sequence", "data": "data", "controller": "controller",
+    "backfill": "backfill",
 }  # fmt: skip
 
 

@@ -100,6 +100,7 @@ class Engine(ScanMixin, MergeMixin, CellMetricsMixin):
         release_memory()  # the read's and the sort's transients (~150 MB per 1M items)
         self.plan = Plan.build(self.cat, settings)
         self._cache: dict[int, dict[str, np.ndarray]] = {}
+        self._reindexed: tuple[np.ndarray, np.ndarray] | None = None  # distcl backfill --apply
         ks = {*settings.topk, *settings.recall_ks}
         if settings.metric.startswith(("cmc@", "recall@")):  # e.g. cmc@3 with topk (1, 5)
             ks.add(int(settings.metric.split("@")[1]))
@@ -166,13 +167,40 @@ class Engine(ScanMixin, MergeMixin, CellMetricsMixin):
     def _source(self, cell: Cell) -> tuple[Store, list[int], ds.Expression | None, np.ndarray]:
         """A cell's pass: the store, its models, the row filter and the rows expected per item
         (canonical positions, (N,)): each item once per model, or, for the stale gallery after
-        task s, once if it arrived at a task <= s (rows with task == model)."""
+        task s, once if it arrived at a task <= s (its row as stored then: ``_rows_kept``)."""
         if cell.kind == "stale":
             store = open_store(RunDir(self.run_dir).gallery)
             arrived = (self.cat.tasks >= 0) & (self.cat.tasks <= cell.model)
-            filt = ds.field("task") == ds.field("model")
+            filt = (ds.field("task") >= 0) & (ds.field("task") <= cell.model)
             return store, list(range(cell.model + 1)), filt, arrived.astype(np.int64)
         return self.eval_store, [cell.model], None, np.ones(len(self.cat), np.int64)
+
+    def _rows_kept(self, cell: Cell, batch, codes: np.ndarray) -> np.ndarray:
+        """(B,) bool: the rows of a batch the cell uses. The stale gallery after task s holds
+        each arrived item once, as stored at s: its arrival row (model == task), or the row of
+        the latest partial re-index with a model <= s (``distcl backfill --apply`` writes rows
+        of model t > task; a later one always has a later model), whichever model is larger."""
+        if cell.kind != "stale":
+            return np.ones(len(codes), bool)
+        return batch["model"].to_numpy() == self._stale_models(cell.model)[codes]
+
+    def _stale_models(self, s: int) -> np.ndarray:
+        """(N,) the model of each item's row in the stale gallery after task s."""
+        if self._reindexed is None:  # (codes, models) of every re-indexed row, read once
+            store = open_store(RunDir(self.run_dir).gallery)
+            where = f"{store.root}"
+            codes, models = [], []
+            for rb in iter_batches(store, columns=("item_id", "model"),
+                                   filter=ds.field("task") != ds.field("model")):  # fmt: skip
+                codes.append(self.cat.codes(rb["item_id"], where))
+                models.append(rb["model"].to_numpy())
+            self._reindexed = (np.concatenate(codes or [np.zeros(0, np.int64)]),
+                               np.concatenate(models or [np.zeros(0, np.int32)]))  # fmt: skip
+        out = self.cat.tasks.astype(np.int64)  # the arrival row: model == task
+        codes, models = self._reindexed
+        keep = models <= s
+        np.maximum.at(out, codes[keep], models[keep])
+        return out
 
     @property
     def _ident_items(self) -> bool:

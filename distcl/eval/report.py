@@ -8,12 +8,12 @@ names the ECC tie rule and, per protocol, whether ``map`` is exact or mAP@K from
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 
 from distcl import storage
+from distcl.eval.figures import save_png
 from distcl.rundir import atomic_write
 from distcl.storage import Uri
 
@@ -63,13 +63,6 @@ def draw_matrix(ax, M, ecc, fontsize: int = 9):
     return im
 
 
-def _save_png(fig, path: Path | Uri) -> None:
-    """Render the figure in memory, then write it atomically (a local path or an object)."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    atomic_write(path, buf.getvalue())
-
-
 def plot_matrix(M, ecc, path: Path | Uri, title: str) -> None:
     import matplotlib
 
@@ -86,7 +79,7 @@ def plot_matrix(M, ecc, path: Path | Uri, title: str) -> None:
     ax.set_title(title, fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
-    _save_png(fig, path)
+    save_png(fig, path)
     plt.close(fig)
 
 
@@ -115,7 +108,7 @@ def plot_curves(result: dict, path: Path | Uri) -> None:
         axes[1].set_xlabel("epoch")
         axes[1].set_ylim(0, 1)
     fig.tight_layout()
-    _save_png(fig, path)
+    save_png(fig, path)
     plt.close(fig)
 
 
@@ -185,6 +178,16 @@ def write_report(run_dir: str | Path | Uri, result: dict) -> str:
     parts.append("| mean | | " + " | ".join(means) + " |")
     plot_curves(result, run_dir / "curves.png")
     parts += ["", "![curves](curves.png)", ""]
+    from distcl.eval.backfill_report import load_curves, summary_markdown
+
+    if curves := load_curves(run_dir):  # `distcl backfill RUN` wrote them
+        parts += [
+            "## Backfilling (`distcl backfill`)", "",
+            "CMC@1 as a growing share of the old model's gallery is re-embedded by the new "
+            "model, in each policy's order; AUC is the mean of the curve's points "
+            "(docs/backfill.md).", "",
+            summary_markdown(curves), "", "![backfill](backfill.png)", "",
+        ]  # fmt: skip
     text = "\n".join(parts)
     atomic_write(run_dir / "report.md", text)
     return text

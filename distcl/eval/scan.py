@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from distcl.eval import metrics as mt
@@ -137,7 +138,7 @@ class ScanMixin:
                 qsets = [QuerySet(q[1], self._k(q[4]), q[3]) for q in t.queries]
                 sample, n_here = None, n
                 if self.s.index != "flat":  # this shard's index, on this shard's rows
-                    sample, n_here = self._train_sample(store, models, filt, t)
+                    sample, n_here = self._train_sample(store, models, filt, t, cell)
                 search = StreamSearch(qsets, self.dim, kind=self.s.index,
                                       nlist=self._nlist(n_here), nprobe=self.s.nprobe,
                                       use_gpu=self.on_gpu, seed=self.s.seed)  # fmt: skip
@@ -150,6 +151,9 @@ class ScanMixin:
         for rb in iter_batches(store, models, columns=("item_id", "label", "task", "model",
                                "embedding"), filter=filt, batch_rows=self._batch_rows):  # fmt: skip
             codes = self.cat.codes(rb["item_id"], where)
+            kept = self._rows_kept(cell, rb, codes)
+            if not kept.all():  # rows a later re-index replaced (the stale gallery)
+                rb, codes = rb.filter(pa.array(kept)), codes[kept]
             read.append(codes)
             model_set.update(pc.unique(rb["model"]).to_pylist())
             emb = batch_embeddings(rb)  # (B, d)
@@ -200,7 +204,7 @@ class ScanMixin:
         return max(1, min(MAX_NLIST, int(4 * np.sqrt(n)), n // 39))
 
     def _train_sample(self, store: Store, models: list[int], filt,
-                      t: Target) -> tuple[np.ndarray, int]:  # fmt: skip
+                      t: Target, cell: Cell) -> tuple[np.ndarray, int]:  # fmt: skip
         """(a seeded sample of the target's rows in ``store`` (a gallery shard) for IVF (-PQ)
         training: 50 per list, and >= 10240 rows so that 8-bit PQ codebooks have 40 points
         per centroid; the number of the target's rows there), in one pass over the shard.
@@ -214,10 +218,11 @@ class ScanMixin:
         bound = self._sample_size(sum(info.rows for _, info in store.parts
                                       if info.model in models))  # fmt: skip
         kept_codes, kept_emb, n_kept, n_rows = [], [], 0, 0
-        for rb in iter_batches(store, models, columns=("item_id", "embedding"), filter=filt,
+        cols = ("item_id", "model", "embedding")
+        for rb in iter_batches(store, models, columns=cols, filter=filt,
                                batch_rows=self._batch_rows):  # fmt: skip
             codes = self.cat.codes(rb["item_id"], str(store.root))
-            sel = np.flatnonzero(t.member[codes])
+            sel = np.flatnonzero(t.member[codes] & self._rows_kept(cell, rb, codes))
             if not len(sel):
                 continue
             n_rows += len(sel)
