@@ -75,6 +75,10 @@ class MethodSpec:
     #: i.e. from the second task on, unless :meth:`external_old_model` gives task 0 one
     #: (a tuning search then trains the first task once for all its trials: distcl.tune.base).
     later_params: ClassVar[frozenset[str]] = frozenset()
+    #: whether the method trains across a change of architecture (``model.upgrades``): the
+    #: previous model, of its own architecture, as the old model; embeddings of different
+    #: sizes meet as ``model.dim_change`` says
+    supports_upgrades: ClassVar[bool] = True
 
     @classmethod
     def needs_for(cls, params: Any) -> Needs:
@@ -309,31 +313,81 @@ def head_kwargs(job, head: str | None = None) -> dict[str, Any]:
     return SPECS[job.method.name].head_kwargs(job.method.params, head or head_kind(job))
 
 
-def head_kind(job) -> str:
-    """The job's classifier head: ``model.head``, else its method's."""
-    return job.model.head or SPECS[job.method.name].needs_for(job.method.params).head
+@dataclass(frozen=True)
+class Arch:
+    """The architecture of one task's model (``model_at``)."""
+
+    backbone: str
+    embedding_dim: int
+    head: str
+    small_input: bool
 
 
-def head_size(job, num_classes: int) -> int:
+def model_at(job, task: int = 0) -> Arch:
+    """The model of task ``task`` (0-indexed): ``model`` with every upgrade of a task <= it
+    applied in order (``model.upgrades`` keys are 1-indexed)."""
+    m = job.model
+    arch = {"backbone": m.backbone, "embedding_dim": m.embedding_dim,
+            "head": m.head or SPECS[job.method.name].needs_for(job.method.params).head,
+            "small_input": bool(m.small_input)}  # fmt: skip
+    for start in sorted(m.upgrades):
+        if start - 1 <= task:
+            change = m.upgrades[start].model_dump(exclude_none=True)
+            arch.update({k: bool(v) if k == "small_input" else v for k, v in change.items()})
+    return Arch(**arch)
+
+
+def upgrade_tasks(job) -> list[int]:
+    """The 0-indexed tasks whose model is a new architecture (the first task excluded)."""
+    return [t for t in range(1, job.scenario.tasks) if model_at(job, t) != model_at(job, t - 1)]
+
+
+def head_kind(job, task: int = 0) -> str:
+    """The job's classifier head at ``task``: ``model.head`` (or an upgrade's), else its
+    method's."""
+    return model_at(job, task).head
+
+
+def head_size(job, num_classes: int, task: int = 0) -> int:
     """Rows of the head, pre-allocated for every class (the d-simplex: its d + 1 vertices)."""
-    if head_kind(job) != "simplex":
+    arch = model_at(job, task)
+    if arch.head != "simplex":
         return num_classes
-    if job.model.embedding_dim + 1 < num_classes:
+    if arch.embedding_dim + 1 < num_classes:
+        field = "model.embedding_dim" if task == 0 else "model.upgrades.embedding_dim"
         raise ValueError(
-            f"model.embedding_dim: the d-simplex head needs embedding_dim >= "
-            f"num_classes - 1 = {num_classes - 1}, got {job.model.embedding_dim}"
+            f"{field}: the d-simplex head needs embedding_dim >= num_classes - 1 = "
+            f"{num_classes - 1}, got {arch.embedding_dim}"
         )
-    return job.model.embedding_dim + 1
+    return arch.embedding_dim + 1
 
 
-def model_signature_for(job, num_classes: int, in_channels: int) -> dict[str, Any]:
+def compat_dim(job, task: int) -> int | None:
+    """The size of the space a task's model maps its embeddings into with a learned
+    projection (``model.dim_change: projection``): the size before the last upgrade at or
+    before ``task`` when that upgrade changed it (the model keeps its projection after it),
+    else None."""
+    if job.model.dim_change != "projection":
+        return None
+    ups = [u for u in upgrade_tasks(job) if u <= task]
+    if not ups:
+        return None
+    before = model_at(job, ups[-1] - 1).embedding_dim
+    return before if before != model_at(job, ups[-1]).embedding_dim else None
+
+
+def model_signature_for(job, num_classes: int, in_channels: int, task: int = 0) -> dict[str, Any]:
     """The signature (``distcl.models.embedding.model_signature``) of the model the job
-    builds, without building it."""
-    return {
-        "backbone": job.model.backbone,
+    builds for ``task``, without building it."""
+    arch = model_at(job, task)
+    sig = {
+        "backbone": arch.backbone,
         "in_channels": in_channels,
-        "small_input": bool(job.model.small_input),
-        "embedding_dim": job.model.embedding_dim,
-        "head": head_kind(job),
-        "num_classes": head_size(job, num_classes),
+        "small_input": arch.small_input,
+        "embedding_dim": arch.embedding_dim,
+        "head": arch.head,
+        "num_classes": head_size(job, num_classes, task),
     }
+    if (d := compat_dim(job, task)) is not None:
+        sig["compat_dim"] = d
+    return sig

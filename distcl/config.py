@@ -22,7 +22,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from distcl import schema
-from distcl.catalog import SPECS, head_kind
+from distcl.catalog import SPECS, model_at, upgrade_tasks
 from distcl.errors import ConfigError
 from distcl.schema import (
     AlignConfig,
@@ -138,13 +138,17 @@ def _check_cross_fields(job: JobConfig) -> None:
     class split where the number of classes is known without reading data."""
     from distcl.data.scenario import check_class_split
 
-    head = head_kind(job)
     known = {"synthetic": job.data.synthetic_classes, "fashion-mnist": 10}.get(job.data.source)
-    if head == "simplex" and known and job.model.embedding_dim + 1 < known:
-        raise ConfigError(
-            f"model.embedding_dim: the d-simplex head needs embedding_dim >= classes - 1 = "
-            f"{known - 1}, got {job.model.embedding_dim}"
-        )
+    _check_upgrades(job)
+    for task in range(job.scenario.tasks if job.model.upgrades else 1):
+        arch = model_at(job, task)
+        if arch.head == "simplex" and known and arch.embedding_dim + 1 < known:
+            field = "model.embedding_dim" if task == 0 else "model.upgrades.embedding_dim"
+            raise ConfigError(
+                f"{field}: the d-simplex head needs embedding_dim >= classes - 1 = "
+                f"{known - 1}, got {arch.embedding_dim}"
+                + (f" (the model of task {task + 1})" if task else "")
+            )
     if job.eval.preset == "iamcl2r" and not job.scenario.heldout_classes:
         raise ConfigError("scenario.heldout_classes: eval.preset iamcl2r identifies probes of "
                           "classes no model trained on: hold some out (> 0)")  # fmt: skip
@@ -153,6 +157,33 @@ def _check_cross_fields(job: JobConfig) -> None:
             check_class_split(job.scenario, known)
         except ValueError as e:
             raise ConfigError(f"{e} ({job.data.source} has {known} classes)") from None
+
+
+def _check_upgrades(job: JobConfig) -> None:
+    """``model.upgrades``: tasks that exist, and a method (and alignment terms) that can train
+    across a change of architecture."""
+    if not job.model.upgrades:
+        return
+    tasks = job.scenario.tasks
+    for start in job.model.upgrades:
+        if not 2 <= start <= tasks:
+            raise ConfigError(
+                f"model.upgrades: task {start} is not a later task of this scenario (2 .. "
+                f"{tasks}, 1-indexed: the first task's model is model.backbone)"
+            )
+    spec = SPECS[job.method.name]
+    if not spec.supports_upgrades:
+        raise ConfigError(f"model.upgrades: method {job.method.name!r} cannot train across "
+                          "a change of architecture")  # fmt: skip
+    for t in upgrade_tasks(job):
+        if model_at(job, t).backbone != model_at(job, t - 1).backbone and any(
+            a.name == "layerwise" for a in job.method.align
+        ):
+            raise ConfigError(
+                f"method.align: layerwise aligns the stages of two backbones of one kind; the "
+                f"model of task {t + 1} changes the backbone ({model_at(job, t - 1).backbone} "
+                f"-> {model_at(job, t).backbone})"
+            )
 
 
 # ------------------------------------------------------------------------- errors

@@ -96,13 +96,40 @@ class ScenarioConfig(Section):
     heldout_classes: NonNeg = 0  #: classes never trained (open-set protocols), seeded
 
 
+class ModelUpgrade(Section):
+    """The model from a task on: each field given replaces the one before (backbone,
+    embedding size, head, stem)."""
+
+    backbone: str | None = None
+    embedding_dim: Annotated[StrictInt, Field(ge=2)] | None = None
+    head: str | None = None
+    small_input: Bool | None = None
+
+    _backbone = field_validator("backbone")(
+        lambda v: v and BACKBONE_NAMES.check(v, "model.upgrades.backbone")
+    )
+    _head = field_validator("head")(lambda v: v and HEAD_NAMES.check(v, "model.upgrades.head"))
+
+
 class ModelConfig(Section):
-    """Backbone, embedding and classifier head (names from their registries)."""
+    """Backbone, embedding and classifier head (names from their registries), and the
+    upgrades of the model at task boundaries."""
 
     backbone: str = "resnet32"
     embedding_dim: Annotated[StrictInt, Field(ge=2)] = 64
     head: str | None = None  #: linear | cosine | simplex; None: the method's choice
     small_input: Bool = True  #: small-image stem for torchvision ResNets
+    #: ``{3: {backbone: resnet56, embedding_dim: 128}}``: the model of task 3 (1-indexed, as
+    #: logs and reports number tasks) and later is a new architecture, trained from scratch
+    #: with the previous model as its old model (distcl.catalog.model_at)
+    upgrades: dict[Annotated[int, Field(ge=2)], ModelUpgrade] = {}  # YAML keys: ints
+    #: how embeddings of different sizes meet (training losses and every comparison of an
+    #: old row with a new one): ``pad`` (the smaller is zero-padded, as BT^2 and SLERP do;
+    #: the larger's extra dimensions drop out of inner products), ``truncate`` (the larger is
+    #: cut to the smaller's size and re-normalised, as OCA does), ``projection`` (a learned
+    #: linear map of the new embedding into the old space, trained with the new model and
+    #: stored with it). docs/upgrades.md
+    dim_change: Literal["pad", "truncate", "projection"] = "pad"
 
     _backbone = field_validator("backbone")(lambda v: BACKBONE_NAMES.check(v, "model.backbone"))
     _head = field_validator("head")(lambda v: v and HEAD_NAMES.check(v, "model.head"))

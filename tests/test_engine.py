@@ -364,6 +364,53 @@ def test_hoc_three_tasks_with_the_iamcl2r_protocol(synthetic_job):
     assert "AM over the non-zero entries" in (job.run_dir / "report.md").read_text()
 
 
+@pytest.mark.parametrize(
+    ("method", "dim_change"),
+    [("bct", "pad"), ("cl2r", "truncate"), ("cvs", "projection"), ("hoc", "pad")],
+)
+def test_a_backbone_and_size_upgrade_trains_evaluates_and_reports(synthetic_job, method,
+                                                                  dim_change):  # fmt: skip
+    """model.upgrades: the model of task 2 is a ResNet-20 with 16-d embeddings (task 1's a
+    ResNet-32 with 8-d ones), trained from scratch with model 1, of its own architecture, as
+    the old model; new and old embeddings meet as model.dim_change says, in training and in
+    every cross-model entry of the matrices."""
+    job = synthetic_job(
+        name=f"up-{method}", method={"name": method},
+        data={**TINY["data"], "synthetic_classes": 6},
+        scenario={"tasks": 3, "heldout_classes": 2},
+        model={"embedding_dim": 8, "dim_change": dim_change,
+               "upgrades": {2: {"backbone": "resnet20", "embedding_dim": 16}}},
+        memory={"per_class": 4}, train={**TINY["train"], "epochs": 1},
+        eval={"protocols": ["closed", "open", "verification", "identification"],
+              "probes_per_class": 3, "verification_pairs": 20},
+    )  # fmt: skip
+    out = run_job(job, progress=False, log=lambda *a: None)
+    metas = [json.loads((job.run_dir / "models" / str(t) / "meta.json").read_text())
+             for t in range(3)]  # fmt: skip
+    sigs = [m["signature"] for m in metas]
+    assert [(s["backbone"], s["embedding_dim"]) for s in sigs] == [
+        ("resnet32", 8), ("resnet20", 16), ("resnet20", 16)]  # fmt: skip
+    proj = dim_change == "projection"  # a learned map into model 0's space, kept from task 2 on
+    assert [s.get("compat_dim") for s in sigs] == [None, 8, 8] if proj else [None] * 3
+    assert (job.run_dir / "models" / "1" / "compat.npy").exists() == proj
+    hist = json.loads((job.run_dir / "models" / "1" / "history.json").read_text())
+    old_term = {"bct": "loss/influence", "cl2r": "loss/feat_distill", "cvs": "loss/triplet",
+                "hoc": "loss/hoc"}[method]  # fmt: skip
+    assert old_term in hist[0] and np.isfinite(hist[0][old_term])  # across the upgrade
+    for proto, block in out["eval"]["protocols"].items():
+        M = np.asarray(block["matrices"][block["metric"]], dtype=float)
+        assert M.shape == (3, 3) and np.isfinite(M[np.tril_indices(3)]).all(), proto
+    assert all(np.isfinite(r["cmc@1"]) for r in out["eval"]["stale_gallery"])
+    assert "## Compatibility matrix" in (job.run_dir / "report.md").read_text()
+    # Model 1 is not model 0's architecture: loading one into the other names the field.
+    from distcl.train.modeling import load_frozen_model
+
+    old = load_frozen_model(job.run_dir / "models" / "0", job)  # its own saved signature
+    assert old.embedding_dim == 8 and old.backbone_name == "resnet32"
+    with pytest.raises(CheckpointError, match="checkpoint backbone=resnet32 but job says resnet20"):
+        load_model_dir(build_model(job, 6, 1, task=1), job.run_dir / "models" / "0")
+
+
 def _check_smoke_run(variant, job, out):
     run_dir = job.run_dir
     for t in (0, 1):

@@ -21,6 +21,7 @@ from distcl.gallery.store import (
     iter_batches,
     iter_embedding_batches,
     list_parts,
+    open_store,
     read_embeddings,
     stale_gallery,
     write_embeddings,
@@ -157,20 +158,39 @@ def test_bad_write_inputs_raise(tmp_path, kwargs, match):
 
 
 def test_mixed_dimension_write_names_the_other_file(tmp_path):
+    """One model's rows have one size (another model may have another: model.upgrades)."""
     first = write_embeddings(tmp_path, 0, "rank0", ["a"], [0], [0], unit(1, 8))
     with pytest.raises(ValueError, match=f"dim 4.*dim 8 in {first}"):
-        write_embeddings(tmp_path, 1, "rank0", ["a"], [0], [0], unit(1, 4))
+        write_embeddings(tmp_path, 0, "rank1", ["b"], [0], [0], unit(1, 4))
     # replacing the only part with another dim is allowed: the old file leaves the gallery
     write_embeddings(tmp_path, 0, "rank0", ["a"], [0], [0], unit(1, 4))
     assert list_parts(tmp_path) == [PartInfo(0, "rank0", 1, 4)]
 
 
-def test_mixed_dimension_read_raises_naming_files(tmp_path):
-    write_embeddings(tmp_path / "a", 0, "p", ["x"], [0], [0], unit(1, 8))
+def test_models_of_different_sizes_read_one_size_at_a_time(tmp_path):
+    """model.upgrades changes the embedding size between models: the store holds both, a
+    read of one size works, a read across sizes says so."""
+    write_embeddings(tmp_path / "a", 0, "p", ["x", "y"], [0, 1], [0, 0], unit(2, 8))
     other = write_embeddings(tmp_path / "b", 1, "p", ["x"], [0], [0], unit(1, 4))
     (tmp_path / "a" / "model=1").mkdir()
     os.replace(other, tmp_path / "a" / "model=1" / "p.parquet")
-    with pytest.raises(ValueError, match="mixed-dimension gallery: .*model=1.*dim 4"):
+    store = open_store(tmp_path / "a")
+    assert store.dims == {0: 8, 1: 4} and store.dim is None and len(store.datasets) == 2
+    assert read_embeddings(tmp_path / "a", models=[1]).embeddings.shape == (1, 4)
+    assert read_embeddings(tmp_path / "a", models=[0]).embeddings.shape == (2, 8)
+    rows = [rb.num_rows for rb in iter_batches(store, columns=("item_id",))]
+    assert sum(rows) == 3  # every part, whatever its size
+    with pytest.raises(ValueError, match=r"sizes \[4, 8\].*one size at a time"):
+        read_embeddings(tmp_path / "a")
+
+
+def test_parts_of_one_model_with_different_sizes_are_refused_naming_files(tmp_path):
+    write_embeddings(tmp_path / "a", 0, "p", ["x"], [0], [0], unit(1, 8))
+    other = write_embeddings(tmp_path / "b", 0, "q", ["y"], [0], [0], unit(1, 4))
+    os.replace(other, tmp_path / "a" / "model=0" / "q.parquet")
+    with pytest.raises(
+        ValueError, match="mixed-dimension gallery: .*q.parquet has dim 4.*same model 0"
+    ):
         read_embeddings(tmp_path / "a")
 
 

@@ -97,15 +97,17 @@ def policy_buckets(engine: Engine, target: BackfillTarget, old: int, new: int, p
     if "distance" in policies or "class_mean" in policies:
         slot = np.full(len(engine.cat), -1, np.int64)
         slot[members] = np.arange(n)
-        old_rows = np.zeros((n, engine.dim), np.float32)  # (n, d): model j's gallery, once
+        _, gmap, dim = engine.spaces.maps(new, old)  # distances in the space the two meet in
+        old_rows = np.zeros((n, dim), np.float32)  # (n, d): model j's gallery, once
         for codes, emb in _rows(engine, old, target):
-            old_rows[slot[codes]] = emb
+            old_rows[slot[codes]] = emb if gmap is None else gmap(emb)
         if "class_mean" in policies:
             keys["class_mean"] = bf.class_mean_keys(old_rows, engine.cat.labels[members])
         if "distance" in policies:
             dist = np.zeros(n)
             for codes, emb in _rows(engine, new, target):
-                dist[slot[codes]] = bf.distance_keys(old_rows[slot[codes]], emb)
+                mapped = engine.spaces.queries(emb, new, old)
+                dist[slot[codes]] = bf.distance_keys(old_rows[slot[codes]], mapped)
             keys["distance"] = dist
         del old_rows
     out = {}
@@ -126,11 +128,18 @@ def policy_buckets(engine: Engine, target: BackfillTarget, old: int, new: int, p
     return out
 
 
-def scan(engine: Engine, target: BackfillTarget, side: str, model: int, queries: np.ndarray,
-         buckets: dict[str, np.ndarray], cuts: np.ndarray, map_k: int | None,
-         paths=None) -> dict[str, bf.BackfillAccumulator]:  # fmt: skip
+def scan(
+    engine: Engine, target: BackfillTarget, side: str, model: int, queries: np.ndarray,
+    buckets: dict[str, np.ndarray], cuts: np.ndarray, map_k: int | None, paths=None,
+    query_model: int | None = None,
+) -> dict[str, bf.BackfillAccumulator]:  # fmt: skip
     """One pass over model ``model``'s rows (``side``: their role, "new" or "old") of the
-    target's gallery (a shard of it: ``paths``), feeding one accumulator per policy."""
+    target's gallery (a shard of it: ``paths``), feeding one accumulator per policy.
+    ``queries``: model ``query_model``'s (default ``model``'s), brought to ``model``'s space
+    here when the sizes differ (``distcl.eval.spaces``)."""
+    qmap, gmap, _ = engine.spaces.maps(model if query_model is None else query_model, model)
+    if qmap is not None:
+        queries = qmap(queries)
     lab = engine.cat.labels
     q_codes = target.queries
     q_self = q_codes if target.leave_one_out else np.full(len(q_codes), -1)
@@ -139,6 +148,8 @@ def scan(engine: Engine, target: BackfillTarget, side: str, model: int, queries:
     # Scores of a batch: Q x R float32, kept within a quarter of the evaluation's budget.
     per = max(256, engine.s.budget // (16 * max(len(q_codes), 1)))
     for codes, emb in _rows(engine, model, target, paths):
+        if gmap is not None:
+            emb = gmap(emb)
         for start in range(0, len(codes), per):
             c, e = codes[start : start + per], emb[start : start + per]
             for p, b in buckets.items():
@@ -221,7 +232,7 @@ def _passes(engine, target, old, new, queries, buckets, cuts, map_k):
     total = None
     for side, model in (("new", new), ("old", old)):
         for paths in shards[side]:
-            part = scan(engine, target, side, model, queries, buckets, cuts, map_k, paths)
+            part = scan(engine, target, side, model, queries, buckets, cuts, map_k, paths, new)
             total = part if total is None else {p: total[p].merge(part[p]) for p in total}
     return total
 
@@ -243,11 +254,12 @@ def _shards(engine: Engine, model: int) -> list[tuple[str, ...]]:
 
 
 def _scan_task(run_dir, settings, scenario, key, target, side, model, queries, buckets, cuts,
-               map_k, paths):  # fmt: skip
+               map_k, paths, query_model):  # fmt: skip
     from distcl.eval.distributed import _engine_for_task
 
     with _engine_for_task(run_dir, settings, scenario, key) as engine:
-        return scan(engine, target, side, model, queries, buckets, cuts, map_k, paths)
+        return scan(engine, target, side, model, queries, buckets, cuts, map_k, paths,
+                    query_model)  # fmt: skip
 
 
 def _ray_passes(engine, target, old, new, queries, buckets, cuts, map_k, shards):
@@ -265,7 +277,7 @@ def _ray_passes(engine, target, old, new, queries, buckets, cuts, map_k, shards)
     q_ref, b_ref = ray.put(queries), ray.put(buckets)
     refs = [
         task.options(**next(options)[1]).remote(
-            *common, side, m, q_ref, b_ref, cuts, map_k, paths
+            *common, side, m, q_ref, b_ref, cuts, map_k, paths, new
         )  # fmt: skip
         for side, m in (("new", new), ("old", old))
         for paths in shards[side]

@@ -117,8 +117,9 @@ class CellMetricsMixin:
         probes = np.flatnonzero(self.plan.split.probes)
         puts = []
         for i in queries:
-            q = self._query_data(i)["probes"]
-            hits, n = mt.template_cmc_counts(q, self.cat.labels[probes], templates,
+            q = self.spaces.queries(self._query_data(i)["probes"], i, j)  # model j's space
+            t = self.spaces.rows(templates, i, j)
+            hits, n = mt.template_cmc_counts(q, self.cat.labels[probes], t,
                                              classes[keep], self.s.topk)  # fmt: skip
             m = {f"ident_cmc@{k}": float(h) / n for k, h in zip(self.s.topk, hits, strict=True)}
             puts.append((i, "identification", j, m, None))
@@ -127,8 +128,8 @@ class CellMetricsMixin:
     def _verify(self, i: int, j: int) -> dict[str, float]:
         a, b, same = self.plan.pairs
         pos = np.searchsorted(self.plan.verif_items, np.stack([a, b]))  # (2, P)
-        ea = self._query_data(i)["verif"][pos[0]]  # side a by model i
-        eb = self._query_data(j)["verif"][pos[1]]  # side b by model j
+        ea = self.spaces.queries(self._query_data(i)["verif"][pos[0]], i, j)  # side a by model i
+        eb = self.spaces.rows(self._query_data(j)["verif"][pos[1]], i, j)  # side b by model j
         scores = np.einsum("pd,pd->p", ea.astype(np.float64), eb.astype(np.float64))
         m = {"verif_acc": mt.verification_accuracy(scores, same, self.s.folds)}
         tar = mt.tar_at_far(scores, same, self.s.fars)

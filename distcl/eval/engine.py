@@ -64,6 +64,7 @@ from distcl.eval.selection import (
     _lean_malloc,
     release_memory,
 )
+from distcl.eval.spaces import Spaces
 from distcl.gallery.store import Store, batch_embeddings, iter_batches, open_store
 from distcl.rundir import RunDir
 from distcl.storage import Uri
@@ -92,9 +93,11 @@ class Engine(ScanMixin, MergeMixin, CellMetricsMixin):
         self.on_gpu = _resolve_gpu(settings.use_gpu)  # here, where this engine searches
         self.scenario = scenario
         self.eval_store = open_store(RunDir(self.run_dir).eval_embeddings)
-        if self.eval_store.dim is None:
+        if not self.eval_store.parts:
             raise ValueError(f"{self.eval_store.root}: no embedded evaluation set")
-        self.dim = self.eval_store.dim
+        self.dims = self.eval_store.dims  # model -> embedding size (model.upgrades)
+        self.dim = max(self.dims.values())  # the largest: what memory budgets plan for
+        self.spaces = Spaces(self.dims, settings.dim_change, self._compat())
         self.cat = Catalogue.read(self.eval_store, 0)
         self.cat.keys  # noqa: B018  (the sorted keys, built once, here)
         release_memory()  # the read's and the sort's transients (~150 MB per 1M items)
@@ -109,12 +112,26 @@ class Engine(ScanMixin, MergeMixin, CellMetricsMixin):
         self.k_lists = max(ks | {int(self.map_name[4:])} if self.map_name else ks)
         n_closed = int(self.plan.closed.sum())
         split = self.plan.split
+        one_size = len(set(self.dims.values())) == 1  # else the stale gallery is searched
         self.exact = {  # decided once per run, so every row of a matrix has one mAP kind
             "closed": self._feasible(n_closed, n_closed),
-            "stale": self._feasible(n_closed, int((self.cat.tasks >= 0).sum())),
+            "stale": one_size and self._feasible(n_closed, int((self.cat.tasks >= 0).sum())),
             "open": split is not None
             and self._feasible(int(split.probes.sum()), int(split.gallery.sum())),
         }
+
+    def _compat(self) -> dict[int, np.ndarray]:
+        """The learned projections of upgraded models (``models/<t>/compat.npy``), where a
+        run has them (``model.dim_change: projection``)."""
+        import io
+
+        out = {}
+        rd = RunDir(self.run_dir)
+        for model in self.dims:
+            path = rd.model(model) / "compat.npy"
+            if storage.is_file(path):
+                out[model] = np.load(io.BytesIO(storage.read_bytes(path)))
+        return out
 
     def _feasible(self, n_query: int, n_gallery: int) -> bool:
         fits = n_gallery * self.dim * 4 <= self.s.budget // 2
@@ -142,7 +159,7 @@ class Engine(ScanMixin, MergeMixin, CellMetricsMixin):
         needed = np.unique(np.concatenate(list(sets.values())))
         slot = np.full(len(self.cat), -1, np.int64)
         slot[needed] = np.arange(len(needed))
-        emb = np.empty((len(needed), self.dim), np.float32)  # (n_needed, d)
+        emb = np.empty((len(needed), self.dims[model]), np.float32)  # (n_needed, d)
         seen = np.zeros(len(needed), np.int64)
         where = f"{self.eval_store.root}/model={model}"
         filt = ds.field("item_id").isin(self.cat.ids.take(pa.array(needed)))
@@ -217,33 +234,41 @@ class Engine(ScanMixin, MergeMixin, CellMetricsMixin):
         ident = "identification" in self.s.protocols
         return cell.kind == "gallery" and ident and not self._ident_items
 
-    def _targets(self, cell: Cell) -> list[Target]:
-        """The galleries searched in a cell's pass, with their query sets."""
+    def _targets(self, cell: Cell, gallery_model: int | None = None) -> list[Target]:
+        """The galleries searched in a cell's pass, with their query sets (in the gallery
+        model's space: ``distcl.eval.spaces``; the stale gallery's shard of ``gallery_model``'s
+        size)."""
         plan = self.plan
         closed_codes = np.flatnonzero(plan.closed)
         names = self._target_names(cell)
         if cell.kind == "stale":
             arrived = self._source(cell)[3].astype(bool)
             present = arrived[closed_codes]  # queries: the subset's items in the gallery
-            t = Target("stale", arrived, self.exact["stale"])
-            t.queries.append(("stale", self._query_data(cell.model)["closed"][present],
-                              closed_codes[present], None, True))  # fmt: skip
+            space = cell.model if gallery_model is None else gallery_model
+            qmap, gmap, dim = self.spaces.maps(cell.model, space)
+            q = self._query_data(cell.model)["closed"][present]
+            t = Target("stale", arrived, self.exact["stale"], dim=dim, gallery_map=gmap)
+            t.queries.append(("stale", q if qmap is None else qmap(q), closed_codes[present],
+                              None, True))  # fmt: skip
             return [t]
+        j = cell.model
+        _, gmap, dim = self.spaces.maps(cell.queries[0], j)  # one per cell (``cells``)
         targets = []
         if "closed" in names:
             seen = np.asarray(self.scenario.tasks[cell.model].seen_classes)  # model j's classes
             seen_rows = np.isin(self.cat.labels[closed_codes], seen)
-            tc = Target("closed", plan.closed, self.exact["closed"])
+            tc = Target("closed", plan.closed, self.exact["closed"], dim=dim, gallery_map=gmap)
             for i in cell.queries:
-                q = self._query_data(i)["closed"]
+                q = self.spaces.queries(self._query_data(i)["closed"], i, j)
                 tc.queries.append((("all", i), q, closed_codes, None, True))
                 tc.queries.append((("seen", i), q[seen_rows], closed_codes[seen_rows], seen, True))
             targets.append(tc)
         if "open" in names:
             probes = np.flatnonzero(plan.split.probes)
-            to = Target("open", plan.split.gallery, self.exact["open"])
+            to = Target("open", plan.split.gallery, self.exact["open"], dim=dim, gallery_map=gmap)
             for i in cell.queries:
-                to.queries.append((("open", i), self._query_data(i)["probes"], probes, None, False))
+                q = self.spaces.queries(self._query_data(i)["probes"], i, j)
+                to.queries.append((("open", i), q, probes, None, False))
             targets.append(to)
         return targets
 
@@ -268,9 +293,13 @@ class Engine(ScanMixin, MergeMixin, CellMetricsMixin):
                 by_gallery.setdefault(j, []).append(t)
         per_model = sum(a.nbytes for a in self._query_data(min(rows)).values())
         group = max(1, (self.s.budget // 2) // max(per_model, 1))
-        cells = [Cell("gallery", j, tuple(queries[g : g + group]))
-                 for j, queries in sorted(by_gallery.items())
-                 for g in range(0, len(queries), group)]  # fmt: skip
+        cells = []
+        for j, queries in sorted(by_gallery.items()):
+            by_size: dict[int, list[int]] = {}  # query models meeting model j alike share a cell
+            for i in queries:
+                by_size.setdefault(self.dims[i], []).append(i)
+            cells += [Cell("gallery", j, tuple(same[g : g + group]))
+                      for same in by_size.values() for g in range(0, len(same), group)]  # fmt: skip
         return rows, cells + ([Cell("stale", t) for t in rows] if stale else [])
 
     def rows(self, tasks: list[int], log=None, stale: bool = True) -> dict[int, dict]:

@@ -30,6 +30,8 @@ class Target:
     queries: list[tuple[Any, np.ndarray, np.ndarray, np.ndarray | None, bool]] = field(
         default_factory=list
     )  # (key, emb (Q, d), codes (Q,), allowed labels or None, exclude self)
+    dim: int = 0  # the size the gallery's rows are searched in
+    gallery_map: Any = None  # what rows go through before the search (sizes: eval.spaces)
 
 
 @dataclass(frozen=True)
@@ -96,16 +98,17 @@ class ScanMixin:
         store, models, _, _ = self._source(cell)
         whole = any(self.exact[n] for n in names)
         groups: list[list[str]] = []
-        size = 0
+        size, dim = 0, None
         for path, info in store.parts:
             if info.model not in models:
                 continue
-            if groups and (whole or size + info.rows <= self.shard_rows):
+            same = info.dim == dim  # a shard holds rows of one size (model.upgrades)
+            if groups and same and (whole or size + info.rows <= self.shard_rows):
                 groups[-1].append(path)
                 size += info.rows
             else:
                 groups.append([path])
-                size = info.rows
+                size, dim = info.rows, info.dim
         return [tuple(g) for g in groups] or [()]
 
     def scan(self, cell: Cell, paths: tuple[str, ...]) -> Partial:
@@ -118,12 +121,15 @@ class ScanMixin:
         full, models, filt, _ = self._source(cell)
         store = sub_store(full, paths)
         where = f"{full.root}/model={models}"
-        targets = self._targets(cell)
+        # The stale gallery mixes models: a shard holds rows of one size (``shards``), searched
+        # in its first model's space.
+        first = store.parts[0][1].model if store.parts else cell.model
+        targets = self._targets(cell, gallery_model=first if cell.kind == "stale" else None)
         sums = templ_member = None
         if self._templates(cell):
             classes = np.unique(self.cat.labels)
             self._class_index = np.searchsorted(classes, self.cat.labels)  # (N,)
-            sums = np.zeros((len(classes), self.dim), np.float64)  # (C, d)
+            sums = np.zeros((len(classes), self.dims[models[0]]), np.float64)  # (C, d_j)
             templ_member = self.plan.split.gallery
         n_rows = {t.name: int(t.member.sum()) for t in targets}
         # Streamed targets share half the budget in proportion to their size; each buffer
@@ -139,12 +145,12 @@ class ScanMixin:
                 sample, n_here = None, n
                 if self.s.index != "flat":  # this shard's index, on this shard's rows
                     sample, n_here = self._train_sample(store, models, filt, t, cell)
-                search = StreamSearch(qsets, self.dim, kind=self.s.index,
+                search = StreamSearch(qsets, t.dim, kind=self.s.index,
                                       nlist=self._nlist(n_here), nprobe=self.s.nprobe,
                                       use_gpu=self.on_gpu, seed=self.s.seed)  # fmt: skip
                 if sample is not None and len(sample):  # else no row of t: nothing to add
                     search.train(sample, n_here)
-            buf = np.empty((max(cap, 1), self.dim), np.float32)  # (cap, d)
+            buf = np.empty((max(cap, 1), t.dim), np.float32)  # (cap, d)
             state[t.name] = {"buf": buf, "codes": [], "fill": 0, "search": search, "done": []}
         read: list[np.ndarray] = []
         model_set: set[int] = set()
@@ -163,9 +169,10 @@ class ScanMixin:
             for t in targets:
                 sel = np.flatnonzero(t.member[codes])
                 st = state[t.name]
+                rows = emb if t.gallery_map is None else t.gallery_map(emb)
                 while len(sel):
                     take = sel[: len(st["buf"]) - st["fill"]]
-                    st["buf"][st["fill"] : st["fill"] + len(take)] = emb[take]
+                    st["buf"][st["fill"] : st["fill"] + len(take)] = rows[take]
                     st["codes"].append(codes[take])
                     st["fill"] += len(take)
                     sel = sel[len(take) :]
@@ -227,14 +234,15 @@ class ScanMixin:
                 continue
             n_rows += len(sel)
             kept_codes.append(codes[sel])
-            kept_emb.append(batch_embeddings(rb)[sel])
+            rows = batch_embeddings(rb)[sel]
+            kept_emb.append(rows if t.gallery_map is None else t.gallery_map(rows))
             n_kept += len(sel)
             if n_kept > bound + max(bound // 4, 1):  # keep the ``bound`` smallest keys
                 c, e = np.concatenate(kept_codes), np.concatenate(kept_emb)
                 best = np.argpartition(keys[c], bound)[:bound]
                 kept_codes, kept_emb, n_kept = [c[best]], [e[best]], bound
         if not n_rows:
-            return np.zeros((0, self.dim), np.float32), 0
+            return np.zeros((0, t.dim), np.float32), 0
         c, e = np.concatenate(kept_codes), np.concatenate(kept_emb)
         best = np.argsort(keys[c], kind="stable")[: self._sample_size(n_rows)]
         return e[best[np.argsort(c[best], kind="stable")]], n_rows  # in catalogue order

@@ -48,6 +48,7 @@ class EvalSettings:
     shard_rows: int | None = None  # rows per gallery shard (a Ray task each); None: a budget
     nprobe: int = 16  # IVF (-PQ) lists probed per query
     preset: str = "none"  # eval.preset: "iamcl2r" reads the identification AM as its code
+    dim_change: str = "pad"  # model.dim_change: how rows of different sizes meet
 
     @classmethod
     def from_job(cls, job: Any, use_gpu: bool | str | None = None) -> EvalSettings:
@@ -59,7 +60,7 @@ class EvalSettings:
             tuple(e.protocols), e.metric, tuple(e.topk), tuple(e.recall_ks), e.items_per_class,
             job.seed, e.ties, e.probes_per_class, e.distractor_classes, e.verification_pairs,
             e.folds, tuple(e.fars), e.identification, e.index, e.exact_map, e.memory_budget_mb,
-            use_gpu, nprobe=e.nprobe, preset=e.preset,
+            use_gpu, nprobe=e.nprobe, preset=e.preset, dim_change=job.model.dim_change,
         )  # fmt: skip
 
     def key(self) -> dict:

@@ -84,41 +84,67 @@ class EmbeddingBatch(NamedTuple):
 
 @dataclass(frozen=True)
 class Store:
-    """An opened store: validated parts (sorted by model, then part) and their dataset."""
+    """An opened store: validated parts (sorted by model, then part) and their datasets, one
+    per embedding size (``model.upgrades`` may change it between models; every part of one
+    model has one size)."""
 
     root: Loc  # a local Path or an object-store Uri
     parts: tuple[tuple[str, PartInfo], ...]
-    dim: int | None
-    dataset: ds.Dataset | None
+    datasets: tuple[ds.Dataset, ...]  # one per size, in the order of their first model
+
+    @property
+    def dims(self) -> dict[int, int]:
+        """model -> its embedding size."""
+        return {info.model: info.dim for _, info in self.parts}
+
+    @property
+    def dim(self) -> int | None:
+        """The store's one embedding size (None: empty, or several sizes: ``dims``)."""
+        sizes = set(self.dims.values())
+        return sizes.pop() if len(sizes) == 1 else None
+
+    @property
+    def dataset(self) -> ds.Dataset | None:
+        """The dataset of a store of one size (None when empty)."""
+        if len(self.datasets) > 1:
+            raise ValueError(f"{self.root}: embeddings of sizes {sorted(set(self.dims.values()))}"
+                             " (model.upgrades): read them by model")  # fmt: skip
+        return self.datasets[0] if self.datasets else None
 
 
 def open_store(root: str | os.PathLike | Uri) -> Store:
-    """Validate every part's footer and open the dataset. FileNotFoundError for a missing
-    ``root``; ValueError naming the file(s) for a corrupt part or a mixed-dimension store.
-    ``root`` may be an object-store URI (read through ``distcl.storage``'s filesystem)."""
+    """Validate every part's footer and open the datasets. FileNotFoundError for a missing
+    ``root``; ValueError naming the file(s) for a corrupt part, or for parts of one model
+    with different embedding sizes. ``root`` may be an object-store URI (read through
+    ``distcl.storage``'s filesystem)."""
     root = storage.location(root)
     if not storage.is_dir(root):
         raise FileNotFoundError(f"gallery store {root} does not exist")
     parts = scan_parts(root)
     if not parts:
-        return Store(root, (), None, None)
-    (first_path, first), dataset = parts[0], None
-    for path, info in parts[1:]:
-        if info.dim != first.dim:
+        return Store(root, (), ())
+    first_of: dict[int, tuple[str, PartInfo]] = {}
+    for path, info in parts:
+        seen = first_of.setdefault(info.model, (path, info))
+        if info.dim != seen[1].dim:
             raise ValueError(
-                f"mixed-dimension gallery: {path} has dim {info.dim} but "
-                f"{first_path} has dim {first.dim}"
+                f"mixed-dimension gallery: {path} has dim {info.dim} but {seen[0]} of the "
+                f"same model {info.model} has dim {seen[1].dim}"
             )
     fs, base, _ = store_filesystem(root)
-    dataset = ds.dataset(
-        _fs_paths(fs, parts),
-        schema=gallery_schema(first.dim, 0),
-        format="parquet",
-        partitioning=HIVE,
-        partition_base_dir=base,
-        filesystem=fs,
+    sizes = list(dict.fromkeys(info.dim for _, info in parts))
+    datasets = tuple(
+        ds.dataset(
+            _fs_paths(fs, [p for p in parts if p[1].dim == d]),
+            schema=gallery_schema(d, 0),
+            format="parquet",
+            partitioning=HIVE,
+            partition_base_dir=base,
+            filesystem=fs,
+        )
+        for d in sizes
     )
-    return Store(root, tuple(parts), first.dim, dataset)
+    return Store(root, tuple(parts), datasets)
 
 
 def _fs_paths(fs, parts) -> list[str]:
@@ -133,18 +159,22 @@ def sub_store(store: Store, paths: Iterable[str]) -> Store:
     parts = tuple(p for p in store.parts if p[0] in want)
     if missing := sorted(want - {p for p, _ in parts}):
         raise ValueError(f"{missing[0]} is not a part of the gallery store {store.root}")
-    if not parts or store.dataset is None:
-        return Store(store.root, (), store.dim, None)
-    # The dataset names its files as its file system does: a local path, or "bucket/key"
+    if not parts or not store.datasets:
+        return Store(store.root, (), ())
+    # The datasets name their files as their file system does: a local path, or "bucket/key"
     # (no scheme) on an object store; the parts keep their full URIs.
     fs, _, _ = store_filesystem(store.root)
     names = set(_fs_paths(fs, parts))
-    frags = [f for f in store.dataset.get_fragments() if f.path in names]
-    if len(frags) != len(parts):  # a silent empty shard would read as "no rows"
-        raise ValueError(f"{len(parts)} parts of {store.root} matched {len(frags)} files")
-    data = store.dataset
-    shard = ds.FileSystemDataset(frags, data.schema, data.format, data.filesystem)
-    return Store(store.root, parts, store.dim, shard)
+    shards = []
+    found = 0
+    for data in store.datasets:
+        frags = [f for f in data.get_fragments() if f.path in names]
+        found += len(frags)
+        if frags:
+            shards.append(ds.FileSystemDataset(frags, data.schema, data.format, data.filesystem))
+    if found != len(parts):  # a silent empty shard would read as "no rows"
+        raise ValueError(f"{len(parts)} parts of {store.root} matched {found} files")
+    return Store(store.root, parts, tuple(shards))
 
 
 def _model_filter(models: Models) -> ds.Expression | None:
@@ -173,7 +203,7 @@ def iter_batches(
     by_model = _model_filter(models)
     if by_model is not None:
         filter = by_model if filter is None else by_model & filter
-    if st.dataset is None:
+    if not st.datasets:
         return
     # Bounded memory: one row group at a time, decoded in this thread, no pre-buffering, and
     # malloc (returns freed batches to the OS; mimalloc keeps them). Arrow's threaded dataset
@@ -182,10 +212,12 @@ def iter_batches(
     # measured); read like this it holds one row group (<= ROW_GROUP_BYTES of embeddings).
     pool = pa.system_memory_pool()
     try:
-        for fragment in st.dataset.get_fragments(filter=filter):
+        fragments = [(f, data.schema) for data in st.datasets
+                     for f in data.get_fragments(filter=filter)]  # fmt: skip
+        for fragment, schema in fragments:
             for group in fragment.split_by_row_group(filter):  # statistics prune groups
                 for rb in group.to_batches(
-                    schema=st.dataset.schema, columns=list(columns), filter=filter,
+                    schema=schema, columns=list(columns), filter=filter,
                     batch_size=batch_rows, use_threads=False, fragment_scan_options=_SCAN,
                     memory_pool=pool,
                 ):  # fmt: skip
@@ -205,14 +237,23 @@ def batch_embeddings(batch: pa.RecordBatch | pa.Table) -> np.ndarray:
 
 def _read(root: str | os.PathLike, models: Models, filt: ds.Expression | None) -> GalleryArrays:
     st = open_store(root)
+    wanted = None if models is None else set(
+        [int(models)] if isinstance(models, (int, np.integer)) else map(int, models))  # fmt: skip
+    sizes = {d for m, d in st.dims.items() if wanted is None or m in wanted}
+    if len(sizes) > 1:
+        raise ValueError(f"{st.root}: the models asked embed in sizes {sorted(sizes)} "
+                         "(model.upgrades): read them one size at a time")  # fmt: skip
+    dim = sizes.pop() if sizes else 0
     table = pa.Table.from_batches(
         list(iter_batches(st, models, columns=COLUMNS, filter=filt)),
-        schema=gallery_schema(st.dim or 0, 0),
+        schema=gallery_schema(dim, 0),
     )
     for m in pc.unique(table.column("model")).to_pylist():  # an item once per model
         if (dup := first_dup(table.filter(pc.equal(table["model"], m))["item_id"])) is not None:
             where = (ds.field("model") == m) & (ds.field("item_id") == dup)
-            files = st.dataset.to_table(columns=["__filename"], filter=where)[0].to_pylist()
+            data = next(d for d in st.datasets if d.schema.field("embedding").type.list_size
+                        == st.dims[m])  # fmt: skip
+            files = data.to_table(columns=["__filename"], filter=where)[0].to_pylist()
             raise ValueError(
                 f"duplicate item_id {dup!r} in {st.root}/model={m} (files: "
                 f"{', '.join(files)}); remove stale parts before re-embedding"

@@ -148,10 +148,10 @@ def write_embeddings(
     folder = root / f"model={int(model)}"
     final = folder / f"{part}.parquet"
     for path, info in scan_parts(root) if storage.is_dir(root) else []:
-        if storage.location(path) != final and info.dim != d:
+        if storage.location(path) != final and info.model == model and info.dim != d:
             raise ValueError(
-                f"embeddings have dim {d} but the gallery already holds dim "
-                f"{info.dim} in {path}: one store holds one embedding dimension"
+                f"embeddings have dim {d} but model {model}'s rows already have dim "
+                f"{info.dim} in {path}: one model's rows have one embedding dimension"
             )
     schema = gallery_schema(d, int(model), normalized=normalized)
     table = pa.table(columns, schema=schema)

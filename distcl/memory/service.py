@@ -187,6 +187,8 @@ class MemoryShard:
             return {"ids": np.zeros(0, str), "images": np.zeros((0, 0, 0, 0), np.uint8),
                     "labels": np.zeros(0, np.int64), "tasks": np.zeros(0, np.int32),
                     "embeddings": np.zeros((0, 0), np.float32)}  # fmt: skip
+        if len({p["embeddings"].shape[1] for p in parts}) > 1:  # model.upgrades: sizes differ
+            parts = [{**p, "embeddings": np.zeros((len(p["ids"]), 0), np.float32)} for p in parts]
         return {k: np.concatenate([p[k] for p in parts]) for k in _KEYS}
 
     def content(self) -> dict[str, np.ndarray]:
@@ -206,12 +208,14 @@ class MemoryShard:
         rows = balanced_sample(st["labels"], n, np.random.default_rng(int(seed)))
         return {k: v[rows] for k, v in st.items()}
 
-    def running_class_means(self) -> dict[int, np.ndarray]:
-        """CVS's E_c: the mean (float32 (D,)) of every embedded item of each class."""
-        if not self.sums:
+    def running_class_means(self, dim: int | None = None) -> dict[int, np.ndarray]:
+        """CVS's E_c: the mean (float32 (D,)) of every embedded item of each class; ``dim``:
+        of the items embedded in that size only (after ``model.upgrades`` changed it)."""
+        parts = [(s, c) for s, c in self.sums.values() if dim is None or s.shape[1] == dim]
+        if not parts:
             return {}
-        sums = sum(s for s, _ in self.sums.values())
-        counts = sum(c for _, c in self.sums.values())
+        sums = sum(s for s, _ in parts)
+        counts = sum(c for _, c in parts)
         return {int(c): (sums[c] / counts[c]).astype(np.float32) for c in np.flatnonzero(counts)}
 
     def stats(self) -> dict[str, Any]:
@@ -264,9 +268,9 @@ class MemoryService:
         """The whole memory, by class (one call per shard; once per task per worker)."""
         return _merge(ray.get([a.content.remote() for a in self.actors]))
 
-    def running_class_means(self) -> dict[int, np.ndarray]:
+    def running_class_means(self, dim: int | None = None) -> dict[int, np.ndarray]:
         out: dict[int, np.ndarray] = {}
-        for part in ray.get([a.running_class_means.remote() for a in self.actors]):
+        for part in ray.get([a.running_class_means.remote(dim) for a in self.actors]):
             out.update(part)
         return out
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from distcl import losses
-from distcl.methods.base import Batch, TaskContext
+from distcl.methods.base import Batch, TaskContext, common_pair
 from distcl.registry import Registry
 
 ALIGN_TERMS: Registry[type[AlignTerm]] = Registry("alignment term")
@@ -44,6 +44,10 @@ class AlignTerm(nn.Module):
     def forward(self, batch: Batch, new: dict, old: dict) -> torch.Tensor:
         raise NotImplementedError
 
+    def common(self, new: dict, old_value: torch.Tensor, key: str = "emb") -> tuple:
+        """New and old in one space after an upgrade (``Method.common``)."""
+        return common_pair(new, old_value, key, self.ctx.dim_change)
+
 
 @ALIGN_TERMS.register()
 class KDAlign(AlignTerm):
@@ -66,7 +70,8 @@ class L2Align(AlignTerm):
         rows = self.rows(batch)
         if not rows.any():
             return new["emb"].sum() * 0.0
-        return losses.l2_feature_loss(new["emb"][rows], old["emb"][rows])
+        emb, old_emb = self.common(new, old["emb"])
+        return losses.l2_feature_loss(emb[rows], old_emb[rows])
 
 
 @ALIGN_TERMS.register()
@@ -75,9 +80,9 @@ class ProjectionAlign(AlignTerm):
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
-        d = ctx.embedding_dim
-        self.proj = nn.Linear(d, d, bias=False)
-        nn.init.eye_(self.proj.weight)  # start as the identity map
+        d, d_old = ctx.embedding_dim, ctx.old_dim or ctx.embedding_dim  # new -> old space
+        self.proj = nn.Linear(d, d_old, bias=False)
+        nn.init.eye_(self.proj.weight)  # start as the identity map (on shared dimensions)
 
     def forward(self, batch, new, old):
         rows = self.rows(batch)
@@ -106,7 +111,7 @@ class AdversarialAlign(AlignTerm):
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
-        d = ctx.embedding_dim
+        d = ctx.common_dim  # the space new and old embeddings meet in
         self.disc = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, 1))
 
     def forward(self, batch, new, old):
@@ -114,8 +119,9 @@ class AdversarialAlign(AlignTerm):
         if not rows.any():
             return new["emb"].sum() * 0.0
         # Gradient reversal: the discriminator minimises its BCE, the new model maximises it.
-        new_logit = self.disc(losses.grad_reverse(new["emb"][rows], 1.0)).squeeze(1)
-        old_logit = self.disc(old["emb"][rows].detach()).squeeze(1)
+        emb, old_emb = self.common(new, old["emb"])
+        new_logit = self.disc(losses.grad_reverse(emb[rows], 1.0)).squeeze(1)
+        old_logit = self.disc(old_emb[rows].detach()).squeeze(1)
         return losses.discriminator_loss(new_logit, old_logit)
 
 

@@ -48,6 +48,20 @@ class TaskContext:
     #: Frozen classifier rows of the old model (C, D) (BCT).
     old_head_weight: torch.Tensor | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    #: The old model's embedding size (None: no old model) and how sizes meet when it
+    #: differs from ``embedding_dim`` (``model.dim_change``; ``Method.common``).
+    old_dim: int | None = None
+    dim_change: str = "pad"
+
+    @property
+    def common_dim(self) -> int:
+        """The size new and old embeddings are compared in (``embedding_dim`` unless an
+        upgrade changed it)."""
+        from distcl.losses.dims import common_dim
+
+        if self.old_dim is None or self.old_dim == self.embedding_dim:
+            return self.embedding_dim
+        return common_dim(self.embedding_dim, self.old_dim, self.dim_change)
 
 
 @dataclass
@@ -89,11 +103,32 @@ class Method(MethodSpec, nn.Module):
         raise NotImplementedError
 
     # -- helpers shared by methods ----------------------------------------------------
+    def common(self, new: dict, old_value: torch.Tensor, key: str = "feat") -> tuple:
+        """``new[key]`` and an old-model tensor of the old embedding size (old features,
+        embeddings, class means) in one space (``model.dim_change``): unchanged when the
+        sizes agree; ``projection`` takes the new model's learned map (``feat_compat``)."""
+        return common_pair(new, old_value, key, self.ctx.dim_change)
+
     def seen_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits with classes not seen yet masked out (heads are pre-allocated)."""
         mask = torch.full((logits.shape[1],), float("-inf"), device=logits.device)
         mask[list(self.ctx.seen_classes)] = 0.0
         return logits + mask
+
+
+def common_pair(new: dict, old_value: torch.Tensor, key: str, mode: str) -> tuple:
+    """See :meth:`Method.common` (shared with the alignment terms)."""
+    import torch.nn.functional as F
+
+    from distcl.losses.dims import common_space
+
+    value = new[key]
+    if value.shape[-1] == old_value.shape[-1]:
+        return value, old_value
+    if mode == "projection":
+        mapped = new["feat_compat"]  # (B, d_old): the new model's map into the old space
+        return (F.normalize(mapped, dim=1) if key == "emb" else mapped), old_value
+    return common_space(value, old_value, mode, renormalize=key == "emb")
 
 
 METHODS: Registry[type[Method]] = Registry("method")

@@ -70,9 +70,9 @@ class BCT(BCTSpec, Method):
         head = self.ctx.extras.get("old_head")
         if old is not None and head is not None:
             weight, bias = head
-            logits = F.linear(
-                new["feat"], weight.to(new["feat"].device), bias.to(new["feat"].device)
-            )
+            # the old classifier (C, d_old) on the new features, in one space after an upgrade
+            feat, weight = self.common(new, weight.to(new["feat"].device), "feat")
+            logits = F.linear(feat, weight, bias.to(feat.device))
             terms["influence"] = self.params.lambda_ * losses.cross_entropy(
                 self.seen_logits(logits), batch.labels
             )

@@ -30,7 +30,6 @@ class CL2R(CL2RSpec, Method):
             lam = cl2r_lambda(
                 self.params.lambda_, len(self.ctx.old_classes), len(self.ctx.new_classes)
             )
-            terms["feat_distill"] = lam * losses.cosine_distillation_loss(
-                new["feat"][mem], old["feat"][mem]
-            )
+            feat, old_feat = self.common(new, old["feat"], "feat")
+            terms["feat_distill"] = lam * losses.cosine_distillation_loss(feat[mem], old_feat[mem])
         return terms

@@ -25,19 +25,19 @@ class CVS(CVSSpec, Method):
         # The cosine head already gives cos / T logits (NormSoftmax).
         terms = {"ce": losses.cross_entropy(self.seen_logits(new["logits"]), batch.labels)}
         if old is not None:
+            emb, old_emb = self.common(new, old["emb"], "emb")
             terms["triplet"] = self.params.alpha * losses.triplet_distillation_loss(
-                new["emb"],
-                old["emb"],
+                emb,
+                old_emb,
                 batch.labels,
                 margin=self.params.margin,
                 gather=batch.gather,
             )
         if self.ctx.class_means is not None:
-            means = (
-                self.ctx.class_means.to(new["emb"].device),
-                self.ctx.class_mean_labels.to(new["emb"].device),
-            )
+            # E_c lives in the old model's space (the stored gallery's): after an upgrade the
+            # new embeddings meet it as model.dim_change says
+            emb, means = self.common(new, self.ctx.class_means.to(new["emb"].device), "emb")
             terms["coherence"] = self.params.beta * losses.coherence_loss(
-                new["emb"], batch.labels, means
+                emb, batch.labels, (means, self.ctx.class_mean_labels.to(emb.device))
             )
         return terms

@@ -31,6 +31,7 @@ class HOC(HOCSpec, Method):
         if old is None:
             return {"ce": ce}
         lam = self.params.lambda_
-        hoc = losses.hoc_infonce_loss(new["feat"], old["feat"], batch.labels,
-                                      mu=self.params.mu, gather=batch.gather)  # fmt: skip
+        feat, old_feat = self.common(new, old["feat"], "feat")  # one space after an upgrade
+        hoc = losses.hoc_infonce_loss(feat, old_feat, batch.labels, mu=self.params.mu,
+                                      gather=batch.gather)  # fmt: skip
         return {"ce": lam * ce, "hoc": (1.0 - lam) * hoc}

@@ -26,7 +26,8 @@ class MMDRetrieval(MMDSpec, Method):
                 terms["kd"] = self.params.alpha * losses.old_class_kd_loss(
                     new["logits"], old["logits"], self.ctx.old_classes, self.params.temperature
                 )
+            emb, old_emb = self.common(new, old["emb"], "emb")
             terms["mmd"] = self.params.beta * losses.mmd(
-                new["emb"], old["emb"], sigmas=self.params.sigmas, gather=batch.gather
+                emb, old_emb, sigmas=self.params.sigmas, gather=batch.gather
             )
         return terms

@@ -54,6 +54,7 @@ class EmbeddingModel(nn.Module):
         head_kwargs: Mapping[str, Any] | None = None,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
+        compat_dim: int | None = None,
     ) -> None:
         super().__init__()
         if embedding_dim < 1:
@@ -69,6 +70,15 @@ class EmbeddingModel(nn.Module):
         # the d-simplex and cosine heads need embeddings that can point anywhere.
         self.projection = nn.Linear(feature_dim, embedding_dim)
         self.head = build_head(head, embedding_dim, num_classes, **dict(head_kwargs or {}))
+        # ``model.dim_change: projection`` after a change of embedding size: a learned map of
+        # this model's features into the previous model's space (its ``feat_compat``).
+        # Started as the identity on the shared dimensions (zero-padding, then learned).
+        self.compat_dim = compat_dim
+        self.compat = None
+        if compat_dim is not None:
+            self.compat = nn.Linear(embedding_dim, compat_dim, bias=False)
+            with torch.no_grad():
+                self.compat.weight.copy_(torch.eye(compat_dim, embedding_dim))
 
         if mean is None:
             mean = _RGB_MEAN if in_channels == 3 else (0.5,) * in_channels
@@ -115,6 +125,8 @@ class EmbeddingModel(nn.Module):
             "emb": F.normalize(feat.float(), dim=1),  # (B, D), unit norm, float32 (autocast)
             "logits": self.head(feat),  # (B, C)
         }
+        if self.compat is not None:
+            out["feat_compat"] = self.compat(feat)  # (B, compat_dim): the previous space
         if return_stages:
             out["stages"] = stages
         return out
@@ -128,7 +140,7 @@ class EmbeddingModel(nn.Module):
 def model_signature(model: EmbeddingModel) -> dict[str, Any]:
     """What fixes the architecture: store it beside a checkpoint, compare before loading.
     ``num_classes`` is the head's current size (grow the head before loading a later task)."""
-    return {
+    sig = {
         "backbone": model.backbone_name,
         "in_channels": model.in_channels,
         "small_input": model.small_input,
@@ -136,6 +148,9 @@ def model_signature(model: EmbeddingModel) -> dict[str, Any]:
         "head": model.head_kind,
         "num_classes": model.num_classes,
     }
+    if getattr(model, "compat_dim", None) is not None:  # only then: older signatures stay valid
+        sig["compat_dim"] = model.compat_dim
+    return sig
 
 
 def load_state_checked(
@@ -148,6 +163,8 @@ def load_state_checked(
     key is stripped. Loading is strict. Returns the model.
     """
     current = model_signature(model)
+    for field in signature_saved.keys() - current.keys():
+        raise ValueError(f"checkpoint {field}={signature_saved[field]} but job says none")
     for field, value in current.items():
         if field not in signature_saved:
             raise ValueError(f"checkpoint signature has no field {field!r}")

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from distcl import faults, storage
+from distcl.catalog import model_at
 from distcl.data.readers import iter_items
 from distcl.data.shards import decode_image, item_split
 from distcl.gallery.store import write_embeddings
@@ -51,13 +52,18 @@ def embed_batch(device) -> int:
 def task_context(w, t: int) -> TaskContext:
     """The method's view of task t (built the same way on every rank)."""
     task = w.plan.tasks[t]
+    dim = model_at(w.job, t).embedding_dim
+    old_dim = (
+        model_at(w.job, t - 1).embedding_dim if t > 0 else (dim if task.old_model_dir else None)
+    )  # an external old model has the job's size
     ctx = TaskContext(
         task=t, num_tasks=w.plan.num_tasks, num_classes=w.plan.num_classes,
         new_classes=task.new_classes, seen_classes=task.seen_classes,
-        old_classes=task.old_classes, embedding_dim=w.job.model.embedding_dim,
+        old_classes=task.old_classes, embedding_dim=dim, old_dim=old_dim,
+        dim_change=w.job.model.dim_change,
     )  # fmt: skip
     if t > 0 and w.plan.needs.class_means and w.memory is not None:
-        means = w.memory.running_class_means()
+        means = w.memory.running_class_means(dim=old_dim)  # E_c in the old model's space
         if means:
             labels = sorted(means)
             ctx.class_means = torch.from_numpy(np.stack([means[c] for c in labels]))

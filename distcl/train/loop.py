@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from distcl import faults, raycompat
+from distcl.catalog import model_at
 from distcl.config import JobConfig
 from distcl.data.readers import train_batches
 from distcl.data.shards import batches_per_epoch
@@ -126,13 +127,16 @@ class Worker:
         job, plan = self.job, self.plan
         torch.set_num_threads(job.train.threads())
         torch.manual_seed(job.seed)  # the same initial model in every run (DDP: rank 0's)
-        model = self.precision.model(build_model(job, plan.num_classes, plan.in_channels))
         first = self.rd.finished_tasks()
+        model = self._model(max(first - 1, 0))
         if first > 0:
             load_model_dir(model, self.rd.model(first - 1))  # continue from the last model
         state = _load_checkpoint(ray.train.get_checkpoint(), self.device)
         timings, started = {}, time.time()
         for t in range(first, plan.upto):
+            if t > 0 and model_at(job, t) != model_at(job, t - 1):  # model.upgrades
+                torch.manual_seed(job.seed * 1_000_003 + t)  # a new architecture, from scratch
+                model = self._model(t)
             torch.manual_seed(job.seed * 1000 + t * 10 + self.rank)
             t0 = time.perf_counter()
             parts: dict[str, float] = {}
@@ -159,6 +163,11 @@ class Worker:
             timings[t]["report_s"] = time.perf_counter() - t2  # waits for the controller
         return {"rank": self.rank, "world": self.world, "timings": timings,
                 "tasks_started_at": started, "tasks_ended_at": time.time()}  # fmt: skip
+
+    def _model(self, t: int):
+        """A freshly initialised model of task t's architecture, in its memory layout."""
+        plan = self.plan
+        return self.precision.model(build_model(self.job, plan.num_classes, plan.in_channels, t))
 
     # -- one task ----------------------------------------------------------------------
     def prepare_task(self, t: int, model) -> tuple:
@@ -298,9 +307,12 @@ class Worker:
             meta = model_meta(job, model, t, plan.scenario_digest)
             meta.update(workers=self.world, device=str(self.device), loader_workers=self.loaders,
                         precision=self.precision.name)  # fmt: skip
+            arrays = {}
+            if model.compat is not None:  # the engine maps this model's rows with it (numpy)
+                arrays["compat"] = model.compat.weight.detach().float().cpu().numpy()
             with tempfile.TemporaryDirectory() as d:
                 torch.save(model.state_dict(), Path(d) / "model.pt")
-                save_model_dir(self.rd.root, t, Path(d) / "model.pt", history, meta)
+                save_model_dir(self.rd.root, t, Path(d) / "model.pt", history, meta, arrays)
             faults.pause_point(plan.pause, "saved", t)
         self.barrier()  # model t is on disk for every rank
         # Every rank continues with the saved model: DDP keeps parameters equal, but each

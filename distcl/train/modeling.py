@@ -15,11 +15,12 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from distcl import storage
-from distcl.catalog import head_kind, head_kwargs, head_size
+from distcl.catalog import compat_dim, head_kwargs, head_size, model_at
 from distcl.config import JobConfig
 from distcl.methods import METHODS, TaskContext
 from distcl.models.embedding import EmbeddingModel, load_state_checked, model_signature
@@ -32,17 +33,21 @@ from distcl.rundir import (  # noqa: F401  (CheckpointError, read_meta: re-expor
 from distcl.storage import Loc, Uri
 
 
-def build_model(job: JobConfig, num_classes: int, in_channels: int) -> EmbeddingModel:
-    """The embedding model of a job; the head is pre-allocated for every class."""
-    kind, n_head = head_kind(job), head_size(job, num_classes)  # simplex: d + 1 vertices
+def build_model(
+    job: JobConfig, num_classes: int, in_channels: int, task: int = 0
+) -> EmbeddingModel:
+    """The embedding model of ``task`` (``model.upgrades`` may change it); the head is
+    pre-allocated for every class."""
+    arch, n_head = model_at(job, task), head_size(job, num_classes, task)  # simplex: d + 1
     return EmbeddingModel(
-        backbone=job.model.backbone,
+        backbone=arch.backbone,
         in_channels=in_channels,
-        embedding_dim=job.model.embedding_dim,
-        head=kind,
+        embedding_dim=arch.embedding_dim,
+        head=arch.head,
         num_classes=n_head,
-        small_input=job.model.small_input,
-        head_kwargs=head_kwargs(job, kind),
+        small_input=arch.small_input,
+        head_kwargs=head_kwargs(job, arch.head),
+        compat_dim=compat_dim(job, task),
     )
 
 
@@ -51,12 +56,17 @@ def build_method(job: JobConfig, ctx: TaskContext):
 
 
 def save_model_dir(
-    run_dir: Path | Uri | str, task: int, model_pt: Path, history: list, meta: dict
-) -> Loc:
-    """Move a finished task's model into ``models/<task>`` atomically (meta.json last)."""
+    run_dir: Path | Uri | str, task: int, model_pt: Path, history: list, meta: dict,
+    arrays: dict[str, np.ndarray] | None = None,
+) -> Loc:  # fmt: skip
+    """Move a finished task's model into ``models/<task>`` atomically (meta.json last);
+    ``arrays``: numpy files beside it (``<name>.npy``: what torch-free readers need, e.g. the
+    evaluation engine's projection of an upgraded model's rows)."""
     final = RunDir(run_dir).model(task)
     with atomic_dir(final, last="meta.json") as tmp:
         shutil.copyfile(model_pt, tmp / "model.pt")
+        for name, array in (arrays or {}).items():
+            np.save(tmp / f"{name}.npy", array)
         (tmp / "history.json").write_text(json.dumps(history, indent=1))
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     return final
@@ -95,7 +105,7 @@ def load_frozen_model(model_dir: str | Path | Uri, job: JobConfig) -> EmbeddingM
         backbone=sig["backbone"], in_channels=sig["in_channels"],
         embedding_dim=sig["embedding_dim"], head=sig["head"],
         num_classes=sig["num_classes"], small_input=sig["small_input"],
-        head_kwargs=head_kwargs(job, sig["head"]),
+        head_kwargs=head_kwargs(job, sig["head"]), compat_dim=sig.get("compat_dim"),
     )  # fmt: skip
     load_model_dir(model, model_dir)
     return model.eval().requires_grad_(False)
