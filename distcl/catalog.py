@@ -64,6 +64,16 @@ class Needs:
     stages: bool = False
     #: Classifier head kind this method defaults to.
     head: str = "linear"
+    #: Keep exemplars in the episodic memory even without replay (FCT trains its
+    #: transformation on them at the end of each task).
+    exemplars: bool = False
+    #: Train a forward-compatible transformation of model t-1's rows after task t (FCT).
+    transform: bool = False
+
+    @property
+    def memory(self) -> bool:
+        """Whether the episodic memory service keeps exemplars or class means."""
+        return self.replay_fraction > 0 or self.class_means or self.exemplars
 
 
 class MethodSpec:
@@ -253,6 +263,32 @@ class ERSpec(MethodSpec):
     @classmethod
     def needs_for(cls, params) -> Needs:
         return Needs(replay_fraction=params.replay_fraction, head="linear")
+
+
+# -- FCT / FastFill: the new model trained as ER, then h: old rows -> new rows -----------------
+class FCTParams(Params):
+    replay_fraction: ReplayFraction = 0.5  #: the new model's batches: this share from memory
+    inner_dim: Annotated[int, Field(ge=1)] = 2048  #: h's mixer width (FCT's: 2048)
+    epochs: Annotated[int, Field(ge=1)] = 80  #: h's epochs per task (FCT's: 80)
+    batch_size: Annotated[int, Field(ge=2)] = 1024  #: h's global batch (FCT's: 1024)
+    lr: Positive = 5e-4  #: Adam (FCT's)
+    weight_decay: Weight = 2.0**-15  #: Adam's (FCT's: 2^-15)
+    sigma: bool = True  #: FastFill's uncertainty head (false: FCT's plain regression)
+    disc_weight: Weight = 1.0  #: FastFill's classification term through the new classifier
+    label_smoothing: Annotated[StrictFloat, Field(ge=0, lt=1)] = 0.1
+
+
+@SPECS.register()
+class FCTSpec(MethodSpec):
+    name = "fct"
+    Params = FCTParams
+    #: the first task has no older model: no transformation, no replay
+    later_params = frozenset(FCTParams.model_fields) | {"replay_fraction"}
+
+    @classmethod
+    def needs_for(cls, params) -> Needs:
+        return Needs(replay_fraction=params.replay_fraction, head="linear", exemplars=True,
+                     transform=True)  # fmt: skip
 
 
 # -- MMD retrieval: CE + batch-hard triplet + alpha * KD + beta * MMD^2(new, old) -----------

@@ -4,7 +4,7 @@ distcl data build jobs/quickstart.yaml      # WebDataset shards + manifest
 distcl data verify jobs/quickstart.yaml     # check shards against the manifest
 distcl run jobs/quickstart.yaml [--smoke] [--set train.epochs=3]
 distcl eval runs/quickstart [--ray [ADDR]]  # recompute metrics + report (search as Ray tasks)
-distcl backfill runs/quickstart [--apply --model T --fraction F --policy P]
+distcl backfill runs/quickstart [--transform] [--apply --model T --fraction F --policy P]
 distcl compare jobs/fashion_mnist/*.yaml    # methods side by side
 distcl tune jobs/fashion_mnist/tune_cl2r.yaml
 distcl submit JOB --address http://HOST:8265 [--wait]
@@ -115,15 +115,18 @@ def cmd_backfill(args) -> int:
         from distcl.reindex import apply_backfill
 
         apply_backfill(run_dir, model=args.model, fraction=args.fraction,
-                       policy=(args.policy or ["random"])[0], ray_address=args.ray)  # fmt: skip
+                       policy=(args.policy or ["random"])[0], ray_address=args.ray,
+                       transform=args.transform)  # fmt: skip
         return 0
     if args.ray is not None:  # the passes run as Ray tasks (distcl.eval.distributed)
         from distcl.localray import init_ray
 
         init_ray(args.ray or None)
-    policies = args.policy or ["random", "oldest", "distance", "class_mean"]
+    policies = args.policy or ["random", "oldest", "distance", "class_mean"] + (
+        ["uncertainty"] if args.transform else [])  # fmt: skip
     backfill_run(run_dir, pairs=args.pairs, policies=policies, steps=args.steps,
-                 protocols=args.protocol, map_k=None if args.no_map else 100)  # fmt: skip
+                 protocols=args.protocol, map_k=None if args.no_map else 100,
+                 transform=args.transform)  # fmt: skip
     return 0
 
 
@@ -268,6 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="re-embed the first FRACTION of the stored gallery (in the policy's "
         "order) with model MODEL, as a new gallery version",
+    )
+    p.add_argument(
+        "--transform",
+        action="store_true",
+        help="method fct: curves also with the old rows sent through h (uncertainty: "
+        "ordered by h's sigma); --apply: write every stored row older than MODEL through h "
+        "(no image read) as a gallery version",
     )
     p.add_argument("--model", type=int, help="--apply: the model (1-indexed task) that embeds")
     p.add_argument("--fraction", type=float, help="--apply: share of the gallery, in [0, 1]")

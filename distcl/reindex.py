@@ -25,12 +25,14 @@ import os
 import time
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
 
 from distcl import faults, storage
 from distcl.eval import backfill as bf
 from distcl.rundir import RunDir, atomic_write_json
 
-POLICIES = ("random", "oldest", "distance", "class_mean")
+POLICIES = ("random", "oldest", "distance", "class_mean", "uncertainty")
 
 
 def _plans(rd: RunDir) -> list[tuple[int, dict]]:
@@ -42,26 +44,57 @@ def _plans(rd: RunDir) -> list[tuple[int, dict]]:
     return sorted(out, key=lambda p: p[0])
 
 
-def _check(rd: RunDir, model: int | None, fraction: float | None, policy: str) -> int:
+def _check(rd: RunDir, model: int | None, fraction: float | None, policy: str,
+           transform: bool = False) -> int:  # fmt: skip
     """Arguments checked before any work (each error names its field); returns T."""
     T = rd.finished_tasks()
     if model is None:
         raise ValueError("--model: give the model (1-indexed task) that re-embeds")
     if not 1 <= model <= T:
         raise ValueError(f"--model {model}: the run has finished models 1 .. {T}")
+    if not storage.exists(rd.gallery):
+        raise ValueError(f"{rd.root}: no stored gallery rows (gallery/) to re-index")
+    if transform or policy == "uncertainty":
+        from distcl.eval.transforms import has_chain, load_transforms
+
+        hs = load_transforms(rd.root)
+        if model < 2 or not has_chain(hs, 0, model - 1):
+            what = "--transform" if transform else "--policy uncertainty"
+            raise ValueError(f"{what} with --model {model} needs the transformations h_2 .. "
+                             f"h_{model} (models/<t>/transform.npz, method fct)")  # fmt: skip
+        if policy == "uncertainty" and hs[model - 1].sigma is None:
+            raise ValueError(f"--policy uncertainty: h_{model} has no sigma head (sigma: false)")
+    if transform:
+        if fraction not in (None, 1.0):
+            raise ValueError("--fraction: --transform maps every stored row older than "
+                             f"--model (no images read); got {fraction}")  # fmt: skip
+        return T
     if fraction is None or not 0.0 <= fraction <= 1.0:
         raise ValueError(f"--fraction: a share of the gallery in [0, 1], got {fraction}")
     if policy not in POLICIES:
         raise ValueError(f"--policy: {policy!r} cannot choose the items to re-embed (one of "
-                         f"{', '.join(POLICIES)}; uncertainty needs method fct)")  # fmt: skip
-    if not storage.exists(rd.gallery):
-        raise ValueError(f"{rd.root}: no stored gallery rows (gallery/) to re-index")
+                         f"{', '.join(POLICIES)})")  # fmt: skip
     return T
+
+
+def current_rows(engine, gallery, ranks: np.ndarray, columns=("item_id", "model", "embedding")):
+    """(part path, canonical positions, record batch) of the stored gallery's current rows
+    (each item's row of rank ``ranks``: ``Engine.stale_ranks``), part by part."""
+    from distcl.gallery.store import is_transformed_part, iter_batches, sub_store
+
+    for path, _info in gallery.parts:
+        bonus = 0 if is_transformed_part(path) else 1
+        for rb in iter_batches(sub_store(gallery, (path,)), columns=columns):
+            codes = engine.cat.codes(rb["item_id"], path)
+            keep = 2 * rb["model"].to_numpy().astype(np.int64) + bonus == ranks[codes]
+            if keep.any():
+                yield path, codes[keep], rb.filter(pa.array(keep))
 
 
 def choose(run_dir, model: int, fraction: float, policy: str, seed: int) -> dict:
     """The plan of a re-index (0-indexed ``model``): the items to re-embed, from the gallery
-    as stored after the run's last finished task."""
+    as stored after the run's last finished task. An item whose row is older than ``model``,
+    or a row of ``model`` transformed by h (not embedded), is re-embedded."""
     from distcl.eval.engine import Engine, EvalSettings
     from distcl.gallery.store import batch_embeddings, iter_batches, open_store
 
@@ -69,22 +102,38 @@ def choose(run_dir, model: int, fraction: float, policy: str, seed: int) -> dict
     job, scenario = rd.load_job(), rd.load_scenario()
     last = rd.finished_tasks() - 1
     engine = Engine(rd.root, EvalSettings.from_job(job, use_gpu=False), scenario)
-    current = engine._stale_models(last)  # (N,) the model of each item's stored row
+    ranks = engine.stale_ranks(last)  # (N,) 2 * model (+ 1: embedded) of each stored row
+    current, embedded = ranks // 2, ranks % 2 == 1
     members = np.flatnonzero((engine.cat.tasks >= 0) & (engine.cat.tasks <= last))
     n = len(members)
+    gallery = open_store(rd.gallery)
+    slot = np.full(len(engine.cat), -1, np.int64)
+    slot[members] = np.arange(n)
     if policy == "random":
         order = bf.order_random(n, seed)
     elif policy == "oldest":
         order = bf.order_oldest(current[members], engine.cat.tasks[members], seed)
-    else:  # keys from the stored rows: the gallery held once (n x d), never per step
-        slot = np.full(len(engine.cat), -1, np.int64)
-        slot[members] = np.arange(n)
-        rows = np.zeros((n, engine.dim), np.float32)
-        gallery = open_store(rd.gallery)
-        for rb in iter_batches(gallery, columns=("item_id", "model", "embedding")):
+    elif policy == "uncertainty":  # FastFill: h's sigma of the item's arrival row
+        from distcl.eval.transforms import chain, load_transforms
+
+        hs = load_transforms(rd.root)
+        keys = np.full(n, -np.inf)  # rows already of model T or later: last
+        for rb in iter_batches(gallery, columns=("item_id", "task", "model", "embedding"),
+                               filter=ds.field("task") == ds.field("model")):  # fmt: skip
             codes = engine.cat.codes(rb["item_id"], str(gallery.root))
-            keep = (rb["model"].to_numpy() == current[codes]) & (slot[codes] >= 0)
-            rows[slot[codes[keep]]] = batch_embeddings(rb)[keep]
+            m = rb["model"].to_numpy()
+            for src in np.unique(m[m < model]):
+                sel = np.flatnonzero((m == src) & (slot[codes] >= 0))
+                rows = batch_embeddings(rb)[sel]
+                if src + 1 < model:
+                    rows = chain(hs, int(src), model - 1)(rows)
+                keys[slot[codes[sel]]] = hs[model].log_var(rows)
+        order = bf._stable_desc(keys, seed)
+    else:  # keys from the stored rows: the gallery held once (n x d), never per step
+        rows = np.zeros((n, engine.dim), np.float32)
+        for _path, codes, rb in current_rows(engine, gallery, ranks):
+            emb = batch_embeddings(rb)
+            rows[slot[codes], : emb.shape[1]] = emb
         if policy == "class_mean":
             keys = bf.class_mean_keys(rows, engine.cat.labels[members])
         else:  # distance to model T's row of the item (the run's evaluation embeddings)
@@ -93,10 +142,12 @@ def choose(run_dir, model: int, fraction: float, policy: str, seed: int) -> dict
                 codes = engine.cat.codes(rb["item_id"], str(engine.eval_store.root))
                 keep = slot[codes] >= 0
                 at = slot[codes[keep]]
-                keys[at] = bf.distance_keys(rows[at], batch_embeddings(rb)[keep])
+                new = batch_embeddings(rb)[keep]
+                keys[at] = bf.distance_keys(rows[at, : new.shape[1]], new)
         order = bf._stable_desc(keys, seed)
     first = members[order[: int(fraction * n)]]  # the policy's first share of the gallery
-    chosen = first[current[first] < model]  # rows already of model T (or later) stay
+    todo = (current[first] < model) | ((current[first] == model) & ~embedded[first])
+    chosen = first[todo]  # rows embedded by model T (or later) stay
     return {"model": model, "policy": policy, "fraction": fraction, "seed": seed,
             "gallery_items": n, "first": len(first), "already": len(first) - len(chosen),
             "items": sorted(engine.cat.ids.take(chosen).to_pylist()),
@@ -170,25 +221,36 @@ def _shards_of(rd: RunDir, job, items: set[str]) -> list[tuple[int, tuple, list[
 
 
 def apply_backfill(run_dir, model: int | None, fraction: float | None, policy: str = "random",
-                   ray_address: str | None = None, log=print) -> dict:  # fmt: skip
+                   ray_address: str | None = None, log=print,
+                   transform: bool = False) -> dict:  # fmt: skip
     """``distcl backfill RUN --apply``: see the module docstring. ``model`` is 1-indexed (as
-    the CLI and the reports name models)."""
+    the CLI and the reports name models). ``transform``: ``apply_transform`` instead."""
     rd = RunDir(run_dir).require("scenario_json")
-    _check(rd, model, fraction, policy)
+    _check(rd, model, fraction, policy, transform)
     model -= 1
     job = rd.load_job()
     plans = _plans(rd)
     open_plans = [(n, p) for n, p in plans if not p["done"]]
     if open_plans:
         n, plan = open_plans[0]
-        asked = (plan["model"], plan["policy"], plan["fraction"])
-        if asked != (model, policy, fraction):
+        kind = plan.get("kind", "embed")
+        asked = ("transform", model) if transform else ("embed", model, policy, fraction)
+        found = (kind, plan["model"])
+        if kind == "embed":
+            found += (plan["policy"], plan["fraction"])
+        if asked != found:
+            what = (f"{plan['policy']}, fraction {plan['fraction']}" if kind == "embed"
+                    else "--transform")  # fmt: skip
             raise ValueError(
                 f"{rd.root}/backfill/apply-{n}.json: an unfinished re-index (model "
-                f"{plan['model'] + 1}, {plan['policy']}, fraction {plan['fraction']}); run that "
-                "command again to finish it first"
+                f"{plan['model'] + 1}, {what}); run that command again to finish it first"
             )
+        if transform:
+            return _apply_transform(rd, n, plan, ray_address, log)
         log(f"resuming the re-index apply-{n} ({len(plan['items'])} items)")
+    elif transform:
+        n = plans[-1][0] + 1 if plans else 1
+        return _apply_transform(rd, n, _transform_plan(rd, model), ray_address, log)
     else:
         n = plans[-1][0] + 1 if plans else 1
         plan = choose(rd.root, model, fraction, policy, job.seed)
@@ -214,6 +276,13 @@ def apply_backfill(run_dir, model: int | None, fraction: float | None, policy: s
 
 
 def _run_parts(root: str, n: int, todo: list, ray_address: str | None) -> int:
+    args = [(root, n, k, shard, keys) for k, shard, keys in todo]
+    return _run_tasks(_embed_shard, args, ray_address, gpu=True)
+
+
+def _run_tasks(fn, args: list[tuple], ray_address: str | None, gpu: bool) -> int:
+    """``fn(*a)`` for each ``a`` of ``args``: Ray tasks in a Ray driver (a GPU each where the
+    cluster has GPUs and ``gpu``), in this process otherwise; the sum of what they return."""
     from distcl.eval.distributed import ray_driver
 
     if ray_address is not None:
@@ -222,12 +291,89 @@ def _run_parts(root: str, n: int, todo: list, ray_address: str | None) -> int:
         init_ray(ray_address or None)
     if not ray_driver():
         written = 0
-        for k, shard, keys in todo:
-            written += _embed_shard(root, n, k, shard, keys)
-            faults.pause_point(os.environ.get(faults.PAUSE_ENV), "reindex", k)
+        for a in args:
+            written += fn(*a)
+            faults.pause_point(os.environ.get(faults.PAUSE_ENV), "reindex", a[2])
         return written
     import ray
 
-    gpu = ray.cluster_resources().get("GPU", 0) > 0
-    task = ray.remote(num_cpus=1, num_gpus=1 if gpu else 0)(_embed_shard)
-    return sum(ray.get([task.remote(root, n, k, shard, keys) for k, shard, keys in todo]))
+    gpus = 1 if gpu and ray.cluster_resources().get("GPU", 0) > 0 else 0
+    task = ray.remote(num_cpus=1, num_gpus=gpus)(fn)
+    return sum(ray.get([task.remote(*a) for a in args]))
+
+
+# -- --apply --transform: old rows through h, no image read ----------------------------------
+def _transform_plan(rd: RunDir, model: int) -> dict:
+    """The parts to transform: every stored gallery part of a model older than ``model``."""
+    from distcl.gallery.store import open_store
+
+    gallery = open_store(rd.gallery)
+    parts = [storage.relative(path, rd.gallery) for path, info in gallery.parts
+             if info.model < model]  # fmt: skip
+    return {"kind": "transform", "model": model, "parts": parts,
+            "last_task": rd.finished_tasks() - 1, "done": False}  # fmt: skip
+
+
+def _transform_part(run_dir: str, plan_n: int, k: int) -> int:
+    """Part k of a transform plan: its current rows (those the stale gallery reads) of
+    models older than the plan's, sent through h into the plan's model's space and written as
+    ``gallery/model=<T>/transform-<n>-<k>.parquet`` (a Ray task, or in-process)."""
+    from distcl.eval.distributed import _engine
+    from distcl.eval.engine import EvalSettings
+    from distcl.eval.transforms import chain, load_transforms
+    from distcl.gallery.store import batch_embeddings, open_store, sub_store, write_embeddings
+
+    rd = RunDir(run_dir)
+    plan = storage.read_json(rd.root / "backfill" / f"apply-{plan_n}.json")
+    model, last = plan["model"], plan["last_task"]
+    job = rd.load_job()
+    settings = EvalSettings.from_job(job, use_gpu=False)
+    key = f"{run_dir}/transform-{plan_n}"  # one engine per worker and plan
+    engine = _engine(run_dir, settings, rd.load_scenario(), key)
+    ranks = engine.stale_ranks(last)
+    gallery = open_store(rd.gallery)
+    path = str(storage.join(rd.gallery, plan["parts"][k]))
+    hs = load_transforms(rd.root)
+    ids, labels, tasks, rows = [], [], [], []
+    cols = ("item_id", "label", "task", "model", "embedding")
+    for _p, _codes, rb in current_rows(engine, sub_store(gallery, (path,)), ranks, cols):
+        m = rb["model"].to_numpy()
+        for src in np.unique(m[m < model]):
+            sel = pa.array(m == src)
+            part = rb.filter(sel)
+            ids.append(part["item_id"].to_numpy(zero_copy_only=False))
+            labels.append(part["label"].to_numpy())
+            tasks.append(part["task"].to_numpy())
+            rows.append(chain(hs, int(src), model)(batch_embeddings(part)))
+    if not ids:
+        return 0
+    write_embeddings(rd.gallery, model, f"transform-{plan_n}-{k}", np.concatenate(ids),
+                     np.concatenate(labels), np.concatenate(tasks),
+                     np.concatenate(rows))  # fmt: skip
+    return sum(len(i) for i in ids)
+
+
+def _apply_transform(rd: RunDir, n: int, plan: dict, ray_address, log) -> dict:
+    """Write (or finish) transform plan n: one task per part, parts already written skipped,
+    the plan marked done last."""
+    path = rd.root / "backfill" / f"apply-{n}.json"
+    if not storage.is_file(path):
+        atomic_write_json(path, plan, indent=1)
+        log(f"re-index apply-{n}: h maps the stored rows of {len(plan['parts'])} gallery parts "
+            f"into model {plan['model'] + 1}'s space (no image read)")  # fmt: skip
+    model = plan["model"]
+    t0 = time.perf_counter()
+    done_parts = {e.name for e in storage.listdir(rd.gallery / f"model={model}")}
+    todo = [k for k in range(len(plan["parts"]))
+            if f"transform-{n}-{k}.parquet" not in done_parts]  # fmt: skip
+    if len(todo) < len(plan["parts"]):
+        log(f"{len(plan['parts']) - len(todo)} of {len(plan['parts'])} parts already written")
+    root = str(rd.root.resolve()) if hasattr(rd.root, "resolve") else str(rd.root)
+    written = _run_tasks(_transform_part, [(root, n, k) for k in todo], ray_address, gpu=False)
+    plan["done"] = True
+    plan["rows"] = written
+    plan["seconds"] = time.perf_counter() - t0
+    atomic_write_json(path, plan, indent=1)
+    log(f"re-index apply-{n} done: {written} rows transformed in {plan['seconds']:.1f}s "
+        f"(gallery/model={model}/transform-{n}-*.parquet); `distcl eval` reads them")  # fmt: skip
+    return plan

@@ -270,7 +270,7 @@ def test_the_command_writes_curves_figure_and_report(stored_run, capsys):
     assert {r["policy"] for r in table} == {"random", "distance"}
     assert (run / "backfill.png").stat().st_size > 1000
     report = (run / "report.md").read_text()
-    assert "## Backfilling" in report and "| closed | 1 -> 3 | distance |" in report
+    assert "## Backfilling" in report and "| closed | 1 -> 3 | old | distance |" in report
     assert "AUC (CMC@1)" in capsys.readouterr().out
 
 
@@ -310,3 +310,108 @@ def test_the_bench_runs_small_and_its_curve_starts_at_the_engines_pass(tmp_path)
     assert r["curve_equals_pass_at_start"], (r["values"][0], r["pass_cmc@1"])
     assert len(r["values"]) == 22 and r["pass_s"] > 0 and r["curve_s"] > 0
     assert "ratio curve / pass" in format_backfill_bench(r)
+
+
+def _store_transforms(run, dims=(16, 16, 16), sigma=True):
+    """h_1, h_2 (random, BatchNorm statistics of one batch) in the run's model folders."""
+    import io
+
+    import torch
+
+    from distcl.models.transform import Transformation
+
+    for u in (1, 2):
+        torch.manual_seed(u)
+        h = Transformation(dims[u - 1], dims[u], 32, sigma=sigma)
+        h(torch.randn(64, dims[u - 1]))
+        buf = io.BytesIO()
+        np.savez(buf, **h.eval().export())
+        (run / "models" / str(u) / "transform.npz").write_bytes(buf.getvalue())
+
+
+@pytest.mark.parametrize("policy", ["random", "distance", "uncertainty"])
+def test_transformed_curves_equal_the_in_memory_curve(stored_run, policy):
+    """--transform: the old side is model 1's rows through h_2 and h_3 (FCT), ordered at
+    random, by ||new - h(old)|| (FastFill's oracle) or by h_3's sigma (FastFill); the plain
+    curves of the same call are unchanged."""
+    from distcl.eval.backfill_scan import run_curves
+    from distcl.eval.transforms import chain, load_transforms
+
+    run, ids, labels, tasks, embs = stored_run
+    _store_transforms(run)
+    curves = run_curves(run, pairs="1,3", policies=[policy], steps=5, protocols=["closed"],
+                        log=None, transform=True)  # fmt: skip
+    by_rows = {c["old_rows"]: c for c in curves}
+    assert set(by_rows) == ({"transformed"} if policy == "uncertainty"
+                            else {"stored", "transformed"})  # fmt: skip
+    canon = _canonical(ids)
+    closed = canon[tasks[canon] >= 0]
+    hs = load_transforms(run)
+    lab, new = labels[closed], embs[2][closed]
+    old_t = chain(hs, 0, 2)(embs[0][closed])
+    order = {
+        "random": lambda: bf.order_random(len(closed), 0),
+        "distance": lambda: bf._stable_desc(bf.distance_keys(old_t, new), 0),
+        "uncertainty": lambda: bf._stable_desc(hs[2].log_var(hs[1](embs[0][closed])), 0),
+    }[policy]()
+    want = bf.backfill_curve(new, old_t, new, lab, order, steps=5)
+    got = by_rows["transformed"]
+    assert got["values"] == want["values"] and got["auc"] == pytest.approx(want["auc"])
+    if policy != "uncertainty":
+        plain = bf.backfill_curve(new, embs[0][closed], new, lab, order if policy == "random"
+                                  else bf._stable_desc(bf.distance_keys(embs[0][closed], new), 0),
+                                  steps=5)  # fmt: skip
+        assert by_rows["stored"]["values"] == plain["values"]
+
+
+def test_apply_transform_writes_a_gallery_version_the_evaluation_reads(stored_run, capsys):
+    """--apply --transform --model 3: every stored row older than model 3 goes through h into
+    model 3's space (no image read), as gallery/model=2/transform-1-<k>.parquet; the stale
+    gallery after task 3 then is those rows plus task 3's own, as brute force computes it. A
+    re-run after a crash (one part lost, the plan not done) writes only the missing part. A
+    later re-embedding by model 3 (policy uncertainty) counts the transformed rows as not yet
+    embedded."""
+    import json
+
+    from distcl.cli import main
+    from distcl.eval.evaluate import evaluate_run
+    from distcl.eval.transforms import chain, load_transforms
+    from distcl.reindex import choose
+
+    run, ids, labels, tasks, embs = stored_run
+    _store_transforms(run)
+    assert main(["backfill", str(run), "--apply", "--transform", "--model", "3"]) == 0
+    parts = sorted((run / "gallery" / "model=2").glob("transform-1-*.parquet"))
+    assert len(parts) == 2  # the two stored parts of models 1 and 2
+    plan = json.loads((run / "backfill" / "apply-1.json").read_text())
+    assert plan["done"] and plan["rows"] == int(((tasks >= 0) & (tasks < 2)).sum())
+    # a crash after one part: the plan open again, one part lost
+    plan["done"] = False
+    (run / "backfill" / "apply-1.json").write_text(json.dumps(plan))
+    kept = parts[0].stat().st_mtime_ns
+    parts[1].unlink()
+    capsys.readouterr()
+    assert main(["backfill", str(run), "--apply", "--transform", "--model", "3"]) == 0
+    assert "1 of 2 parts already written" in capsys.readouterr().out
+    assert parts[1].exists() and parts[0].stat().st_mtime_ns == kept
+    result = evaluate_run(run, log=lambda *a: None)
+    hs = load_transforms(run)
+    canon = _canonical(ids)
+    closed = canon[tasks[canon] >= 0]
+    rows = np.stack([embs[2][i] if tasks[i] == 2 else chain(hs, int(tasks[i]), 2)(
+        embs[int(tasks[i])][i : i + 1])[0] for i in closed])  # fmt: skip
+    sims = embs[2][closed] @ rows.T
+    np.fill_diagonal(sims, -np.inf)
+    best = sims.argmax(1)
+    want = float(np.mean(labels[closed][best] == labels[closed]))
+    assert result["stale_gallery"][2]["cmc@1"] == pytest.approx(want)
+    assert result["stale_gallery"][2]["models_in_gallery"] == [2]
+    # FastFill's next step: re-embed the most uncertain half; transformed rows are not embedded
+    plan = choose(run, 2, 0.5, "uncertainty", 0)
+    n_old = int(((tasks >= 0) & (tasks < 2)).sum())
+    assert plan["first"] == int(0.5 * int((tasks >= 0).sum())) and plan["already"] <= plan["first"]
+    sigma = {ids[i]: hs[2].log_var(chain(hs, int(tasks[i]), 1)(embs[int(tasks[i])][i : i + 1])
+                                   if tasks[i] < 1 else embs[1][i : i + 1])[0]
+             for i in closed if tasks[i] < 2}  # fmt: skip
+    top = sorted(sigma, key=lambda k: -sigma[k])[: len(plan["items"])]
+    assert sorted(top) == plan["items"] and len(plan["items"]) <= n_old

@@ -366,7 +366,7 @@ def test_hoc_three_tasks_with_the_iamcl2r_protocol(synthetic_job):
 
 @pytest.mark.parametrize(
     ("method", "dim_change"),
-    [("bct", "pad"), ("cl2r", "truncate"), ("cvs", "projection"), ("hoc", "pad")],
+    [("bct", "pad"), ("cl2r", "truncate"), ("cvs", "projection"), ("hoc", "pad"), ("fct", "pad")],
 )
 def test_a_backbone_and_size_upgrade_trains_evaluates_and_reports(synthetic_job, method,
                                                                   dim_change):  # fmt: skip
@@ -374,8 +374,9 @@ def test_a_backbone_and_size_upgrade_trains_evaluates_and_reports(synthetic_job,
     ResNet-32 with 8-d ones), trained from scratch with model 1, of its own architecture, as
     the old model; new and old embeddings meet as model.dim_change says, in training and in
     every cross-model entry of the matrices."""
+    params = {"inner_dim": 16, "epochs": 3, "batch_size": 32} if method == "fct" else {}
     job = synthetic_job(
-        name=f"up-{method}", method={"name": method},
+        name=f"up-{method}", method={"name": method, "params": params},
         data={**TINY["data"], "synthetic_classes": 6},
         scenario={"tasks": 3, "heldout_classes": 2},
         model={"embedding_dim": 8, "dim_change": dim_change,
@@ -393,10 +394,20 @@ def test_a_backbone_and_size_upgrade_trains_evaluates_and_reports(synthetic_job,
     proj = dim_change == "projection"  # a learned map into model 0's space, kept from task 2 on
     assert [s.get("compat_dim") for s in sigs] == [None, 8, 8] if proj else [None] * 3
     assert (job.run_dir / "models" / "1" / "compat.npy").exists() == proj
-    hist = json.loads((job.run_dir / "models" / "1" / "history.json").read_text())
-    old_term = {"bct": "loss/influence", "cl2r": "loss/feat_distill", "cvs": "loss/triplet",
-                "hoc": "loss/hoc"}[method]  # fmt: skip
-    assert old_term in hist[0] and np.isfinite(hist[0][old_term])  # across the upgrade
+    if method == "fct":  # h_1 maps 8-d rows of model 0 to 16-d rows of model 1, h_2 16 -> 16
+        for t, (d_old, d_new) in ((1, (8, 16)), (2, (16, 16))):
+            info = json.loads((job.run_dir / "models" / str(t) / "transform.json").read_text())
+            assert (info["signature"]["old_dim"], info["signature"]["new_dim"]) == (d_old, d_new)
+            assert info["export_max_abs_error"] < 1e-4 and len(info["history"]) == 3
+            assert all(np.isfinite(info["history"][-1][k]) for k in ("mse", "disc", "sigma"))
+        assert not (job.run_dir / "models" / "0" / "transform.npz").exists()
+        assert "transformed" in out["eval"]["protocols"]
+    else:
+        hist = json.loads((job.run_dir / "models" / "1" / "history.json").read_text())
+        old_term = {"bct": "loss/influence", "cl2r": "loss/feat_distill", "cvs": "loss/triplet",
+                    "hoc": "loss/hoc"}[method]  # fmt: skip
+        assert old_term in hist[0] and np.isfinite(hist[0][old_term])  # across the upgrade
+        assert "transformed" not in out["eval"]["protocols"]
     for proto, block in out["eval"]["protocols"].items():
         M = np.asarray(block["matrices"][block["metric"]], dtype=float)
         assert M.shape == (3, 3) and np.isfinite(M[np.tril_indices(3)]).all(), proto

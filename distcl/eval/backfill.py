@@ -337,5 +337,5 @@ def check_policies(policies: Sequence[str], has_sigma: bool = False) -> list[str
             raise ValueError(f"--policy: unknown policy {p!r} (known: {', '.join(POLICIES)})")
         if p == "uncertainty" and not has_sigma:
             raise ValueError("--policy: uncertainty needs a transformation with a sigma head "
-                             "(method fct); this run has none")  # fmt: skip
+                             "(method fct) and --transform")  # fmt: skip
     return list(policies)

@@ -22,7 +22,8 @@ def write_curves(run_dir, curves: list[dict]) -> dict:
     for c in curves:
         for i, (f, v) in enumerate(zip(c["fractions"], c["values"], strict=True)):
             row = {"old": c["old"], "new": c["new"], "protocol": c["protocol"],
-                   "policy": c["policy"], "step": i, "fraction": f,
+                   "policy": c["policy"], "old_rows": c.get("old_rows", "stored"),
+                   "step": i, "fraction": f,
                    "rows_new": c["rows_new"][i], "cmc@1": v}  # fmt: skip
             for key in c:
                 if key.startswith("map@"):
@@ -42,7 +43,8 @@ def summary(curves: list[dict]) -> list[dict]:
     out = []
     for c in curves:
         row = {"protocol": c["protocol"], "old": c["old"], "new": c["new"], "policy": c["policy"],
-               "auc": c["auc"], "start": c["values"][0], "end": c["values"][-1]}  # fmt: skip
+               "old_rows": c.get("old_rows", "stored"), "auc": c["auc"],
+               "start": c["values"][0], "end": c["values"][-1]}  # fmt: skip
         for key in c:
             if key.startswith("auc_map@"):
                 row[key] = c[key]
@@ -53,13 +55,15 @@ def summary(curves: list[dict]) -> list[dict]:
 def summary_markdown(curves: list[dict]) -> str:
     rows = summary(curves)
     maps = sorted({k for r in rows for k in r if k.startswith("auc_map@")})
-    head = "| protocol | old -> new | policy | AUC (CMC@1) | " + " | ".join(
+    head = "| protocol | old -> new | old rows | policy | AUC (CMC@1) | " + " | ".join(
         f"AUC {k[4:]}" for k in maps) + " | at 0 | at 1 |"  # fmt: skip
-    lines = [head, "|" + "---|" * (6 + len(maps))]
+    lines = [head, "|" + "---|" * (7 + len(maps))]
     for r in rows:
         cells = " | ".join(f"{r[k]:.3f}" for k in maps)
-        lines.append(f"| {r['protocol']} | {r['old'] + 1} -> {r['new'] + 1} | {r['policy']} | "
-                     f"{r['auc']:.3f} | {cells} | {r['start']:.3f} | {r['end']:.3f} |")  # fmt: skip
+        rows_kind = "h(old)" if r["old_rows"] == "transformed" else "old"
+        lines.append(f"| {r['protocol']} | {r['old'] + 1} -> {r['new'] + 1} | {rows_kind} | "
+                     f"{r['policy']} | {r['auc']:.3f} | {cells} | {r['start']:.3f} | "
+                     f"{r['end']:.3f} |")  # fmt: skip
     return "\n".join(lines).replace("|  |", "|")
 
 
@@ -81,8 +85,10 @@ def plot_curves(curves: list[dict], path) -> None:
         ax.axis("off")
     for ax, ((proto, old, new), group) in zip(axes.flat, panels.items(), strict=False):
         for c in group:
-            ax.plot(c["fractions"], c["values"], marker=".", label=f"{c['policy']} "
-                    f"(AUC {c['auc']:.3f})")  # fmt: skip
+            h = c.get("old_rows") == "transformed"
+            label = f"{'h(old), ' if h else ''}{c['policy']} (AUC {c['auc']:.3f})"
+            ax.plot(c["fractions"], c["values"], marker=".", linestyle="-" if h else "--",
+                    label=label)  # fmt: skip
         ax.set_title(f"{proto}: model {new + 1} over model {old + 1}'s gallery", fontsize=8)
         ax.set_xlabel("fraction of the gallery re-embedded", fontsize=7)
         ax.set_ylabel("CMC@1", fontsize=7)

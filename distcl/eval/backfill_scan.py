@@ -36,6 +36,7 @@ from distcl import storage
 from distcl.eval import backfill as bf
 from distcl.eval.backfill_report import summary_markdown, write_curves
 from distcl.eval.engine import Engine, EvalSettings
+from distcl.eval.transforms import chain
 from distcl.gallery.store import batch_embeddings, iter_batches, sub_store
 from distcl.rundir import RunDir
 
@@ -87,17 +88,28 @@ def _rows(engine: Engine, model: int, target: BackfillTarget, paths=None):
             yield codes[keep], batch_embeddings(rb)[keep]
 
 
+def old_side_maps(engine: Engine, old: int, new: int, transformed: bool) -> tuple:
+    """(map of model ``new``'s rows, map of model ``old``'s rows, the size they meet in) for
+    the old side of a curve: as ``distcl.eval.spaces`` says, or, ``transformed``, the old rows
+    sent through h_old+1 .. h_new into model new's space (method fct)."""
+    if transformed:
+        return None, chain(engine.transforms, old, new), engine.dims[new]
+    return engine.spaces.maps(new, old)
+
+
 def policy_buckets(engine: Engine, target: BackfillTarget, old: int, new: int, policies: list[str],
-                   cuts: np.ndarray, seed: int) -> dict[str, np.ndarray]:  # fmt: skip
+                   cuts: np.ndarray, seed: int,
+                   transformed: bool = False) -> dict[str, np.ndarray]:  # fmt: skip
     """Per policy the step (bucket) at which each gallery item turns new: (N,) int16 over
-    canonical positions, -1 outside the gallery."""
+    canonical positions, -1 outside the gallery. ``transformed``: the old rows are h's
+    output (``distance``: ||new - h(old)||, FastFill's oracle; ``uncertainty``: h_new's sigma)."""
     members = np.flatnonzero(target.members)  # (n,) canonical positions, sorted
     n = len(members)
     keys: dict[str, np.ndarray] = {}
+    slot = np.full(len(engine.cat), -1, np.int64)
+    slot[members] = np.arange(n)
     if "distance" in policies or "class_mean" in policies:
-        slot = np.full(len(engine.cat), -1, np.int64)
-        slot[members] = np.arange(n)
-        _, gmap, dim = engine.spaces.maps(new, old)  # distances in the space the two meet in
+        qmap, gmap, dim = old_side_maps(engine, old, new, transformed)  # where the two meet
         old_rows = np.zeros((n, dim), np.float32)  # (n, d): model j's gallery, once
         for codes, emb in _rows(engine, old, target):
             old_rows[slot[codes]] = emb if gmap is None else gmap(emb)
@@ -106,10 +118,17 @@ def policy_buckets(engine: Engine, target: BackfillTarget, old: int, new: int, p
         if "distance" in policies:
             dist = np.zeros(n)
             for codes, emb in _rows(engine, new, target):
-                mapped = engine.spaces.queries(emb, new, old)
+                mapped = emb if qmap is None else qmap(emb)
                 dist[slot[codes]] = bf.distance_keys(old_rows[slot[codes]], mapped)
             keys["distance"] = dist
         del old_rows
+    if "uncertainty" in policies:  # FastFill: the last h's predicted log sigma^2 of each row
+        before = None if new - 1 == old else chain(engine.transforms, old, new - 1)
+        sigma = np.zeros(n)
+        for codes, emb in _rows(engine, old, target):
+            sigma[slot[codes]] = engine.transforms[new].log_var(emb if before is None
+                                                               else before(emb))  # fmt: skip
+        keys["uncertainty"] = sigma
     out = {}
     for p in policies:
         if p == "random":
@@ -118,8 +137,8 @@ def policy_buckets(engine: Engine, target: BackfillTarget, old: int, new: int, p
             order = bf.order_oldest(np.full(n, old), engine.cat.tasks[members], seed)
         elif p in keys:
             order = bf._stable_desc(keys[p], seed)
-        else:
-            raise ValueError(f"--policy {p}: needs a transformation's sigma (method fct)")
+        else:  # check_policies let it through: a bug
+            raise AssertionError(f"policy {p} has no keys")
         position = np.empty(n, np.int64)
         position[order] = np.arange(n)
         buckets = np.full(len(engine.cat), -1, np.int16)
@@ -131,13 +150,16 @@ def policy_buckets(engine: Engine, target: BackfillTarget, old: int, new: int, p
 def scan(
     engine: Engine, target: BackfillTarget, side: str, model: int, queries: np.ndarray,
     buckets: dict[str, np.ndarray], cuts: np.ndarray, map_k: int | None, paths=None,
-    query_model: int | None = None,
+    query_model: int | None = None, transformed: bool = False,
 ) -> dict[str, bf.BackfillAccumulator]:  # fmt: skip
     """One pass over model ``model``'s rows (``side``: their role, "new" or "old") of the
     target's gallery (a shard of it: ``paths``), feeding one accumulator per policy.
     ``queries``: model ``query_model``'s (default ``model``'s), brought to ``model``'s space
-    here when the sizes differ (``distcl.eval.spaces``)."""
-    qmap, gmap, _ = engine.spaces.maps(model if query_model is None else query_model, model)
+    here when the sizes differ (``distcl.eval.spaces``); ``transformed``: an old side's rows
+    go through h into the query model's space instead (method fct)."""
+    qm = model if query_model is None else query_model
+    qmap, gmap, _ = (old_side_maps(engine, model, qm, True) if transformed and side == "old"
+                     else engine.spaces.maps(qm, model))  # fmt: skip
     if qmap is not None:
         queries = qmap(queries)
     lab = engine.cat.labels
@@ -184,14 +206,26 @@ def pairs_of(spec: str, T: int) -> list[tuple[int, int]]:
 
 def run_curves(run_dir, pairs: str = "last", policies=("random", "oldest", "distance",
                "class_mean"), steps: int = 20, protocols=None, map_k: int | None = bf.MAP_K,
-               seed: int | None = None, log=print) -> list[dict]:  # fmt: skip
-    """Every curve of a finished (or partly finished) run; see the module docstring."""
+               seed: int | None = None, log=print,
+               transform: bool = False) -> list[dict]:  # fmt: skip
+    """Every curve of a finished (or partly finished) run; see the module docstring.
+    ``transform``: also the curves whose old rows are h's output (method fct: FCT's and
+    FastFill's backfilling), marked ``"old_rows": "transformed"`` (the others ``"stored"``)."""
     rd = RunDir(run_dir).require("scenario_json")
     job, scenario = rd.load_job(), rd.load_scenario()
     T = rd.finished_tasks()
     if T < 2:
         raise ValueError(f"{rd.root}: {T} finished model(s); a backfilling curve needs two")
-    policies = bf.check_policies(policies, has_sigma=False)
+    has_sigma = False
+    if transform:
+        from distcl.eval.transforms import load_transforms
+
+        hs = load_transforms(rd.root)
+        if not hs:
+            raise ValueError(f"--transform: {rd.root} has no transformation (models/<t>/"
+                             "transform.npz): train it with method fct")  # fmt: skip
+        has_sigma = all(h.sigma is not None for h in hs.values())
+    policies = bf.check_policies(policies, has_sigma=has_sigma)  # uncertainty: --transform
     if steps < 0:
         raise ValueError(f"--steps must be >= 0, got {steps}")
     settings = EvalSettings.from_job(job)
@@ -199,40 +233,51 @@ def run_curves(run_dir, pairs: str = "last", policies=("random", "oldest", "dist
         protocols = [p for p in PROTOCOLS if p in settings.protocols]
     seed = job.seed if seed is None else seed
     engine = Engine(rd.root, settings, scenario)
+    variants = [(False, [p for p in policies if p != "uncertainty"])]
+    if transform:
+        variants.append((True, list(policies)))
     out = []
     for target in targets(engine, list(protocols)):
         n = int(target.members.sum())
         cuts = bf.step_cuts(n, steps)
         for old, new in pairs_of(pairs, T):
-            t0 = time.perf_counter()
-            buckets = policy_buckets(engine, target, old, new, policies, cuts, seed)
-            queries = engine._query_data(new)[target.query_set]  # (Q, d) by the new model
-            accs = _passes(engine, target, old, new, queries, buckets, cuts, map_k)
-            for p, acc in accs.items():
-                res = acc.result()
-                curve = bf.curve_dict(cuts, n, res["values"], res.get(f"map@{map_k}"), map_k)
-                out.append({"old": old, "new": new, "protocol": target.protocol,
-                            "policy": p, "queries": res["queries"], **curve})  # fmt: skip
-            if log:
-                aucs = ", ".join(f"{c['policy']} {c['auc']:.3f}" for c in out[-len(accs) :])
-                log(f"backfill {target.protocol} {old + 1}->{new + 1}: AUC {aucs} "
-                    f"({time.perf_counter() - t0:.1f}s)")  # fmt: skip
-            engine.release()
+            for transformed, pols in variants:
+                if not pols:
+                    continue
+                t0 = time.perf_counter()
+                buckets = policy_buckets(engine, target, old, new, pols, cuts, seed, transformed)
+                queries = engine._query_data(new)[target.query_set]  # (Q, d) by the new model
+                accs = _passes(engine, target, old, new, queries, buckets, cuts, map_k,
+                               transformed)  # fmt: skip
+                rows = "transformed" if transformed else "stored"
+                for p, acc in accs.items():
+                    res = acc.result()
+                    curve = bf.curve_dict(cuts, n, res["values"], res.get(f"map@{map_k}"), map_k)
+                    out.append({"old": old, "new": new, "protocol": target.protocol,
+                                "policy": p, "old_rows": rows, "queries": res["queries"],
+                                **curve})  # fmt: skip
+                if log:
+                    aucs = ", ".join(f"{c['policy']} {c['auc']:.3f}" for c in out[-len(accs) :])
+                    log(f"backfill {target.protocol} {old + 1}->{new + 1} ({rows} old rows): "
+                        f"AUC {aucs} ({time.perf_counter() - t0:.1f}s)")  # fmt: skip
+                engine.release()
     return out
 
 
-def _passes(engine, target, old, new, queries, buckets, cuts, map_k):
+def _passes(engine, target, old, new, queries, buckets, cuts, map_k, transformed=False):
     """The two passes (model ``new``'s rows, model ``old``'s), shard by shard; as Ray tasks
     in a Ray driver (``distcl.eval.distributed``), in this process otherwise."""
     from distcl.eval.distributed import ray_driver
 
     shards = {side: _shards(engine, m) for side, m in (("new", new), ("old", old))}
     if ray_driver():
-        return _ray_passes(engine, target, old, new, queries, buckets, cuts, map_k, shards)
+        return _ray_passes(engine, target, old, new, queries, buckets, cuts, map_k, shards,
+                           transformed)  # fmt: skip
     total = None
     for side, model in (("new", new), ("old", old)):
         for paths in shards[side]:
-            part = scan(engine, target, side, model, queries, buckets, cuts, map_k, paths, new)
+            part = scan(engine, target, side, model, queries, buckets, cuts, map_k, paths, new,
+                        transformed)  # fmt: skip
             total = part if total is None else {p: total[p].merge(part[p]) for p in total}
     return total
 
@@ -254,15 +299,15 @@ def _shards(engine: Engine, model: int) -> list[tuple[str, ...]]:
 
 
 def _scan_task(run_dir, settings, scenario, key, target, side, model, queries, buckets, cuts,
-               map_k, paths, query_model):  # fmt: skip
+               map_k, paths, query_model, transformed):  # fmt: skip
     from distcl.eval.distributed import _engine_for_task
 
     with _engine_for_task(run_dir, settings, scenario, key) as engine:
         return scan(engine, target, side, model, queries, buckets, cuts, map_k, paths,
-                    query_model)  # fmt: skip
+                    query_model, transformed)  # fmt: skip
 
 
-def _ray_passes(engine, target, old, new, queries, buckets, cuts, map_k, shards):
+def _ray_passes(engine, target, old, new, queries, buckets, cuts, map_k, shards, transformed):
     import ray
 
     from distcl.eval.distributed import _options
@@ -277,7 +322,7 @@ def _ray_passes(engine, target, old, new, queries, buckets, cuts, map_k, shards)
     q_ref, b_ref = ray.put(queries), ray.put(buckets)
     refs = [
         task.options(**next(options)[1]).remote(
-            *common, side, m, q_ref, b_ref, cuts, map_k, paths, new
+            *common, side, m, q_ref, b_ref, cuts, map_k, paths, new, transformed
         )  # fmt: skip
         for side, m in (("new", new), ("old", old))
         for paths in shards[side]

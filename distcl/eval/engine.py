@@ -65,7 +65,15 @@ from distcl.eval.selection import (
     release_memory,
 )
 from distcl.eval.spaces import Spaces
-from distcl.gallery.store import Store, batch_embeddings, iter_batches, open_store
+from distcl.eval.transforms import chain, load_transforms
+from distcl.gallery.store import (
+    Store,
+    batch_embeddings,
+    is_transformed_part,
+    iter_batches,
+    open_store,
+    sub_store,
+)
 from distcl.rundir import RunDir
 from distcl.storage import Uri
 
@@ -98,6 +106,9 @@ class Engine(ScanMixin, MergeMixin, CellMetricsMixin):
         self.dims = self.eval_store.dims  # model -> embedding size (model.upgrades)
         self.dim = max(self.dims.values())  # the largest: what memory budgets plan for
         self.spaces = Spaces(self.dims, settings.dim_change, self._compat())
+        # FCT: h_u of every later model (models/<u>/transform.npz) -> the "transformed" matrix
+        self.transforms = load_transforms(self.run_dir, [u for u in self.dims if u > 0])
+        self.transformed = settings.transformed
         self.cat = Catalogue.read(self.eval_store, 0)
         self.cat.keys  # noqa: B018  (the sorted keys, built once, here)
         release_memory()  # the read's and the sort's transients (~150 MB per 1M items)
@@ -183,8 +194,9 @@ class Engine(ScanMixin, MergeMixin, CellMetricsMixin):
 
     def _source(self, cell: Cell) -> tuple[Store, list[int], ds.Expression | None, np.ndarray]:
         """A cell's pass: the store, its models, the row filter and the rows expected per item
-        (canonical positions, (N,)): each item once per model, or, for the stale gallery after
-        task s, once if it arrived at a task <= s (its row as stored then: ``_rows_kept``)."""
+        (canonical positions, (N,)): each item once per model (a gallery, or model j's rows
+        transformed), or, for the stale gallery after task s, once if it arrived at a task
+        <= s (its row as stored then: ``_rows_kept``)."""
         if cell.kind == "stale":
             store = open_store(RunDir(self.run_dir).gallery)
             arrived = (self.cat.tasks >= 0) & (self.cat.tasks <= cell.model)
@@ -192,31 +204,39 @@ class Engine(ScanMixin, MergeMixin, CellMetricsMixin):
             return store, list(range(cell.model + 1)), filt, arrived.astype(np.int64)
         return self.eval_store, [cell.model], None, np.ones(len(self.cat), np.int64)
 
-    def _rows_kept(self, cell: Cell, batch, codes: np.ndarray) -> np.ndarray:
+    def _rows_kept(self, cell: Cell, batch, codes: np.ndarray,
+                   transformed: bool = False) -> np.ndarray:  # fmt: skip
         """(B,) bool: the rows of a batch the cell uses. The stale gallery after task s holds
-        each arrived item once, as stored at s: its arrival row (model == task), or the row of
-        the latest partial re-index with a model <= s (``distcl backfill --apply`` writes rows
-        of model t > task; a later one always has a later model), whichever model is larger."""
+        each arrived item once, as stored at s: the row of the highest rank (``stale_ranks``)
+        among its arrival row (model == task) and the rows of later re-indexes with a model
+        <= s (``distcl backfill --apply`` writes rows of model t > task). ``transformed``: the
+        batch comes from a part of transformed rows (``--apply --transform``; a shard never
+        mixes them with embedded rows: ``shards``)."""
         if cell.kind != "stale":
             return np.ones(len(codes), bool)
-        return batch["model"].to_numpy() == self._stale_models(cell.model)[codes]
+        rank = 2 * batch["model"].to_numpy().astype(np.int64) + (0 if transformed else 1)
+        return rank == self.stale_ranks(cell.model)[codes]
 
-    def _stale_models(self, s: int) -> np.ndarray:
-        """(N,) the model of each item's row in the stale gallery after task s."""
-        if self._reindexed is None:  # (codes, models) of every re-indexed row, read once
+    def stale_ranks(self, s: int) -> np.ndarray:
+        """(N,) the rank of each item's row in the stale gallery after task s: 2 * model + 1
+        for a row embedded from the image, 2 * model for a row transformed into model's space
+        by h (method fct), so a re-embedded row outranks a transformed one of the same model,
+        and a later model outranks both. Rows of models > s do not count."""
+        if self._reindexed is None:  # (codes, ranks) of every re-indexed row, read once
             store = open_store(RunDir(self.run_dir).gallery)
-            where = f"{store.root}"
-            codes, models = [], []
-            for rb in iter_batches(store, columns=("item_id", "model"),
-                                   filter=ds.field("task") != ds.field("model")):  # fmt: skip
-                codes.append(self.cat.codes(rb["item_id"], where))
-                models.append(rb["model"].to_numpy())
+            codes, ranks = [], []
+            for path, _info in store.parts:
+                bonus = 0 if is_transformed_part(path) else 1
+                for rb in iter_batches(sub_store(store, (path,)), columns=("item_id", "model"),
+                                       filter=ds.field("task") != ds.field("model")):  # fmt: skip
+                    codes.append(self.cat.codes(rb["item_id"], path))
+                    ranks.append(2 * rb["model"].to_numpy().astype(np.int64) + bonus)
             self._reindexed = (np.concatenate(codes or [np.zeros(0, np.int64)]),
-                               np.concatenate(models or [np.zeros(0, np.int32)]))  # fmt: skip
-        out = self.cat.tasks.astype(np.int64)  # the arrival row: model == task
-        codes, models = self._reindexed
-        keep = models <= s
-        np.maximum.at(out, codes[keep], models[keep])
+                               np.concatenate(ranks or [np.zeros(0, np.int64)]))  # fmt: skip
+        out = 2 * self.cat.tasks.astype(np.int64) + 1  # the arrival row: model == task
+        codes, ranks = self._reindexed
+        keep = ranks // 2 <= s
+        np.maximum.at(out, codes[keep], ranks[keep])
         return out
 
     @property
@@ -226,6 +246,8 @@ class Engine(ScanMixin, MergeMixin, CellMetricsMixin):
     def _target_names(self, cell: Cell) -> list[str]:
         if cell.kind == "stale":
             return ["stale"]
+        if cell.kind == "transformed":  # the closed set's gallery, its rows transformed
+            return ["closed"] if "closed" in self.s.protocols else []
         names = ["closed"] if "closed" in self.s.protocols else []
         return names + (["open"] if "open" in self.s.protocols or self._ident_items else [])
 
@@ -252,6 +274,13 @@ class Engine(ScanMixin, MergeMixin, CellMetricsMixin):
                               None, True))  # fmt: skip
             return [t]
         j = cell.model
+        if cell.kind == "transformed":  # model i's queries, model j's rows through h_j+1..h_i
+            (i,) = cell.queries
+            tc = Target("closed", plan.closed, self.exact["closed"], dim=self.dims[i],
+                        gallery_map=chain(self.transforms, j, i))  # fmt: skip
+            q = self._query_data(i)["closed"]
+            tc.queries.append((("transformed", i), q, closed_codes, None, True))
+            return [tc]
         _, gmap, dim = self.spaces.maps(cell.queries[0], j)  # one per cell (``cells``)
         targets = []
         if "closed" in names:
@@ -300,6 +329,8 @@ class Engine(ScanMixin, MergeMixin, CellMetricsMixin):
                 by_size.setdefault(self.dims[i], []).append(i)
             cells += [Cell("gallery", j, tuple(same[g : g + group]))
                       for same in by_size.values() for g in range(0, len(same), group)]  # fmt: skip
+            if self.transformed and "closed" in self.s.protocols:  # one pass per (i, j): h_i..
+                cells += [Cell("transformed", j, (i,)) for i in queries if i > j]
         return rows, cells + ([Cell("stale", t) for t in rows] if stale else [])
 
     def rows(self, tasks: list[int], log=None, stale: bool = True) -> dict[int, dict]:
@@ -316,10 +347,10 @@ class Engine(ScanMixin, MergeMixin, CellMetricsMixin):
             t0 = time.perf_counter()
             partials = [self.scan(cell, paths) for paths in self.shards(cell)]
             apply_cell(rows, self.finish(cell, partials))
-            if cell.kind == "gallery":
+            if cell.kind != "stale":
                 spent[cell.model] = spent.get(cell.model, 0.0) + time.perf_counter() - t0
                 last = n + 1 == len(cells) or cells[n + 1].model != cell.model
-                if log and (last or cells[n + 1].kind != "gallery"):
+                if log and (last or cells[n + 1].kind == "stale"):
                     done = [t for t in rows if t >= cell.model]
                     log(f"gallery model {cell.model}: rows {done} in {spent[cell.model]:.1f}s")
         return rows

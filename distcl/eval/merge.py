@@ -74,6 +74,10 @@ class MergeMixin:
                         puts.append((i, "identification", j, ident, None))
                     if proto != "open" or "open" in s.protocols:
                         puts.append((i, proto, j, m, self.map_kind(name)))
+                    if proto == "all" and i == j and self.transformed:  # h^0: the identity
+                        puts.append((i, "transformed", j, m, self.map_kind(name)))
+        if cell.kind == "transformed":
+            return {"puts": puts, "stale": None}
         if self._templates(cell):
             sums = partials[0].sums.copy()
             for p in partials[1:]:

@@ -19,7 +19,8 @@ from distcl.storage import Uri
 
 _TITLES = {"all": "closed, all classes", "seen": "closed, classes the gallery model had seen",
            "open": "open set (held-out classes)", "verification": "1:1 verification",
-           "identification": "identification"}  # fmt: skip
+           "identification": "identification",
+           "transformed": "closed, old gallery rows transformed by h (FCT)"}  # fmt: skip
 
 
 def _fmt(v) -> str:

@@ -17,7 +17,13 @@ import pyarrow.compute as pc
 
 from distcl.eval import metrics as mt
 from distcl.eval.selection import MAP_AT_K, MAX_BATCH_ROWS, MAX_NLIST
-from distcl.gallery.store import Store, batch_embeddings, iter_batches, sub_store
+from distcl.gallery.store import (
+    Store,
+    batch_embeddings,
+    is_transformed_part,
+    iter_batches,
+    sub_store,
+)
 
 
 @dataclass
@@ -37,8 +43,9 @@ class Target:
 @dataclass(frozen=True)
 class Cell:
     """A unit of row work, small and picklable (what a Ray task is given): one read of
-    gallery model ``model`` for the query models ``queries`` (``kind="gallery"``), or the
-    stale gallery after task ``model`` (``kind="stale"``)."""
+    gallery model ``model`` for the query models ``queries`` (``kind="gallery"``), one read
+    of it with its rows transformed into the space of the one query model (``"transformed"``,
+    method fct), or the stale gallery after task ``model`` (``kind="stale"``)."""
 
     kind: str
     model: int
@@ -154,10 +161,10 @@ class ScanMixin:
             state[t.name] = {"buf": buf, "codes": [], "fill": 0, "search": search, "done": []}
         read: list[np.ndarray] = []
         model_set: set[int] = set()
-        for rb in iter_batches(store, models, columns=("item_id", "label", "task", "model",
-                               "embedding"), filter=filt, batch_rows=self._batch_rows):  # fmt: skip
+        cols = ("item_id", "label", "task", "model", "embedding")
+        for rb, transformed in self._part_batches(store, models, cols, filt):
             codes = self.cat.codes(rb["item_id"], where)
-            kept = self._rows_kept(cell, rb, codes)
+            kept = self._rows_kept(cell, rb, codes, transformed)
             if not kept.all():  # rows a later re-index replaced (the stale gallery)
                 rb, codes = rb.filter(pa.array(kept)), codes[kept]
             read.append(codes)
@@ -193,6 +200,15 @@ class ScanMixin:
         out.seconds = time.perf_counter() - t0
         return out
 
+    def _part_batches(self, store: Store, models, columns, filt):
+        """(record batch, whether its part holds rows transformed by h) of a shard's parts, in
+        the store's order (``Engine.stale_ranks`` ranks the two kinds of rows apart)."""
+        for path, _info in store.parts:
+            part = sub_store(store, (path,))
+            for rb in iter_batches(part, models, columns=columns, filter=filt,
+                                   batch_rows=self._batch_rows):  # fmt: skip
+                yield rb, is_transformed_part(path)
+
     def _k(self, exclude_self: bool) -> int:
         """Neighbours asked from a streamed search: every k reported, mAP@MAP_AT_K, + self."""
         return max(self.k_lists, MAP_AT_K) + int(exclude_self)
@@ -226,10 +242,10 @@ class ScanMixin:
                                       if info.model in models))  # fmt: skip
         kept_codes, kept_emb, n_kept, n_rows = [], [], 0, 0
         cols = ("item_id", "model", "embedding")
-        for rb in iter_batches(store, models, columns=cols, filter=filt,
-                               batch_rows=self._batch_rows):  # fmt: skip
+        for rb, transformed in self._part_batches(store, models, cols, filt):
             codes = self.cat.codes(rb["item_id"], str(store.root))
-            sel = np.flatnonzero(t.member[codes] & self._rows_kept(cell, rb, codes))
+            kept = self._rows_kept(cell, rb, codes, transformed)
+            sel = np.flatnonzero(t.member[codes] & kept)
             if not len(sel):
                 continue
             n_rows += len(sel)

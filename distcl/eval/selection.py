@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from distcl.catalog import needs_of
 from distcl.eval import protocols as pr
 from distcl.gallery.store import Store, iter_batches
 
@@ -49,6 +50,7 @@ class EvalSettings:
     nprobe: int = 16  # IVF (-PQ) lists probed per query
     preset: str = "none"  # eval.preset: "iamcl2r" reads the identification AM as its code
     dim_change: str = "pad"  # model.dim_change: how rows of different sizes meet
+    transformed: bool = False  # method fct: the "transformed" matrix (old rows through h)
 
     @classmethod
     def from_job(cls, job: Any, use_gpu: bool | str | None = None) -> EvalSettings:
@@ -61,6 +63,7 @@ class EvalSettings:
             job.seed, e.ties, e.probes_per_class, e.distractor_classes, e.verification_pairs,
             e.folds, tuple(e.fars), e.identification, e.index, e.exact_map, e.memory_budget_mb,
             use_gpu, nprobe=e.nprobe, preset=e.preset, dim_change=job.model.dim_change,
+            transformed=needs_of(job).transform,
         )  # fmt: skip
 
     def key(self) -> dict:

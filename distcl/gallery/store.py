@@ -152,6 +152,15 @@ def _fs_paths(fs, parts) -> list[str]:
     return [p if fs is None else storage.location(p).path for p, _ in parts]
 
 
+#: Parts of rows transformed by h (``distcl backfill --apply --transform``), not embedded.
+TRANSFORMED_PREFIX = "transform-"
+
+
+def is_transformed_part(path: str | os.PathLike) -> bool:
+    """Whether a gallery part holds rows transformed into its model's space (method fct)."""
+    return str(path).replace("\\", "/").rsplit("/", 1)[-1].startswith(TRANSFORMED_PREFIX)
+
+
 def sub_store(store: Store, paths: Iterable[str]) -> Store:
     """The parts ``paths`` of an opened store (a gallery shard), in the store's order, on the
     store's file system; ValueError naming a path that is not a part of it (any more)."""

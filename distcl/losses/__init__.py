@@ -29,11 +29,13 @@ from distcl.losses.distillation import (
     triplet_distillation_loss,
 )
 from distcl.losses.metric import DEFAULT_MMD_SIGMAS, batch_hard_triplet_loss, mmd
+from distcl.losses.transform import fastfill_loss, transformation_mse
 
 __all__ = [
     "DEFAULT_MMD_SIGMAS",
     "GradReverse",
     "discriminator_loss",
+    "fastfill_loss",
     "generator_loss",
     "batch_hard_triplet_loss",
     "coherence_loss",
@@ -48,5 +50,6 @@ __all__ = [
     "mmd",
     "norm_softmax_loss",
     "projection_loss",
+    "transformation_mse",
     "triplet_distillation_loss",
 ]

@@ -6,7 +6,7 @@ added to any method). Importing this package registers every method and term.
 
 from __future__ import annotations
 
-from distcl.methods import bct, cl2r, cvs, er, finetune, hoc, joint, lwf, mmd  # noqa: F401
+from distcl.methods import bct, cl2r, cvs, er, fct, finetune, hoc, joint, lwf, mmd  # noqa: F401
 from distcl.methods.align import ALIGN_TERMS
 from distcl.methods.base import METHODS, Batch, Method, Needs, Params, TaskContext
 

@@ -92,7 +92,7 @@ class Run:
         self.progress = progress
         self.log = log
         self.needs = needs_of(job)  # the method's, its replay share resolved
-        self.uses_memory = self.needs.replay_fraction > 0 or self.needs.class_means
+        self.uses_memory = self.needs.memory
         #: A finished model folder of another run to be compatible with from task 0 on.
         self.external_old_model = SPECS[job.method.name].external_old_model(job.method.params)
         self.digest = training_digest(job)

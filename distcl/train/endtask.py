@@ -195,6 +195,12 @@ def finish_task(w, t: int, model) -> dict:
             write_embeddings(rd.gallery, t, part, ev["keys"][now], ev["labels"][now],
                              ev["tasks"][now], ev["emb"][now])  # fmt: skip
     embed_s = time.perf_counter() - t0
+    transform = {}
+    if plan.needs.transform:  # FCT: h_t on the items with both rows, before task t's exemplars
+        from distcl.train.transform import train_transform
+
+        transform = train_transform(w, t, model)
+    t_mem = time.perf_counter()
     if plan.uses_memory:
         _update_memory(w, t, model)
     counts = torch.tensor([len(ev["keys"])], dtype=torch.int64)
@@ -209,7 +215,7 @@ def finish_task(w, t: int, model) -> dict:
                 f"task {t}: the ranks embedded {int(counts)} evaluation items, the manifest "
                 f"lists {plan.eval_count}"
             )
-        info = {"embed_s": embed_s, "memory_s": time.perf_counter() - t0 - embed_s,
+        info = {"embed_s": embed_s, "memory_s": time.perf_counter() - t_mem, **transform,
                 "eval_items": int(counts), "workers": w.world, "nodes": nodes}  # fmt: skip
         rd.mark_done(t, info)
     w.barrier()
@@ -247,7 +253,7 @@ def _update_memory(w, t: int, model) -> None:
         sums, counts = _class_sums(w, tr["labels"], emb)
         if w.rank == 0:
             w.memory.update_class_sums(sums, counts, key=f"task{t}")
-    if needs.replay_fraction <= 0:
+    if needs.replay_fraction <= 0 and not needs.exemplars:
         return
     # Candidates: labels and embeddings of every rank (no images), in rank order.
     parts = [None] * w.world

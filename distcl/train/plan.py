@@ -66,7 +66,7 @@ class RunPlan:
     @property
     def uses_memory(self) -> bool:
         """The memory service keeps exemplars or class means for this method."""
-        return self.needs.replay_fraction > 0 or self.needs.class_means
+        return self.needs.memory
 
     @property
     def eval_count(self) -> int:
