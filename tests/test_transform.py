@@ -137,3 +137,15 @@ def test_engine_transformed_matrix_equals_transform_then_search(synthetic_job):
                 if i == j:
                     assert got[name][i][j] == pytest.approx(plain[name][i][i], abs=1e-9)
     assert np.isfinite(result["protocols"]["transformed"]["summary"]["am"])
+
+
+def test_the_transform_bench_runs_small(tmp_path):
+    from distcl.bench.transform import format_transform_bench, run_transform_bench
+
+    r = run_transform_bench(rows=3000, dim=16, inners=(32,), batch_rows=1000,
+                            workdir=str(tmp_path))  # fmt: skip
+    x = r["inner"][32]
+    assert r["read"]["rows"] == x["rows"] == 3000
+    assert x["ratio_over_read"] == pytest.approx(x["seconds"] / r["read"]["seconds"])
+    assert x["params"] == sum(p.numel() for p in Transformation(16, 16, 32).parameters())
+    assert "the read pass (goal <= 1.5)" in format_transform_bench(r)

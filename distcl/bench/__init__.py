@@ -9,6 +9,7 @@ measured in the same run (never timed assertions in tests).
     distcl bench data     # shard building throughput: 1, 2, 4 Ray tasks vs one process
     distcl bench controller  # a Train run's controller: Ray's stock TorchTrainer vs distcl's
     distcl bench backfill # a whole backfilling curve against one engine pass of the same pair
+    distcl bench transform  # FCT's h applied to a stored gallery against one read pass
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import importlib
 BENCHES = {
     "train": "train", "search": "search", "eval": "evalcost", "memory": "memory",
     "sequence": "sequence", "data": "data", "controller": "controller",
-    "backfill": "backfill",
+    "backfill": "backfill", "transform": "transform",
 }  # fmt: skip
 
 
