@@ -140,6 +140,7 @@ def _check_cross_fields(job: JobConfig) -> None:
 
     known = {"synthetic": job.data.synthetic_classes, "fashion-mnist": 10}.get(job.data.source)
     _check_upgrades(job)
+    _check_tracking(job)
     for task in range(job.scenario.tasks if job.model.upgrades else 1):
         arch = model_at(job, task)
         if arch.head == "simplex" and known and arch.embedding_dim + 1 < known:
@@ -157,6 +158,22 @@ def _check_cross_fields(job: JobConfig) -> None:
             check_class_split(job.scenario, known)
         except ValueError as e:
             raise ConfigError(f"{e} ({job.data.source} has {known} classes)") from None
+
+
+def _check_tracking(job: JobConfig) -> None:
+    """``output.tracking`` names a tracker whose client is installed (not its server: that
+    is checked when a run starts)."""
+    import importlib.util
+
+    if job.output.tracking == "mlflow" and importlib.util.find_spec("mlflow") is None:
+        raise ConfigError("output.tracking: mlflow needs its client, which is not installed: "
+                          "pip install 'distcl[tracking]' (mlflow-skinny)")  # fmt: skip
+    if job.output.tracking == "tensorboard" and importlib.util.find_spec("tensorboardX") is None:
+        raise ConfigError("output.tracking: tensorboard needs tensorboardX (pip install "
+                          "tensorboardX; Ray Tune installs it)")  # fmt: skip
+    if job.output.tracking == "tensorboard" and "://" in job.output.root:
+        raise ConfigError(f"output.tracking: tensorboard writes event files into a local run "
+                          f"directory; output.root is {job.output.root}")  # fmt: skip
 
 
 def _check_upgrades(job: JobConfig) -> None:

@@ -21,16 +21,33 @@ from distcl.rundir import RunDir
 def run_job(job: JobConfig, progress: bool = True, evaluate: bool = True, log=print) -> dict:
     """Train every task of ``job`` (resuming), then evaluate it and write the report."""
     from distcl.localray import init_ray
+    from distcl.tracking import RunTracker, mlflow_client, mlflow_uri
     from distcl.train.driver import Run
 
+    if job.output.tracking == "mlflow":  # an unreachable tracker fails before Ray starts
+        mlflow_client(mlflow_uri(job))
     init_ray()
-    run = Run(job, progress=progress, log=log)
-    out = run.run()
-    if evaluate:
-        from distcl.eval.evaluate import evaluate_run
+    tracker = RunTracker.for_job(job, job.run_dir, log)
+    run = Run(job, progress=progress, log=log, tracker=tracker)
+    try:
+        out = run.run()
+        if evaluate:
+            from distcl.eval.evaluate import evaluate_run
 
-        faults.pause_point(os.environ.get(faults.PAUSE_ENV), "eval", run.scenario.num_tasks - 1)
-        out["eval"] = evaluate_run(run.dir, log=log)
+            faults.pause_point(os.environ.get(faults.PAUSE_ENV), "eval",
+                               run.scenario.num_tasks - 1)  # fmt: skip
+            out["eval"] = evaluate_run(run.dir, log=log)
+    except BaseException:
+        if tracker is not None and (tracker.run_id or tracker.writer):
+            tracker.finish("FAILED")
+        raise
+    if tracker is not None:
+        if evaluate:
+            from distcl.tracking import run_artifacts
+
+            tracker.log_eval(out["eval"])
+            tracker.log_artifacts(run_artifacts(run.dir))
+        tracker.finish()
     return out
 
 
@@ -74,4 +91,21 @@ def compare_jobs(
             else:
                 runs.append(storage.read_json(rd.metrics_json))
         results.append((group, runs))
-    return write_comparison(results, out, log=log, protocol=protocol)
+    rows = write_comparison(results, out, log=log, protocol=protocol)
+    if jobs[0].output.tracking == "mlflow":  # the comparison as one run
+        from distcl.tracking import SideRun
+
+        tracked = SideRun(jobs[0], f"compare: {', '.join(j.name for j in jobs)}", None, log,
+                          tags={"distcl.kind": "compare"})  # fmt: skip
+        tracked.log_params({"jobs": [j.name for j in jobs], "seeds": seeds or [jobs[0].seed],
+                            "protocol": protocol or "all"})  # fmt: skip
+        for row in rows:  # cells: (mean, std, n) over the seeds
+            cells = {k: v for k, v in row.items() if isinstance(v, tuple)}
+            tracked.log_metrics(
+                {f"{row['job']}.{k}": v[0] for k, v in cells.items()}
+                | {f"{row['job']}.{k}.std": v[1] for k, v in cells.items()}
+            )
+        tracked.log_artifacts([Path(out) / n for n in ("compare.md", "compare.json",
+                                                       "compare.png")])  # fmt: skip
+        tracked.finish()
+    return rows

@@ -301,6 +301,13 @@ class EvalConfig(Section):
 
 class OutputConfig(Section):
     root: str = "runs"  #: a local path, a shared file system, or an object-store URI
+    #: experiment tracking (docs/tracking.md): none, mlflow (a server or local store) or
+    #: tensorboard (event files in the run directory)
+    tracking: Literal["none", "mlflow", "tensorboard"] = "none"
+    #: MLflow's tracking URI (http://host:5000, file:/path, sqlite:///path); None: the
+    #: environment's MLFLOW_TRACKING_URI
+    tracking_uri: str | None = None
+    experiment: str = "distcl"  #: the MLflow experiment runs are logged to
 
     _root = field_validator("root")(lambda v: _storage_root(v, "output.root"))
 

@@ -20,6 +20,15 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   "$VENV/bin/python" -m pip install -q -e ".[dev]"
   touch "$stamp"
 fi
+# The MLflow tracking server that the tracking tests start (full mlflow, in a venv of its
+# own: its pins would downgrade pyarrow and cryptography in .venv; distcl itself needs only
+# the client, distcl[tracking] = mlflow-skinny).
+MLVENV=${MLFLOW_VENV:-.venv-mlflow}
+if [ ! -x "$MLVENV/bin/mlflow" ]; then
+  echo "[setup] installing an MLflow tracking server into $MLVENV (for the tests)"
+  "$PYTHON" -m venv "$MLVENV"
+  "$MLVENV/bin/python" -m pip install -q "mlflow>=3.17,<3.18"
+fi
 # Real data: Debian's dataset-fashion-mnist (IDX files in /usr/share/datasets/fashion-mnist).
 if [ ! -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] \
    && [ -z "${DISTCL_FASHION_MNIST:-}" ]; then

@@ -82,7 +82,8 @@ def training_digest(job: JobConfig) -> str:
 class Run:
     """One job's run directory and its sequence of tasks."""
 
-    def __init__(self, job: JobConfig, progress: bool = True, log=print, board=None):
+    def __init__(self, job: JobConfig, progress: bool = True, log=print, board=None,
+                 tracker=None):  # fmt: skip
         """``board``: the ProgressBoard to post to (a tuning search shares its own with its
         trials); default: this process's (:func:`~distcl.train.progress.progress_board`)."""
         self.job = job
@@ -96,6 +97,7 @@ class Run:
         #: A finished model folder of another run to be compatible with from task 0 on.
         self.external_old_model = SPECS[job.method.name].external_old_model(job.method.params)
         self.digest = training_digest(job)
+        self.tracker = tracker  # a distcl.tracking.RunTracker, started with the run
 
     # -- set-up --------------------------------------------------------------------
     def prepare(self) -> Scenario:
@@ -241,6 +243,7 @@ class Run:
         plan = self.plan(
             upto, memory=self.memory_service() if self.uses_memory else None, progress=page,
             score_fn=score_fn, fault=os.environ.get(faults.FAULT_ENV),
+            tracking=self.tracker.worker_info() if self.tracker else None,
             pause=os.environ.get(faults.PAUSE_ENV),
         )  # fmt: skip
         trainer = Trainer(
@@ -302,5 +305,7 @@ class Run:
         """Prepare and train every task (under the run directory's lock)."""
         with self.rd.lock():
             self.prepare()
+            if self.tracker is not None:  # before training: an unreachable tracker fails here
+                self.tracker.start()
             out = self.train()
         return {"run_dir": str(self.dir), **out}

@@ -40,6 +40,7 @@ from distcl.data.shards import batches_per_epoch
 from distcl.memory.selection import BalancedSampler
 from distcl.methods.base import Batch
 from distcl.rundir import RunDir
+from distcl.tracking import WorkerTracker
 from distcl.train import endtask
 from distcl.train.modeling import (
     build_method,
@@ -117,6 +118,7 @@ class Worker:
         self.loaders = self.job.train.loaders()  # DataLoader processes that read and decode
         self.memory = plan.memory  # a MemoryService (its shards' handles) or None
         self.progress = plan.progress if self.rank == 0 else None  # a RunProgress
+        self.tracker = WorkerTracker(plan.tracking, self.rank)  # rank 0 logs, others no-op
 
     def barrier(self) -> None:
         if self.distributed:
@@ -151,6 +153,7 @@ class Worker:
                           **parts, **info}  # fmt: skip
             if self.progress is not None:  # the driver logs the task now, not at the end
                 self.progress.task_done(t, timings[t])
+            self.tracker.log(timings[t], step=t, prefix="task.")
             metrics = {"task": t, "task_done": 1, **timings[t]}
             if self.rank == 0 and plan.score_fn:  # e.g. a tuning trial's row
                 metrics.update(plan.score_fn(str(self.rd.root), t))
@@ -161,6 +164,7 @@ class Worker:
                 # tasks. Nothing else reads this report, and each costs a controller poll.
                 ray.train.report(metrics)
             timings[t]["report_s"] = time.perf_counter() - t2  # waits for the controller
+        self.tracker.close()
         return {"rank": self.rank, "world": self.world, "timings": timings,
                 "tasks_started_at": started, "tasks_ended_at": time.time()}  # fmt: skip
 
@@ -294,6 +298,8 @@ class Worker:
                                         t_first)  # fmt: skip
             record["resumed"] = bool(resume) and epoch == start_epoch  # after a checkpoint
             history.append(record)
+            step_no = sum(job.train.epochs_for(k) for k in range(t)) + epoch  # epochs so far
+            self.tracker.log(record, step=step_no, prefix="train.")
             if self.progress is not None:
                 self.progress.update(
                     task=t, epoch=epoch, step=n_batches, steps=n_batches, record=record

@@ -60,6 +60,7 @@ class RunPlan:
     memory: Any = None  # a MemoryService
     progress: Any = None  # a RunProgress page (rank 0 posts to it)
     score_fn: Callable[[str, int], dict] | None = None  # after task t, on rank 0 (tuning)
+    tracking: dict | None = None  # rank 0 logs into the run's tracker (distcl.tracking)
     fault: str | None = None  # DISTCL_FAULT (fault-injection tests)
     pause: str | None = None  # DISTCL_PAUSE_AT
 

@@ -253,6 +253,14 @@ def tune_job(
         return _write_results(job, tc, grid, num_tasks, tune_dir, log, partial=True)
 
     concurrency, _ = _cluster_concurrency(tc, probe, log)
+    tracked = None
+    if job.output.tracking == "mlflow" and best_from is None:  # a parent run, a child per trial
+        from distcl.tracking import SideRun
+
+        tracked = SideRun(job, f"{job.name}-tune", tune_dir / "tracking.json", log,
+                          tags={"distcl.kind": "search"})  # fmt: skip
+        tracked.log_params({"tune": to_dict(job)["tune"], "method": to_dict(job)["method"]})
+    callbacks = [SweepIdleGroups()] + ([tracked.trial_callback(job)] if tracked else [])
     if best_from is not None:
         from distcl.tune.confirm import baseline_point, confirm_best
 
@@ -332,10 +340,27 @@ def tune_job(
                 name=exp_dir.name, **storage.ray_storage(tune_dir),
                 failure_config=tune.FailureConfig(max_failures=tc.max_trial_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                callbacks=[SweepIdleGroups()],
+                callbacks=callbacks,
             ),
         )  # fmt: skip
-    out = _write_results(job, tc, tuner.fit(), num_tasks, tune_dir, log)
+    try:
+        out = _write_results(job, tc, tuner.fit(), num_tasks, tune_dir, log)
+    except BaseException:
+        if tracked:
+            tracked.finish("FAILED")
+        raise
+    if tracked:
+        best = out["best"] or {}
+        tracked.log_metrics({f"best.{k}": v for k, v in best.items()})
+        tracked.tag_trials(out["rows"])
+        tracked.log_artifacts(
+            [
+                tune_dir / n
+                for n in ("trials.md", "trials.csv", "pareto.png", out["best_job"] or "")
+            ]  # fmt: skip
+            + sorted(Path(tune_dir).glob("objective_vs_*.png"))
+        )
+        tracked.finish()
     k = tc.confirm_seeds if confirm is None else confirm
     if k:
         from distcl.tune.confirm import confirm_best, finished_search_runs

@@ -75,6 +75,7 @@ def trial_job(
         set_path(raw, key, value)
     raw["name"] = name
     raw.pop("tune", None)
+    raw["output"]["tracking"] = "none"  # a search's tracker logs trials (a child run each)
     if output_root is not None:
         raw["output"]["root"] = str(output_root)
     return parse_job(raw, f"trial {name}")
