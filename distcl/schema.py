@@ -235,7 +235,7 @@ class TrainConfig(Section):
 
 
 Ks = Annotated[tuple[Pos, ...], Field(min_length=1)]
-Protocol = Literal["closed", "open", "verification", "identification"]
+Protocol = Literal["closed", "open", "verification", "identification", "openset"]
 
 
 class EvalConfig(Section):
@@ -259,6 +259,17 @@ class EvalConfig(Section):
         1e-3, 1e-2, 1e-1,
     )  # fmt: skip
     identification: Literal["templates", "items"] = "templates"
+    #: openset: held-out classes with no gallery item, all their items non-mated probes
+    #: (None: half of the held-out classes that are not distractor classes, at least one)
+    nonmated_classes: NonNeg | None = None
+    fpirs: Annotated[tuple[Annotated[StrictFloat, Field(gt=0, le=1)], ...], Field(min_length=1)] = (
+        1e-3,
+        1e-2,
+        1e-1,
+    )  #: openset: TPIR at these FPIRs
+    #: openset: a Parquet store of distractor rows (``model=<t>/`` parts as the gallery's,
+    #: one per model) added to every openset gallery (MegaFace's distractors); None: none
+    distractors: str | None = None
     exact_map: Bool = True  #: full-ranking mAP where feasible; else mAP@k from top-k lists
     memory_budget_mb: Pos = 1024
     #: faiss-gpu for the gallery search, decided where each search runs: ``auto`` uses a GPU

@@ -446,3 +446,47 @@ def test_ivf_training_sample_is_seeded_uniform_and_independent_of_batch_size(
         sample, n = engine._train_sample(store, models, filt, target, cell)
         assert n == len(members)
         np.testing.assert_array_equal(sample, embs[cell.model][want])
+
+
+@pytest.mark.parametrize("shard_rows", [None, 7])
+def test_openset_matrix_equals_brute_force_with_distractors(synthetic_job, tmp_path, shard_rows):
+    """eval.protocols [openset]: held-out classes split into enrolled (mated probes + gallery)
+    and non-mated (probes only); 30 distractor rows per model from another store. Every
+    (i, j) entry equals metrics.open_set_identification on probes by model i against model
+    j's gallery and distractors, whether the gallery is one shard or many."""
+    job = synthetic_job(
+        name="openset", data={"synthetic_classes": 10},
+        scenario={"tasks": T, "heldout_classes": 4},
+        eval={"protocols": ["openset"], "probes_per_class": 3, "fpirs": [0.1, 0.5, 1.0],
+              "distractors": str(tmp_path / "distractors")},
+    )  # fmt: skip
+    run, scen, ids, labels, tasks, embs = make_run(job, per_class=8, heldout=4)
+    rng = np.random.default_rng(5)
+    dist = []
+    for t in range(T):
+        d = _unit(rng.normal(size=(30, 8)))
+        dist.append(d)
+        write_embeddings(tmp_path / "distractors", t, "part-0",
+                         [f"distractor-{k:03d}" for k in range(30)], np.full(30, 99),
+                         np.full(30, -1), d)  # fmt: skip
+    s = _settings(job, shard_rows=shard_rows)
+    engine = Engine(run, s, scen)
+    plan = engine.plan.openset
+    assert plan.mated.any() and (plan.probes & ~plan.mated).any()
+    assert len(plan.nonmated_classes) == 2
+    rows = engine.rows(list(range(T)), stale=False)
+    P, G = plan.probes, plan.gallery
+    for i in range(T):
+        got = rows[i]["protocols"]["openset"]["values"]
+        for j in range(i + 1):
+            g = np.concatenate([embs[j][G], dist[j]])
+            g_lab = np.concatenate([labels[G], np.full(30, -1)])
+            want = mt.open_set_identification(embs[i][P], labels[P], g, g_lab, fpir=(0.1, 0.5, 1.0))
+            for f, v in want.items():
+                name = mt.fpir_name(f)
+                assert (np.isnan(v) and np.isnan(got[name][j])) or got[name][j] == pytest.approx(v)
+    assert rows[0]["items"]["openset_nonmated_probes"] == int((P & ~plan.mated).sum())
+    # the whole run: assembled matrices with their summaries
+    result = evaluate_run(run, log=lambda *a: None)
+    block = result["protocols"]["openset"]
+    assert block["metric"] == "tpir@fpir=1e-1" and "rank1" in block["matrices"]

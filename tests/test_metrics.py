@@ -16,6 +16,7 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score, roc_curve
 
+from distcl.eval import metrics as mt
 from distcl.eval.metrics import (
     average_precision,
     cmc,
@@ -443,3 +444,59 @@ def test_topk_counts_golden_ap_at_k():
     # a query without positive anywhere is not counted; no match in the list -> no hit
     hits, _, n = topk_counts([[2.0, 1.0], [2.0, 1.0]], [[0, 0], [0, 0]], [0, 4], (2,))
     assert n == 1 and hits.tolist() == [0]
+
+
+# ---------------------------------------------------------------- open-set 1:N identification
+def _tpir_brute(S, q_lab, g_lab, fpir):
+    """TPIR by brute force: per probe its top-1 (a tie between labels is a miss), then the
+    smallest threshold among the non-mated top-1 scores (and -inf) whose FPIR <= fpir."""
+    mated = np.isin(q_lab, g_lab)
+    top = S.max(1)
+    correct = np.array([
+        m and (S[r][g_lab == q_lab[r]].max() > S[r][g_lab != q_lab[r]].max(initial=-np.inf))
+        for r, m in enumerate(mated)
+    ])  # fmt: skip
+    nm = top[~mated]
+    if fpir * len(nm) < 1:
+        return float("nan")
+    best = None
+    for t in sorted(set(nm.tolist()) | {-np.inf}):
+        if (nm > t).sum() / len(nm) <= fpir:
+            best = t
+            break
+    return float((correct[mated] & (top[mated] > best)).mean())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_open_set_identification_equals_brute_force_ties_included(seed):
+    rng = np.random.default_rng(seed)
+    # coarse grid values: many exact ties between scores
+    g = rng.integers(-2, 3, size=(40, 4)).astype(np.float32)
+    g_lab = rng.integers(0, 5, size=40)
+    g_lab[:5] = -1  # distractors: never a match
+    q = rng.integers(-2, 3, size=(60, 4)).astype(np.float32)
+    q_lab = rng.integers(0, 8, size=60)  # classes 5..7 are not enrolled: non-mated
+    S = q @ g.T
+    fpirs = (0.01, 0.05, 0.1, 0.3, 1.0)
+    got = mt.open_set_identification(q, q_lab, g, g_lab, fpir=fpirs)
+    for f in fpirs:
+        want = _tpir_brute(S, q_lab, g_lab, f)
+        assert (np.isnan(got[f]) and np.isnan(want)) or got[f] == pytest.approx(want), f
+
+
+def test_open_set_identification_hand_computed():
+    """2-d: enrolled classes 0 and 1; probes: two mated (one right at rank 1, one tied with a
+    wrong class: a miss), two non-mated with top-1 scores 0.9 and 0.2."""
+    g = np.array([[1, 0], [0, 1], [0.6, 0.8]], np.float32)
+    g_lab = np.array([0, 1, -1])  # the third row: a distractor
+    q = np.array([[1, 0], [0.6, 0.8], [0.9, 0.1], [0.2, 0]], np.float32)
+    q_lab = np.array([0, 1, 7, 8])
+    # probe 1 (class 1): scores 0.6 (class 0), 0.8 (class 1), 1.0 (distractor) -> miss
+    res = mt.tpir_from_best(*mt.best_scores(q, q_lab, g, g_lab), np.array([1, 1, 0, 0], bool),
+                            (0.5, 1.0, 0.1))  # fmt: skip
+    assert res["rank1"] == 0.5
+    # FPIR 0.5: k = 1, t = the 2nd non-mated score (0.2): probe 0 (score 1.0) passes
+    assert res["tpir@fpir=5e-1"] == 0.5 and res["tpir@fpir=1e0"] == 0.5
+    assert np.isnan(res["tpir@fpir=1e-1"])  # below 1 / 2 non-mated probes: not measurable
+    with pytest.raises(ValueError, match="needs mated probes"):
+        mt.tpir_from_best(np.zeros(2), np.zeros(2), np.zeros(2, bool), (0.1,))

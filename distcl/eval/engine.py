@@ -53,6 +53,7 @@ import pyarrow.dataset as ds
 from distcl import storage
 from distcl.eval.cellmetrics import CellMetricsMixin
 from distcl.eval.merge import MergeMixin, apply_cell
+from distcl.eval.openset import OpenSetMixin
 from distcl.eval.scan import Cell, Partial, ScanMixin, Target
 from distcl.eval.selection import (
     EXACT_MAX_PAIRS,
@@ -91,7 +92,7 @@ def _resolve_gpu(use_gpu: bool | str) -> bool:
     return index._resolve_gpu(use_gpu)
 
 
-class Engine(ScanMixin, MergeMixin, CellMetricsMixin):
+class Engine(ScanMixin, MergeMixin, CellMetricsMixin, OpenSetMixin):
     """Rows of the matrices of one run directory (see the module docstring)."""
 
     def __init__(self, run_dir: str | Path | Uri, settings: EvalSettings, scenario: Any) -> None:
@@ -113,6 +114,19 @@ class Engine(ScanMixin, MergeMixin, CellMetricsMixin):
         self.cat.keys  # noqa: B018  (the sorted keys, built once, here)
         release_memory()  # the read's and the sort's transients (~150 MB per 1M items)
         self.plan = Plan.build(self.cat, settings)
+        self.distractors = None  # openset: eval.distractors, a store of rows per model
+        if settings.distractors and self.plan.openset is not None:
+            self.distractors = open_store(settings.distractors)
+            for m, d in self.distractors.dims.items():
+                if m in self.dims and d != self.dims[m]:
+                    raise ValueError(f"eval.distractors: {settings.distractors} holds rows of "
+                                     f"size {d} for model {m + 1}, whose rows have size "
+                                     f"{self.dims[m]}")  # fmt: skip
+            missing = [m + 1 for m in self.dims if m not in self.distractors.dims]
+            if missing:
+                raise ValueError(f"eval.distractors: {settings.distractors} has no rows of "
+                                 f"model(s) {missing} (model=<t>/ folders, 0-indexed)")  # fmt: skip
+            self._dist_paths = {p for p, _ in self.distractors.parts}
         self._cache: dict[int, dict[str, np.ndarray]] = {}
         self._reindexed: tuple[np.ndarray, np.ndarray] | None = None  # distcl backfill --apply
         ks = {*settings.topk, *settings.recall_ks}
@@ -167,6 +181,8 @@ class Engine(ScanMixin, MergeMixin, CellMetricsMixin):
         sets = {"closed": np.flatnonzero(self.plan.closed), "verif": self.plan.verif_items}
         if self.plan.split is not None:
             sets["probes"] = np.flatnonzero(self.plan.split.probes)
+        if self.plan.openset is not None:
+            sets["openset"] = np.flatnonzero(self.plan.openset.probes)
         needed = np.unique(np.concatenate(list(sets.values())))
         slot = np.full(len(self.cat), -1, np.int64)
         slot[needed] = np.arange(len(needed))
@@ -313,6 +329,8 @@ class Engine(ScanMixin, MergeMixin, CellMetricsMixin):
                       "distractor_classes": list(plan.split.distractor_classes)}  # fmt: skip
         if plan.pairs is not None:
             items["verification_pairs"] = len(plan.pairs[2])
+        if plan.openset is not None:
+            items |= self.openset_items()
         rows = {
             t: {"task": t, "items": items, "protocols": {}, "stale": None} for t in sorted(tasks)
         }
@@ -331,6 +349,10 @@ class Engine(ScanMixin, MergeMixin, CellMetricsMixin):
                       for same in by_size.values() for g in range(0, len(same), group)]  # fmt: skip
             if self.transformed and "closed" in self.s.protocols:  # one pass per (i, j): h_i..
                 cells += [Cell("transformed", j, (i,)) for i in queries if i > j]
+            if self.plan.openset is not None:  # 1:N: one more read of model j (+ distractors)
+                cells += [Cell("openset", j, tuple(same[g : g + group]))
+                          for same in by_size.values()
+                          for g in range(0, len(same), group)]  # fmt: skip
         return rows, cells + ([Cell("stale", t) for t in rows] if stale else [])
 
     def rows(self, tasks: list[int], log=None, stale: bool = True) -> dict[int, dict]:

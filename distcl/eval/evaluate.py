@@ -135,7 +135,7 @@ def assemble(rows: dict[int, dict], settings: EvalSettings, T: int) -> dict:
     for name in rows[0]["protocols"]:
         got = rows[0]["protocols"][name]["values"]
         names = pr.metric_names(name, settings.topk, settings.recall_ks, settings.metric,
-                                settings.fars)  # fmt: skip
+                                settings.fars, settings.fpirs)  # fmt: skip
         missing = [m for m in names if m not in got]
         if missing:
             raise ValueError(f"eval/rows/0.json: protocol {name!r} lacks {missing}")
@@ -144,7 +144,7 @@ def assemble(rows: dict[int, dict], settings: EvalSettings, T: int) -> dict:
         for i in range(T):
             for m in names:
                 mats[m][i, : i + 1] = rows[i]["protocols"][name]["values"][m]
-        main = pr.main_metric(name, settings.metric, settings.topk)
+        main = pr.main_metric(name, settings.metric, settings.topk, settings.fpirs)
         iamcl2r = settings.preset == "iamcl2r" and name == "identification"
         summary = compat.summarize(mats[main], settings.ties, am_ignores_zeros=iamcl2r)
         protocols[name] = {

@@ -56,6 +56,8 @@ class MergeMixin:
         row s (or None). Small: a few floats per entry."""
         t0 = time.perf_counter()
         s = self.s
+        if cell.kind == "openset":
+            return self._finish_openset(cell, partials)
         if cell.kind == "stale":
             res = self._merge(cell, partials)
             (target,) = self._targets(cell)

@@ -516,3 +516,78 @@ def template_identification(
     if n == 0:
         raise ValueError("no query's class has a template in the gallery")
     return {k: float(h) / n for k, h in zip(ks, hits, strict=True)}
+
+
+# ---------------------------------------------------------------- open-set 1:N identification
+def best_scores(
+    q_emb: Any, q_lab: Any, g_emb: Any, g_lab: Any, block: int = 4096
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per probe (Q,): the best score of a gallery row of its label (``pos``) and of any other
+    row (``neg``), -inf where there is none. Rows labelled -1 (distractors) are always
+    negatives. What 1:N identification needs from a gallery, and additive over gallery shards
+    by ``np.maximum``."""
+    q = _check_embeddings(q_emb, "q_emb")
+    g = _check_embeddings(g_emb, "g_emb")
+    ql = _check_labels(q_lab, "q_lab", q.shape[0], "q_emb")
+    gl = _check_labels(g_lab, "g_lab", g.shape[0], "g_emb")
+    pos = np.full(len(q), -np.inf, np.float32)
+    neg = np.full(len(q), -np.inf, np.float32)
+    if len(g) == 0:
+        return pos, neg
+    for start, sims in similarity_blocks(q, g, block):
+        same = ql[start : start + len(sims), None] == gl[None, :]  # (b, G)
+        pos[start : start + len(sims)] = np.where(same, sims, -np.inf).max(1)
+        neg[start : start + len(sims)] = np.where(same, -np.inf, sims).max(1)
+    return pos, neg
+
+
+def tpir_from_best(
+    pos: np.ndarray, neg: np.ndarray, mated: np.ndarray, fpirs: Sequence[float]
+) -> dict[str, float]:
+    """TPIR at each FPIR and rank-1 (docs/metrics.md, design §8.2) from the best scores of
+    every probe (:func:`best_scores`): ``mated`` (Q,) bool, probes whose class is enrolled.
+
+    A probe's top-1 score is max(pos, neg); a mated probe is identified at rank 1 when its
+    best same-class score beats every other row (pos > neg: a tie is a miss). For FPIR f:
+    k = floor(f N_nonmated), the threshold t is the (k+1)-th largest non-mated top-1 score
+    (-inf when k = N_nonmated); TPIR(f) = share of mated probes identified at rank 1 with a
+    top-1 score > t. An FPIR below 1 / N_nonmated cannot be measured: NaN (not a number a
+    user could read as a result). ``rank1``: the share identified at rank 1 (t = -inf).
+    Returns {"tpir@fpir=<f>": ..., "rank1": ...}."""
+    pos, neg = np.asarray(pos, np.float64), np.asarray(neg, np.float64)
+    mated = np.asarray(mated, bool)
+    if not mated.any():
+        raise ValueError("open-set identification needs mated probes (enrolled classes)")
+    top = np.maximum(pos, neg)
+    hit = (pos > neg)[mated]
+    nonmated = np.sort(top[~mated])[::-1]  # descending
+    out = {"rank1": float(hit.mean())}
+    for f in fpirs:
+        if not 0.0 < float(f) <= 1.0:
+            raise ValueError(f"fpirs must lie in (0, 1], got {f!r}")
+        k = int(np.floor(float(f) * len(nonmated) + 1e-9))
+        if k < 1:  # no threshold reaches this FPIR with so few non-mated probes
+            out[fpir_name(f)] = float("nan")
+            continue
+        t = nonmated[k] if k < len(nonmated) else -np.inf
+        out[fpir_name(f)] = float((hit & (top[mated] > t)).mean())
+    return out
+
+
+def fpir_name(fpir: float) -> str:
+    """The matrix name of TPIR at ``fpir``: 1e-2 -> "tpir@fpir=1e-2"."""
+    mantissa, exp = f"{fpir:.0e}".split("e")
+    return f"tpir@fpir={mantissa}e{int(exp)}"
+
+
+def open_set_identification(
+    probes: Any, probe_lab: Any, gallery: Any, gallery_lab: Any,
+    fpir: Sequence[float] = (1e-3, 1e-2, 1e-1),
+) -> dict[float, float]:  # fmt: skip
+    """TPIR at each FPIR of an open-set 1:N search (design §8.2): probes of classes present
+    in ``gallery`` are mated, the others non-mated; gallery rows labelled -1 are distractors.
+    Returns {fpir: TPIR} (NaN where the FPIR is below 1 / N_nonmated)."""
+    pos, neg = best_scores(probes, probe_lab, gallery, gallery_lab)
+    mated = np.isin(_as_numpy(probe_lab), _as_numpy(gallery_lab))
+    res = tpir_from_best(pos, neg, mated, fpir)
+    return {f: res[fpir_name(f)] for f in fpir}

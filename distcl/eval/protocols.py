@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-PROTOCOLS = ("closed", "open", "verification", "identification")
+PROTOCOLS = ("closed", "open", "verification", "identification", "openset")
 # Seeds of the selections: [seed, stream] so that each draws from its own stream.
-_CLOSED_STREAM, _OPEN_STREAM, _PAIRS_STREAM = 5, 14, 15
+_CLOSED_STREAM, _OPEN_STREAM, _PAIRS_STREAM, _OPENSET_STREAM = 5, 14, 15, 16
 
 
 def closed_subset(labels: np.ndarray, closed: np.ndarray, items_per_class: int | None, seed: int):
@@ -79,6 +79,50 @@ def open_split(
     return OpenSplit(probes, pool & ~probes, tuple(int(c) for c in distract))
 
 
+@dataclass(frozen=True)
+class OpenSet:
+    """Probes and gallery of open-set 1:N identification (``openset``), (N,) bool masks."""
+
+    probes: np.ndarray  # mated and non-mated probes
+    gallery: np.ndarray  # the enrolled classes' other items + the distractor classes' items
+    mated: np.ndarray  # (N,) bool: a probe whose class is enrolled
+    nonmated_classes: tuple[int, ...]
+
+
+def openset_split(
+    labels: np.ndarray, pool: np.ndarray, probes_per_class: int, nonmated_classes: int | None,
+    distractor_classes: int, seed: int,
+) -> OpenSet:  # fmt: skip
+    """Split the items of ``pool`` (N,) bool (the held-out classes) for 1:N identification:
+    ``distractor_classes`` classes (seeded, as ``open_split`` draws them) are gallery only;
+    of the others, ``nonmated_classes`` (default: half, at least one) are never enrolled, all
+    their items non-mated probes; every other class is enrolled: ``min(probes_per_class,
+    n - 1)`` items are mated probes, the rest its gallery."""
+    classes = np.unique(labels[pool])
+    distract = set(open_split(labels, pool, probes_per_class, distractor_classes,
+                              seed).distractor_classes)  # fmt: skip
+    rest = np.array([c for c in classes if c not in distract])
+    n_non = max(1, len(rest) // 2) if nonmated_classes is None else nonmated_classes
+    if not 1 <= n_non < len(rest):
+        raise ValueError(
+            f"eval.nonmated_classes: {n_non} of the {len(rest)} held-out classes that are not "
+            "distractor classes: openset needs at least one non-mated and one enrolled class"
+        )
+    rng = np.random.default_rng([seed, _OPENSET_STREAM])
+    non = np.sort(rng.choice(rest, n_non, replace=False))
+    probes = pool & np.isin(labels, non)
+    mated = np.zeros(len(labels), bool)
+    for c in rest:
+        if c in non:
+            continue
+        idx = np.flatnonzero(pool & (labels == c))
+        mated[rng.permutation(idx)[: min(probes_per_class, len(idx) - 1)]] = True
+    if not mated.any():
+        raise ValueError("openset: no enrolled class has two items, so there is no mated probe")
+    return OpenSet(probes | mated, pool & ~probes & ~mated, mated,
+                   tuple(int(c) for c in non))  # fmt: skip
+
+
 def verification_pairs(
     labels: np.ndarray, pool: np.ndarray, n_pairs: int, seed: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -122,21 +166,31 @@ def retrieval_names(topk: Sequence[int], recall_ks: Sequence[int], metric: str) 
 
 
 def metric_names(protocol: str, topk: Sequence[int], recall_ks: Sequence[int], metric: str,
-                 fars: Sequence[float]) -> list[str]:  # fmt: skip
+                 fars: Sequence[float],
+                 fpirs: Sequence[float] = (1e-3, 1e-2, 1e-1)) -> list[str]:  # fmt: skip
     """The matrix names of ``protocol`` ("all", "seen", "open", "verification",
-    "identification")."""
+    "identification", "openset")."""
     if protocol == "verification":
         return ["verif_acc", *(far_name(f) for f in fars)]
     if protocol == "identification":
         return [f"ident_cmc@{k}" for k in topk]
+    if protocol == "openset":
+        from distcl.eval.metrics import fpir_name
+
+        return ["rank1", *(fpir_name(f) for f in fpirs)]
     return retrieval_names(topk, recall_ks, metric)
 
 
-def main_metric(protocol: str, metric: str, topk: Sequence[int]) -> str:
+def main_metric(protocol: str, metric: str, topk: Sequence[int],
+                fpirs: Sequence[float] = (1e-3, 1e-2, 1e-1)) -> str:  # fmt: skip
     """The matrix that AC/AM/BC/FC of ``protocol`` are read from."""
     if protocol == "verification":
         return "verif_acc"
     if protocol == "identification":
         k = int(metric.split("@")[1]) if metric.startswith("cmc@") else min(topk)
         return f"ident_cmc@{k if k in topk else min(topk)}"
+    if protocol == "openset":  # TPIR at FPIR 1e-2 (IJB-C's usual point), else the first asked
+        from distcl.eval.metrics import fpir_name
+
+        return fpir_name(1e-2 if 1e-2 in fpirs else fpirs[0])
     return metric

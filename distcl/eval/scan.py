@@ -99,6 +99,8 @@ class ScanMixin:
         Shards depend on the store and the settings only, never on where they run: the
         in-process engine and the Ray tasks search the same blocks and merge the same lists.
         """
+        if cell.kind == "openset":
+            return self._openset_shards(cell)
         names = self._target_names(cell)
         if not names and not self._templates(cell):
             return []
@@ -124,6 +126,8 @@ class ScanMixin:
         sums and the ids read. Memory: the query sets, the buffers (half the budget)."""
         from distcl.gallery.search import QuerySet, StreamSearch
 
+        if cell.kind == "openset":
+            return self._scan_openset(cell, paths)
         t0 = time.perf_counter()
         full, models, filt, _ = self._source(cell)
         store = sub_store(full, paths)

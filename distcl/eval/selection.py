@@ -51,6 +51,9 @@ class EvalSettings:
     preset: str = "none"  # eval.preset: "iamcl2r" reads the identification AM as its code
     dim_change: str = "pad"  # model.dim_change: how rows of different sizes meet
     transformed: bool = False  # method fct: the "transformed" matrix (old rows through h)
+    nonmated_classes: int | None = None  # openset (eval.nonmated_classes)
+    fpirs: tuple[float, ...] = (1e-3, 1e-2, 1e-1)  # openset: TPIR at these FPIRs
+    distractors: str | None = None  # openset: a Parquet store of distractor rows per model
 
     @classmethod
     def from_job(cls, job: Any, use_gpu: bool | str | None = None) -> EvalSettings:
@@ -63,7 +66,8 @@ class EvalSettings:
             job.seed, e.ties, e.probes_per_class, e.distractor_classes, e.verification_pairs,
             e.folds, tuple(e.fars), e.identification, e.index, e.exact_map, e.memory_budget_mb,
             use_gpu, nprobe=e.nprobe, preset=e.preset, dim_change=job.model.dim_change,
-            transformed=needs_of(job).transform,
+            transformed=needs_of(job).transform, nonmated_classes=e.nonmated_classes,
+            fpirs=tuple(e.fpirs), distractors=e.distractors,
         )  # fmt: skip
 
     def key(self) -> dict:
@@ -170,6 +174,7 @@ class Plan:
     pairs: tuple[np.ndarray, np.ndarray, np.ndarray] | None  # verification (a, b, same)
     verif_items: np.ndarray  # (V,) sorted positions used by the pairs
     heldout: bool  # open-set protocols on held-out classes (else on the closed items)
+    openset: pr.OpenSet | None = None  # 1:N identification's probes and gallery
 
     @classmethod
     def build(cls, cat: Catalogue, s: EvalSettings) -> Plan:
@@ -188,4 +193,10 @@ class Plan:
         if "verification" in s.protocols:
             pairs = pr.verification_pairs(cat.labels, pool, s.verification_pairs, s.seed)
             verif = np.unique(np.concatenate(pairs[:2]))
-        return cls(closed, split, pairs, verif, heldout)
+        openset = None
+        if "openset" in s.protocols:
+            if not heldout:
+                raise ValueError("eval.protocols: 'openset' needs scenario.heldout_classes > 0")
+            openset = pr.openset_split(cat.labels, pool, s.probes_per_class, s.nonmated_classes,
+                                       s.distractor_classes, s.seed)  # fmt: skip
+        return cls(closed, split, pairs, verif, heldout, openset)
