@@ -85,7 +85,9 @@ class DataConfig(Section):
 class ScenarioConfig(Section):
     """How classes and items are spread over the incremental tasks."""
 
-    setup: Literal["disjoint", "blurry", "general"] = "disjoint"
+    #: disjoint, blurry, general (recurring classes; more tasks than classes), data
+    #: (data-incremental: every class in every task, new items each time)
+    setup: Literal["disjoint", "blurry", "general", "data"] = "disjoint"
     tasks: Pos = 5
     classes_per_task: Pos | None = None  #: None: classes split evenly over the tasks
     first_task_classes: Pos | None = None  #: a larger base task (BCT, CL2R)

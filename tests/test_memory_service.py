@@ -14,6 +14,7 @@ import pytest
 import ray
 
 from distcl.memory.service import (
+    MEANS_FILES,
     MemoryFileError,
     MemoryShard,
     create_memory_service,
@@ -54,9 +55,11 @@ def test_total_budget_stays_class_balanced_as_classes_arrive(tmp_path) -> None:
     assert out["per_class"] == {0: 10, 1: 10} and out["added"] == 30
     out = store.commit(**make_batch(1, [2, 3], 15), classes_seen=4)
     assert out["per_class"] == {0: 5, 1: 5, 2: 5, 3: 5} and out["n"] == 20
-    # Old classes keep their first-priority exemplars; nothing was rewritten.
+    # Old classes keep their first-priority exemplars. 60 rows stored for 20 kept: the shard
+    # compacted its files into one holding the 20 (the disk bounded by the budget).
     assert ids(store) == [f"c{c}-i{i}" for c in range(4) for i in range(5)]
-    assert sorted(os.listdir(tmp_path)) == ["task0000-shard00.npz", "task0001-shard00.npz"]
+    assert sorted(os.listdir(tmp_path)) == ["compact-t0001-shard00.npz"]
+    assert ids(MemoryShard(str(tmp_path), total=20)) == ids(store)
 
 
 def test_a_later_tasks_rows_of_a_class_go_after_the_stored_ones(tmp_path) -> None:
@@ -132,16 +135,16 @@ def test_running_class_means_are_idempotent_and_persisted(tmp_path) -> None:
 
 
 def test_resumed_shard_has_the_same_content_and_a_damaged_file_is_named(tmp_path) -> None:
-    store = MemoryShard(str(tmp_path), total=12)
+    store = MemoryShard(str(tmp_path), total=24)  # 24 rows stored, 24 kept: no compaction
     store.commit(**make_batch(0, [0, 1], 8), classes_seen=2)
     store.commit(**make_batch(1, [2], 8), classes_seen=3)
-    resumed = MemoryShard(str(tmp_path), total=12)
+    resumed = MemoryShard(str(tmp_path), total=24)
     assert resumed.digest() == store.digest() and ids(resumed) == ids(store)
     assert resumed.stats() == store.stats()
     bad = tmp_path / "task0001-shard00.npz"
     bad.write_bytes(bad.read_bytes()[:100])  # truncated by a crash of the disk, say
     with pytest.raises(MemoryFileError, match="task0001-shard00.npz"):
-        MemoryShard(str(tmp_path), total=12)
+        MemoryShard(str(tmp_path), total=24)
 
 
 def test_interrupted_commit_keeps_the_previous_state(tmp_path, monkeypatch) -> None:
@@ -162,6 +165,71 @@ def test_interrupted_commit_keeps_the_previous_state(tmp_path, monkeypatch) -> N
     assert MemoryShard(str(tmp_path), per_class=5).digest() == digest
     store.commit(**make_batch(1, [1], 3))  # a retry then succeeds
     assert MemoryShard(str(tmp_path), per_class=5).stats()["per_class"] == {0: 3, 1: 3}
+
+
+def _long_sequence(shard: MemoryShard, tasks: int, start: int = 0) -> None:
+    """``tasks`` tasks of a long general sequence: 6 classes, each task 2 recurring classes
+    with 4 new items each, a class-sum key per task."""
+    for t in range(start, tasks):
+        classes = [t % 6, (t + 3) % 6]
+        batch = make_batch(t, classes, 4)
+        batch["ids"] = [f"{i}-t{t}" for i in batch["ids"]]  # new items at every recurrence
+        shard.commit(**batch, classes_seen=min(6, 2 + 2 * t))
+        shard.update_class_means(batch["labels"], batch["embeddings"], key=f"task{t}")
+
+
+def test_compaction_bounds_the_disk_and_keeps_what_the_budget_keeps(tmp_path) -> None:
+    """50 tasks: the files stay few (a compact file, a few task and class-sum files), the
+    content and the class means equal a shard that keeps everything in memory, and a
+    restarted shard reads the same from disk."""
+    disk, ref = MemoryShard(str(tmp_path), total=12), MemoryShard(None, total=12)
+    _long_sequence(disk, 50)
+    _long_sequence(ref, 50)
+    assert disk.digest() == ref.digest() and ids(disk) == ids(ref)
+    names = sorted(os.listdir(tmp_path))
+    assert len(names) <= 2 + 2 + MEANS_FILES, names  # not one file per task
+    assert sum(n.startswith("compact-") for n in names) == 1
+    stored = sum(len(r["ids"]) for r in disk.tasks.values())
+    assert stored < 2 * len(ids(disk)) + 8  # disk rows bounded by the budget, not by T
+    assert MemoryShard(str(tmp_path), total=12).digest() == ref.digest()
+
+
+@pytest.mark.parametrize("crash_at", ["compact write", "first delete"])
+def test_a_compaction_killed_mid_way_and_rerun_loses_no_kept_exemplar(
+    tmp_path, monkeypatch, crash_at
+) -> None:
+    """A crash while compacting (before its file is written, or after it and before the
+    replaced files are deleted): a restarted shard has the content of one that never
+    crashed, the task is not committed twice, and files the compact file holds go."""
+    import distcl.memory.service as svc
+
+    _long_sequence(MemoryShard(str(tmp_path), total=12), 20)
+    ref = MemoryShard(None, total=12)
+    _long_sequence(ref, 21)
+    shard = MemoryShard(str(tmp_path), total=12)
+    calls = []
+
+    def boom(*a, **k):
+        calls.append(a)
+        raise OSError("killed")
+
+    if crash_at == "compact write":
+        real = svc._save_npz
+        monkeypatch.setattr(svc, "_save_npz", lambda p, a: boom() if "compact-" in str(p)
+                            else real(p, a))  # fmt: skip
+    else:
+        monkeypatch.setattr(svc.storage, "delete", boom)
+    monkeypatch.setattr(svc, "MEANS_FILES", 0)  # this task compacts
+    with pytest.raises(OSError, match="killed"):
+        _long_sequence(shard, 21, start=20)
+    monkeypatch.undo()
+    again = MemoryShard(str(tmp_path), total=12)
+    _long_sequence(again, 21, start=20)  # the re-run of task 20: idempotent
+    assert again.digest() == ref.digest()
+    names = os.listdir(tmp_path)
+    assert sum(n.startswith("compact-") for n in names) <= 1
+    if crash_at == "first delete":  # the files the compact file holds were removed at load
+        assert not any(n.startswith("task0019") for n in names)
 
 
 def test_shards_own_disjoint_classes(tmp_path) -> None:

@@ -272,3 +272,38 @@ def test_too_many_heldout_classes_names_the_field():
         build_scenario(TRAIN, TEST, ScenarioConfig(tasks=4), seed=0, heldout=7)
     with pytest.raises(ValueError, match="scenario.heldout_classes"):
         build_scenario(TRAIN, TEST, ScenarioConfig(tasks=4), seed=0, heldout=-1)
+
+
+def test_general_long_sequence_has_more_tasks_than_classes():
+    """50 tasks of 10 classes: one class introduced per task over the first 10, recurrences
+    only after; every task trains on something; every training item once; seeded."""
+    scen = scenario(setup="general", tasks=50, recur_prob=0.1)
+    assert scen.num_tasks == 50
+    assert [len(t.new_classes) for t in scen.tasks] == [1] * 10 + [0] * 40
+    assert all(len(t.train_classes) >= 1 for t in scen.tasks)
+    assert_partition([t.train_items for t in scen.tasks], np.arange(len(TRAIN)))
+    assert scen.tasks[-1].seen_classes == scen.tasks[9].seen_classes and len(scen.classes) == 10
+    assert scenario(setup="general", tasks=50, recur_prob=0.1).digest() == scen.digest()
+    for t in scen.tasks[10:]:  # the gallery grows with every task that trains a class
+        assert set(TEST[t.gallery_items]) <= set(t.train_classes)
+
+
+def test_data_incremental_trains_every_class_with_new_items_each_task():
+    scen = scenario(setup="data", tasks=25)  # 30 test items of each class: one+ per task
+    classes = set(np.unique(TRAIN).tolist())
+    assert scen.tasks[0].new_classes and all(not t.new_classes for t in scen.tasks[1:])
+    assert all(set(t.train_classes) == classes for t in scen.tasks)
+    assert_partition([t.train_items for t in scen.tasks], np.arange(len(TRAIN)))
+    sizes = [len(t.train_items) for t in scen.tasks]
+    assert max(sizes) - min(sizes) <= len(classes)  # an even share of each class per task
+    assert all(set(TEST[t.gallery_items]) == classes for t in scen.tasks)
+    assert_partition([t.gallery_items for t in scen.tasks], np.arange(len(TEST)))
+
+
+def test_long_sequences_are_checked_at_load_time():
+    from distcl.data.scenario import check_class_split
+
+    check_class_split(ScenarioConfig(setup="general", tasks=50), 10)  # fine
+    check_class_split(ScenarioConfig(setup="data", tasks=200), 10)  # fine
+    with pytest.raises(ValueError, match="scenario.tasks: 50 tasks but only 10 classes"):
+        check_class_split(ScenarioConfig(setup="disjoint", tasks=50), 10)

@@ -9,7 +9,14 @@ Setups (CVS paper's names):
   from other tasks' classes (those items are moved, so every item is trained on once).
 - ``general``: classes are introduced as in disjoint and a class already introduced
   recurs in a later task with probability ``recur_prob``; its training items are split
-  between its introduction and its recurrences.
+  between its introduction and its recurrences. With more tasks than classes (long
+  sequences: 50 tasks of Fashion-MNIST's 10 classes) the classes are introduced over the
+  first tasks (one group per task, as disjoint splits them over as many tasks as there are
+  classes) and the later tasks hold recurrences only; a task that draws no recurrence gets
+  one seen class (seeded), so every task trains on something.
+- ``data``: data-incremental (BCT's "new training data" upgrade): every task trains on all
+  the scenario's classes, each class's training items split evenly over the tasks (new items
+  per task); the first task introduces every class.
 
 Retrieval convention (documented in the README): the test split of every class of the
 scenario is the evaluation set. A class's test items *arrive in the gallery* with the tasks
@@ -150,17 +157,34 @@ def _split_classes(
     return out
 
 
+def intro_tasks(cfg: ScenarioConfig, n_classes: int) -> int:
+    """How many tasks introduce classes: every task (disjoint, blurry), the first
+    min(tasks, classes) (general: the later ones recur only), the first (data)."""
+    if cfg.setup == "data":
+        return 1
+    if cfg.setup == "general":
+        return min(cfg.tasks, n_classes if cfg.classes_per_task is None else max(
+            1, (n_classes - (cfg.first_task_classes or 0)) // cfg.classes_per_task
+            + (1 if cfg.first_task_classes else 0)))  # fmt: skip
+    return cfg.tasks
+
+
 def check_class_split(cfg: ScenarioConfig, num_classes: int) -> None:
     """The checks :func:`build_scenario` makes on class counts, on the counts alone (no data
     read): a ValueError naming the field when ``num_classes`` cannot be split as ``cfg``
     asks. Run when a job loads (``distcl.config``), before any Ray starts."""
     heldout = cfg.heldout_classes
-    if heldout and num_classes - heldout < cfg.tasks:
+    intro = intro_tasks(cfg, num_classes - heldout)
+    if heldout and num_classes - heldout < intro:
         raise ValueError(
             f"scenario.heldout_classes: holding out {heldout} of {num_classes} classes leaves "
             f"{num_classes - heldout} for {cfg.tasks} tasks (each needs at least one class)"
         )
-    _split_classes(list(range(num_classes - heldout)), cfg.tasks, cfg.classes_per_task,
+    if num_classes - heldout < 1:
+        raise ValueError(f"scenario.heldout_classes: {heldout} of {num_classes} leaves none")
+    if cfg.setup == "data":
+        return
+    _split_classes(list(range(num_classes - heldout)), intro, cfg.classes_per_task,
                    cfg.first_task_classes)  # fmt: skip
 
 
@@ -186,28 +210,46 @@ def build_scenario(
     order = [classes[i] for i in rng.permutation(len(classes))] if cfg.shuffle_classes else classes
     if isinstance(heldout, bool) or not isinstance(heldout, int) or heldout < 0:
         raise ValueError(f"scenario.heldout_classes must be an int >= 0, got {heldout!r}")
-    if heldout and len(order) - heldout < cfg.tasks:
+    n_left = len(order) - heldout
+    if heldout and n_left < intro_tasks(cfg, n_left):
         raise ValueError(
             f"scenario.heldout_classes: holding out {heldout} of {len(order)} classes leaves "
-            f"{len(order) - heldout} for {cfg.tasks} tasks (each needs at least one class)"
+            f"{n_left} for {cfg.tasks} tasks (each needs at least one class)"
         )
-    order, held = order[: len(order) - heldout], order[len(order) - heldout :]
-    groups = _split_classes(order, cfg.tasks, cfg.classes_per_task, cfg.first_task_classes)
+    order, held = order[:n_left], order[n_left:]
+    if cfg.setup == "data":  # every class at the first task, new items at every task
+        groups = [list(order)] + [[] for _ in range(cfg.tasks - 1)]
+    else:
+        groups = _split_classes(order, intro_tasks(cfg, n_left), cfg.classes_per_task,
+                                cfg.first_task_classes)  # fmt: skip
+        groups += [[] for _ in range(cfg.tasks - len(groups))]  # general: recurrences only
     train_pool = subsample_per_class(train_labels, train_per_class, rng)
     test_pool = subsample_per_class(test_labels, test_per_class, rng)
     T = len(groups)
 
     # Which tasks train on each class, and the per-task training items.
     class_tasks: dict[int, list[int]] = {c: [t] for t, g in enumerate(groups) for c in g}
+    if cfg.setup == "data":
+        for ts in class_tasks.values():
+            ts.extend(range(1, T))
     if cfg.setup == "general":
         for ts in class_tasks.values():
             later = [t for t in range(ts[0] + 1, T) if rng.random() < cfg.recur_prob]
             ts.extend(later)
+        for t in range(T):  # a long sequence: a task without any class gets a seen one
+            if not any(t in ts for ts in class_tasks.values()):
+                seen = [c for c, ts in class_tasks.items() if ts[0] < t]
+                ts = class_tasks[seen[int(rng.integers(len(seen)))]]
+                ts.append(t)
+                ts[1:] = sorted(ts[1:])
     items: list[list[np.ndarray]] = [[] for _ in range(T)]
     for c, ts in class_tasks.items():
         idx = rng.permutation(train_pool[train_labels[train_pool] == c])
         if len(ts) == 1:
             items[ts[0]].append(idx)
+        elif cfg.setup == "data":  # an even share of the class's items per task
+            for t, part in zip(ts, np.array_split(idx, len(ts)), strict=True):
+                items[t].append(part)
         else:  # general: half at introduction, the rest split over recurrences
             half = len(idx) // 2
             items[ts[0]].append(idx[:half])

@@ -6,6 +6,16 @@ object-store prefix, through :mod:`distcl.storage`)::
 
     task0003-shard01.npz        the exemplars of task 3 of shard 1's classes, priority order
     means-task3-shard01.npz     per-class sums and counts of task 3's embedded items (E_c)
+    compact-t0040-shard01.npz   compaction: the exemplars the budget kept after task 40, and
+                                the class sums folded so far (with the keys they hold)
+
+Compaction keeps the disk bounded by the budget, not by the number of tasks: when the stored
+rows reach twice the rows the budget keeps (the budget per class shrinks as classes arrive,
+and a recurring class adds rows beyond it), or more than ``MEANS_FILES`` class-sum files
+exist, the shard writes what it keeps as one ``compact-t<t>`` file (atomically), then deletes
+the files it replaces. A crash between the two leaves files the newest compact file already
+holds: they are ignored (and deleted) when the shard loads, so a re-run loses nothing the
+budget keeps and counts nothing twice.
 
 A shard (:class:`MemoryShard`, plain Python, unit-testable without Ray) loads its files when it
 starts, so an actor restart (``max_restarts``: ``__init__`` runs again) sees exactly what was
@@ -28,6 +38,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import io
+import json
 import os
 import re
 from typing import Any
@@ -45,6 +56,8 @@ from distcl.placement import node_id
 from distcl.rundir import atomic_write
 
 _TASK_FILE = re.compile(r"task(\d+)-shard(\d+)\.npz$")
+_COMPACT_FILE = re.compile(r"compact-t(\d+)-shard(\d+)\.npz$")
+MEANS_FILES = 8  # class-sum files of a shard before they are folded into a compact file
 _KEYS = ("ids", "images", "labels", "tasks", "embeddings")
 
 
@@ -63,6 +76,11 @@ def _load_npz(path: str | storage.Loc) -> dict[str, np.ndarray]:
             f"{path}: damaged memory file ({type(e).__name__}: {e}); delete it and re-run to "
             "select that task's exemplars again"
         ) from None
+
+
+def _pad_rows(a: np.ndarray, n: int) -> np.ndarray:
+    """``a`` with zero rows appended up to ``n`` rows (class sums of a grown label space)."""
+    return a if len(a) >= n else np.concatenate([a, np.zeros((n - len(a), *a.shape[1:]))])
 
 
 def _save_npz(path: str | storage.Loc, arrays: dict[str, np.ndarray]) -> None:
@@ -95,19 +113,45 @@ class MemoryShard:
         self.per_class, self.total, self.seed = per_class, total, seed
         self.tasks: dict[int, dict[str, np.ndarray]] = {}  # task -> its committed rows
         self.sums: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # key -> (sums, counts)
+        self.compacted = -1  # the last task folded into a compact file (-1: none)
+        self.folded: set[str] = set()  # class-sum keys a compact file holds
+        self.files: dict[str, list[str]] = {"rows": [], "means": []}  # files not compacted
         if path is not None:
-            folder = storage.location(path)
-            storage.makedirs(folder)
-            names = [e.name for e in storage.listdir(folder) if not e.is_dir]
-            for f in sorted(
-                n for n in names if fnmatch.fnmatchcase(n, f"task*-shard{shard:02d}.npz")
-            ):
-                self.tasks[int(_TASK_FILE.search(f).group(1))] = _load_npz(folder / f)
-            for f in sorted(
-                n for n in names if fnmatch.fnmatchcase(n, f"means-*-shard{shard:02d}.npz")
-            ):
-                z = _load_npz(folder / f)
-                self.sums[str(z["key"])] = (z["sums"], z["counts"])
+            self._load(storage.location(path))
+
+    def _load(self, folder) -> None:
+        """The newest compact file, then the task and class-sum files it does not hold;
+        files it holds (a compaction interrupted before its deletes) are deleted."""
+        storage.makedirs(folder)
+        names = [e.name for e in storage.listdir(folder) if not e.is_dir]
+        mine = f"-shard{self.shard:02d}.npz"
+        compact = sorted((int(_COMPACT_FILE.search(n).group(1)), n) for n in names
+                         if n.startswith("compact-") and n.endswith(mine))  # fmt: skip
+        stale = [n for _, n in compact[:-1]]
+        if compact:
+            t, name = compact[-1]
+            z = _load_npz(folder / name)
+            self.compacted = t
+            self.tasks[t] = {k: z[k] for k in (*_KEYS, "classes_seen")}
+            self.folded = set(json.loads(str(z["means_keys"])))
+            for d in json.loads(str(z["means_dims"])):
+                self.sums[f"compact-{d}"] = (z[f"sums_{d}"], z[f"counts_{d}"])
+        for f in sorted(n for n in names if fnmatch.fnmatchcase(n, f"task*{mine}")):
+            t = int(_TASK_FILE.search(f).group(1))
+            if t <= self.compacted:
+                stale.append(f)
+                continue
+            self.tasks[t] = _load_npz(folder / f)
+            self.files["rows"].append(f)
+        for f in sorted(n for n in names if fnmatch.fnmatchcase(n, f"means-*{mine}")):
+            z = _load_npz(folder / f)
+            if str(z["key"]) in self.folded:
+                stale.append(f)
+                continue
+            self.sums[str(z["key"])] = (z["sums"], z["counts"])
+            self.files["means"].append(f)
+        for f in stale:
+            storage.delete(folder / f)
 
     def owns(self, labels: np.ndarray) -> np.ndarray:
         return np.asarray(labels) % self.shards == self.shard
@@ -128,7 +172,7 @@ class MemoryShard:
             raise ValueError(f"labels must have shape ({n},), got {labels.shape}")
         if embeddings is not None and np.shape(embeddings)[0] != n:
             raise ValueError(f"embeddings must be (N, D) with N={n}, got {np.shape(embeddings)}")
-        if task in self.tasks:
+        if task in self.tasks or task <= self.compacted:
             return {**self.stats(), "added": 0, "changed": False}
         stored = set(self._all()["ids"].tolist())
         _, first = np.unique(ids, return_index=True)
@@ -142,14 +186,62 @@ class MemoryShard:
             "classes_seen": np.int64(-1 if classes_seen is None else classes_seen),
         }  # fmt: skip
         if self.path is not None:
-            _save_npz(storage.join(self.path, f"task{task:04d}-shard{self.shard:02d}.npz"), rows)
+            name = f"task{task:04d}-shard{self.shard:02d}.npz"
+            _save_npz(storage.join(self.path, name), rows)
+            self.files["rows"].append(name)
         self.tasks[task] = rows
+        self.maybe_compact(task)
         return {**self.stats(), "added": len(keep), "changed": True}
+
+    def maybe_compact(self, task: int) -> bool:
+        """Compact (see the module docstring) when the stored rows reach twice the kept ones
+        or the class-sum files exceed ``MEANS_FILES``; returns whether it did."""
+        if self.path is None or not (self.files["rows"] or self.files["means"]):
+            return False
+        stored = sum(len(r["ids"]) for r in self.tasks.values())
+        kept = len(self.content()["ids"])
+        if stored < 2 * max(kept, 1) and len(self.files["means"]) <= MEANS_FILES:
+            return False
+        self.compact(task)
+        return True
+
+    def compact(self, task: int) -> None:
+        """Write what the budget keeps and the folded class sums as ``compact-t<task>``, then
+        delete the files it holds (a crash between the two loses nothing: ``_load``)."""
+        kept = self.content()
+        by_dim: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        for s, c in self.sums.values():
+            d = s.shape[1]
+            if d in by_dim:
+                ps, pc = by_dim[d]
+                n = max(len(ps), len(s))
+                s = _pad_rows(ps, n) + _pad_rows(s, n)
+                c = _pad_rows(pc, n) + _pad_rows(c, n)
+            by_dim[d] = (s, c)
+        seen = [int(r["classes_seen"]) for _, r in sorted(self.tasks.items())]
+        arrays = {**kept, "classes_seen": np.int64(seen[-1] if seen else -1),
+                  "means_keys": np.array(json.dumps(sorted(self.folded | {
+                      k for k in self.sums if not k.startswith("compact-")}))),
+                  "means_dims": np.array(json.dumps(sorted(by_dim)))}  # fmt: skip
+        for d, (s, c) in by_dim.items():
+            arrays[f"sums_{d}"], arrays[f"counts_{d}"] = s, c
+        folder = storage.location(self.path)
+        name = f"compact-t{task:04d}-shard{self.shard:02d}.npz"
+        _save_npz(folder / name, arrays)
+        old = [n for n in (self.files["rows"] + self.files["means"])]
+        if self.compacted >= 0:
+            old.append(f"compact-t{self.compacted:04d}-shard{self.shard:02d}.npz")
+        for f in old:
+            storage.delete(folder / f)
+        self.tasks = {task: {k: arrays[k] for k in (*_KEYS, "classes_seen")}}
+        self.folded = set(json.loads(str(arrays["means_keys"])))
+        self.sums = {f"compact-{d}": v for d, v in by_dim.items()}
+        self.compacted, self.files = task, {"rows": [], "means": []}
 
     def update_class_sums(self, sums, counts, key: str) -> bool:
         """Fold per-class sums (C, D) and counts (C,) of embedded items (all-reduced over the
         Train ranks) into E_c, this shard's classes only. Idempotent by ``key``."""
-        if key in self.sums:
+        if key in self.sums or key in self.folded:
             return False
         sums, counts = np.asarray(sums, np.float64), np.asarray(counts, np.float64)
         mine = self.owns(np.arange(len(counts)))
@@ -158,6 +250,7 @@ class MemoryShard:
             name = f"means-{key}-shard{self.shard:02d}.npz"
             _save_npz(storage.join(self.path, name), {"key": np.array(key), "sums": sums,
                                                        "counts": counts})  # fmt: skip
+            self.files["means"].append(name)
         self.sums[key] = (sums, counts)
         return True
 
@@ -214,8 +307,9 @@ class MemoryShard:
         parts = [(s, c) for s, c in self.sums.values() if dim is None or s.shape[1] == dim]
         if not parts:
             return {}
-        sums = sum(s for s, _ in parts)
-        counts = sum(c for _, c in parts)
+        n = max(len(c) for _, c in parts)  # label spaces may have grown between keys
+        sums = sum(_pad_rows(s, n) for s, _ in parts)
+        counts = sum(_pad_rows(c, n) for _, c in parts)
         return {int(c): (sums[c] / counts[c]).astype(np.float32) for c in np.flatnonzero(counts)}
 
     def stats(self) -> dict[str, Any]:

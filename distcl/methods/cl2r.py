@@ -3,7 +3,9 @@
 memory samples; half of each batch comes from the episodic memory.
 
 lambda = lambda_base * sqrt(n_new / n_old) (new / old class counts), as in the paper's
-public code; its default base there is 10.
+public code; its default base there is 10. A task that brings no new class (data-incremental
+tasks, or only recurring classes in a long ``general`` sequence) distils at lambda_base: the
+paper's formula would switch the term off exactly where the sequence most needs it.
 """
 
 from __future__ import annotations
@@ -16,8 +18,11 @@ from distcl.methods.base import METHODS, Method
 
 
 def cl2r_lambda(base: float, n_old: int, n_new: int) -> float:
-    """lambda = base * sqrt(n_new / n_old); 0 when there is no old class yet."""
-    return 0.0 if n_old == 0 else base * math.sqrt(n_new / n_old)
+    """lambda = base * sqrt(n_new / n_old); 0 when there is no old class yet; ``base`` when
+    the task brings no new class."""
+    if n_old == 0:
+        return 0.0
+    return base if n_new == 0 else base * math.sqrt(n_new / n_old)
 
 
 @METHODS.register()
