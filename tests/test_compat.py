@@ -213,3 +213,21 @@ def test_iamcl2r_ac_and_am_on_a_hand_made_matrix():
     assert compat.average_compatibility(M2) == 0.0
     assert compat.average_multimodel_accuracy(M2, ignore_zeros=True) == pytest.approx(1.9 / 3)
     assert np.isnan(compat.average_multimodel_accuracy(np.zeros((1, 1)), ignore_zeros=True))
+
+
+def test_summary_reads_the_measurable_entries_only():
+    """An entry that could not be measured (NaN in the lower triangle): AC over the pairs
+    whose two entries are numbers, AM/BC/FC over the numbers; hand-computed."""
+    from distcl.eval import compat
+
+    M = np.array([[np.nan, NAN, NAN],
+                  [0.5, 0.6, NAN],
+                  [0.7, 0.5, 0.8]])  # fmt: skip
+    s = compat.summarize(M)
+    assert s["n_pairs"] == 1 and s["n_compatible"] == 0  # only (2, 1): 0.5 > 0.6 fails
+    assert s["ac"] == 0.0 and s["unmeasured"] == 1
+    assert s["am"] == pytest.approx((0.5 + 0.6 + 0.7 + 0.5 + 0.8) / 5)
+    assert s["bc"] == pytest.approx(0.5 - 0.6)  # (3, 1) has no diagonal to compare with
+    assert s["fc"] == pytest.approx(((0.5 - 0.6) + (0.5 - 0.8)) / 2)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        compat.average_compatibility(M)  # the plain scores still refuse it

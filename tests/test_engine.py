@@ -577,3 +577,29 @@ def test_bench_sequence_runs_a_job_in_both_shapes(tmp_path, synthetic_raw_job):
     text = format_sequence_bench(r)
     assert "end-of-task / training time per task" in text and "task  1:" in text
     assert not list(tmp_path.glob("runs/seq*"))  # the bench's runs live in its temp folder
+
+
+def test_a_50_task_sequence_trains_evaluates_and_reports(synthetic_job):
+    """50 tasks of a general sequence on 6 synthetic classes (recurrences after the sixth),
+    CL2R with its memory, one worker: every task trained and evaluated, the report
+    summarised (row table, heatmap with sparse ticks, AM/AC/BC curves), the memory's files
+    compacted (not one per task)."""
+    job = synthetic_job(
+        name="long50", method={"name": "cl2r"},
+        data={"synthetic_classes": 6, "synthetic_train_per_class": 100,
+              "synthetic_test_per_class": 10, "shard_size": 64},
+        scenario={"setup": "general", "tasks": 50, "recur_prob": 0.15},
+        model={"embedding_dim": 8}, memory={"per_class": 2},
+        train={"epochs": 1, "batch_size_per_worker": 8, "workers": 1, "max_failures": 0},
+    )  # fmt: skip
+    out = run_job(job, progress=False, log=lambda *a: None)
+    block = out["eval"]["protocols"]["all"]
+    M = np.asarray(block["matrices"]["cmc@1"], dtype=float)
+    assert M.shape == (50, 50) and np.isfinite(M[np.tril_indices(50)]).all()
+    report = (job.run_dir / "report.md").read_text()
+    assert "| query model | M[i][i] | row mean (j < i) |" in report and "| φ50 |" in report
+    assert "| φ7 |" not in report  # every 5th row only
+    assert (job.run_dir / "summary_all.png").stat().st_size > 1000
+    memory = list((job.run_dir / "memory").iterdir())
+    assert len(memory) < 20, sorted(p.name for p in memory)
+    assert any(p.name.startswith("compact-") for p in memory)

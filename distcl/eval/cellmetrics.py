@@ -17,8 +17,10 @@ from distcl.eval.selection import MAP_AT_K, EvalSettings
 def _retrieval(
     hits: np.ndarray, ap: float, n: int, ks: tuple[int, ...], s: EvalSettings, map_key: str
 ) -> dict[str, float]:
-    if n == 0:
-        raise ValueError("no query has a positive (same label) in the gallery")
+    if n == 0:  # no query has a positive in this gallery (a small early one): not measurable
+        nan = float("nan")
+        out = {f"cmc@{k}": nan for k in s.topk} | {f"recall@{k}": nan for k in s.recall_ks}
+        return out | {s.metric: nan, map_key: nan}
     frac = {k: float(h) / n for k, h in zip(ks, hits, strict=True)}
     out = {f"cmc@{k}": frac[k] for k in s.topk} | {f"recall@{k}": frac[k] for k in s.recall_ks}
     if s.metric.startswith(("cmc@", "recall@")):
@@ -73,7 +75,7 @@ class CellMetricsMixin:
         if self.map_name:
             k = int(self.map_name[4:])
             _, ap_k, n_k = mt.topk_counts(scores, same, n_pos, [1], map_k=min(k, L))
-            out[self.map_name] = ap_k / max(n_k, 1)
+            out[self.map_name] = ap_k / n_k if n_k else float("nan")
         return out
 
     def _exact_metrics(self, t: Target, g_emb: np.ndarray, g_codes: np.ndarray) -> dict:
@@ -105,7 +107,7 @@ class CellMetricsMixin:
                     ap_k += a_k
             out[key] = _retrieval(hits, ap, n, ks, self.s, "map")
             if k_map:
-                out[key][self.map_name] = ap_k / max(n, 1)
+                out[key][self.map_name] = ap_k / n if n else float("nan")
         return out
 
     def _identify(self, queries: tuple[int, ...], j: int, sums: np.ndarray) -> list[tuple]:

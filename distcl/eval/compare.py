@@ -47,7 +47,7 @@ def _row(job: JobConfig, metrics: dict) -> dict:
     if "map" in first["matrices"]:
         out["final_map"] = float(np.asarray(first["matrices"]["map"], dtype=float)[-1, -1])
     stale = metrics["stale_gallery"]
-    out["stale_recall@1"] = float(np.mean([r["recall@1"] for r in stale]))
+    out["stale_recall@1"] = float(np.nanmean([r["recall@1"] for r in stale]))
     # Seconds inside training epochs (the histories; meta.json of the one-run engine has no
     # per-task wall time, and start-up is the run's, not a task's).
     rd = RunDir(job.run_dir)

@@ -117,8 +117,11 @@ def summarize(M: Any, ties: str = "strict", am_ignores_zeros: bool = False) -> d
     n_compatible (pairs passing ECC), n_pairs (T (T - 1) / 2), ties (the ECC tie rule).
     ``am_ignores_zeros``: AM as iamcl2r computes it (``average_multimodel_accuracy``).
     """
+    m = np.asarray(_as_numpy(M), dtype=np.float64)
+    t = m.shape[0] if m.ndim == 2 else 0
+    if t and not np.isfinite(m[np.tril_indices(t)]).all():
+        return _summarize_measurable(m, ties, am_ignores_zeros)
     m = _check_matrix(M)
-    t = m.shape[0]
     ecc = ecc_matrix(m, ties)
     nan = float("nan")
     return {
@@ -239,3 +242,45 @@ def compatibility_matrix(
     return compatibility_matrices(
         embeddings, labels, (metric,), exclude_self, seen_masks, block=block
     )[metric]
+
+
+def _summarize_measurable(m: np.ndarray, ties: str, am_ignores_zeros: bool) -> dict[str, Any]:
+    """``summarize`` of a matrix with entries that could not be measured (NaN in the lower
+    triangle: a cell whose queries had no positive in a small early gallery, a TPIR at an FPIR
+    below 1 / N_nonmated): every score over the measurable entries only (AC over the pairs
+    whose two entries are numbers; AM, BC, FC their means), NaN where none is; ``n_pairs``
+    counts the measurable pairs, ``unmeasured`` the NaN entries."""
+    rule = _check_ties(ties)
+    if m.ndim != 2 or m.shape[0] != m.shape[1]:
+        raise ValueError(f"M must be a non-empty square (T, T) matrix, got shape {m.shape}")
+    t = m.shape[0]
+    if np.isinf(m[np.tril_indices(t)]).any():
+        raise ValueError("M has inf in its lower triangle (diagonal included)")
+    nan = float("nan")
+    diag = np.diag(m)
+    below = np.tril(np.ones(m.shape, dtype=bool), k=-1)
+    ok = below & np.isfinite(m) & np.isfinite(diag)[None, :]
+    with np.errstate(invalid="ignore"):
+        passes = (m > diag[None, :]) if rule == "strict" else (m >= diag[None, :])
+    ecc = ok & passes
+    lower = m[np.tril_indices(t)]
+    lower = lower[np.isfinite(lower)]
+    if am_ignores_zeros:
+        lower = lower[lower != 0]
+
+    def mean(x):
+        x = x[np.isfinite(x)]
+        return float(x.mean()) if len(x) else nan
+
+    idx = np.arange(1, t)
+    return {
+        "ac": float(ecc.sum() / ok.sum()) if t >= 2 and ok.any() else nan,
+        "am": float(lower.mean()) if len(lower) else nan,
+        "bc": mean(m[t - 1, : t - 1] - diag[: t - 1]) if t >= 2 else nan,
+        "fc": mean(m[idx, idx - 1] - m[idx, idx]) if t >= 2 else nan,
+        "ecc": ecc.tolist(),
+        "n_compatible": int(ecc.sum()),
+        "n_pairs": int(ok.sum()),
+        "ties": rule,
+        "unmeasured": int((~np.isfinite(m[np.tril_indices(t)])).sum()),
+    }
