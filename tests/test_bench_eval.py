@@ -30,3 +30,15 @@ def test_bench_eval_rejects_a_bad_nprobe_list(capsys):
     with pytest.raises(SystemExit):
         main(["--nprobe", "16,x"])
     assert "--nprobe" in capsys.readouterr().err
+
+
+def test_the_openset_distractor_bench_runs_small(tmp_path):
+    """``distcl bench eval --distractors N`` end to end, small: the engine's openset matrix
+    and raw faiss on the same pairs, figures that add up (no timing assertion)."""
+    from distcl.bench.evalcost import format_openset_bench, run_openset_bench
+
+    r = run_openset_bench(distractors=3000, probes=200, tasks=2, dim=16, workdir=str(tmp_path))
+    assert r["pairs"] == 3 and r["mated"] > 0 and r["nonmated"] > 0
+    assert r["ratio_raw_over_engine"] == pytest.approx(r["raw_faiss_s"] / r["engine_s"])
+    assert set(r["last_row"]) == {"rank1", "tpir@fpir=1e-3", "tpir@fpir=1e-2", "tpir@fpir=1e-1"}
+    assert "ratio raw / engine" in format_openset_bench(r)

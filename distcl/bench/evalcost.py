@@ -185,6 +185,149 @@ def raw_faiss(tasks: int, rows: int, probes: int, dim: int, seed: int) -> dict:
     return {"raw_faiss_s": search_s}
 
 
+# ------------------------------------------------------------- open-set 1:N with distractors
+def write_distractors(root: Path, tasks: int, rows: int, dim: int, seed: int) -> None:
+    """``rows`` distractor rows per model (identities of their own: centres no probe has),
+    written as ``eval.distractors`` reads them (``model=<t>/part-<r>.parquet``)."""
+    from distcl.gallery.store import write_embeddings
+
+    per_part = np.array_split(np.arange(rows), PARTS)
+    for t in range(tasks):
+        for r, part in enumerate(per_part):
+            rng = np.random.default_rng([seed, 77, r])
+            centres = rng.standard_normal((max(1, len(part) // 4), dim), dtype=np.float32)
+            lab = np.arange(len(part)) % len(centres)
+            emb = _embed(seed * 1000 + 500 + r, centres, lab, t)
+            write_embeddings(root, t, f"part-{r}", np.array([f"d{i:09d}" for i in part]),
+                             np.full(len(part), -1), np.full(len(part), -1), emb)  # fmt: skip
+
+
+def _openset_settings(budget_mb: int, seed: int, distractors: str):
+    import dataclasses
+
+    return dataclasses.replace(_settings(budget_mb, "flat", seed), protocols=("openset",),
+                               distractors=distractors)  # fmt: skip
+
+
+def openset_engine_run(run_dir: Path, tasks: int, budget_mb: int, seed: int,
+                       distractors: str) -> dict:  # fmt: skip
+    """The openset matrix (TPIR@FPIR, rank-1) by the engine (call in a fresh process)."""
+    from distcl.eval.engine import Engine
+
+    t0 = time.perf_counter()
+    engine = Engine(run_dir, _openset_settings(budget_mb, seed, distractors), scenario=None)
+    rows = engine.rows(list(range(tasks)), stale=False)
+    wall = time.perf_counter() - t0
+    M = [rows[i]["protocols"]["openset"]["values"] for i in range(tasks)]
+    items = rows[0]["items"]
+    return {"engine_s": wall, "peak_rss_mb": peak_rss_mb(), "last_row": M[-1],
+            "mated": items["openset_mated_probes"],
+            "nonmated": items["openset_nonmated_probes"],
+            "enrolled_gallery": items["openset_gallery"]}  # fmt: skip
+
+
+def openset_raw_faiss(tasks: int, rows: int, probes: int, dim: int, seed: int,
+                      distractors: int) -> dict:  # fmt: skip
+    """Raw faiss on the same pairs: per gallery model an IndexFlatIP of its enrolled rows and
+    its distractors, every later model's probes searched for their top 1 (TPIR from it);
+    embeddings made in memory first (not timed)."""
+    import faiss
+
+    from distcl.eval.metrics import fpir_name
+    from distcl.eval.protocols import openset_split
+    from distcl.gallery.index import gpu_available
+
+    labels, centres = _layout(rows, probes, dim, seed)
+    split = openset_split(labels, np.ones(len(labels), bool), 2, None, 0, seed)
+    parts = np.array_split(np.arange(len(labels)), PARTS)
+    d_parts = np.array_split(np.arange(distractors), PARTS)
+
+    def model(t):
+        return np.concatenate([_embed(seed * 1000 + r, centres, labels[p], t)
+                               for r, p in enumerate(parts)])  # fmt: skip
+
+    def dist(t):
+        out = []
+        for r, part in enumerate(d_parts):
+            rng = np.random.default_rng([seed, 77, r])
+            c = rng.standard_normal((max(1, len(part) // 4), dim), dtype=np.float32)
+            out.append(_embed(seed * 1000 + 500 + r, c, np.arange(len(part)) % len(c), t))
+        return np.concatenate(out)
+
+    search_s, last = 0.0, {}
+    mated = split.mated[split.probes]
+    q_lab = labels[split.probes]
+    for j in range(tasks):
+        g = np.concatenate([model(j)[split.gallery], dist(j)])
+        g_lab = np.concatenate([labels[split.gallery], np.full(distractors, -1)])
+        index = faiss.IndexFlatIP(dim)
+        if gpu_available():
+            index = faiss.index_cpu_to_all_gpus(index)
+        t0 = time.perf_counter()
+        index.add(g)
+        search_s += time.perf_counter() - t0
+        for i in range(j, tasks):
+            q = np.ascontiguousarray(model(i)[split.probes])
+            t0 = time.perf_counter()
+            scores, ids = index.search(q, 1)
+            search_s += time.perf_counter() - t0
+            if i == tasks - 1:  # TPIR@1e-2 from faiss's top 1, for the record
+                top, hit = scores[:, 0], g_lab[ids[:, 0]] == q_lab
+                nm = np.sort(top[~mated])[::-1]
+                k = int(np.floor(1e-2 * len(nm)))
+                t = nm[k] if 0 < k < len(nm) else (-np.inf if k else np.nan)
+                last[j] = float((hit[mated] & (top[mated] > t)).mean()) if k else float("nan")
+        del index, g
+    return {"raw_faiss_s": search_s, "raw_last_row_" + fpir_name(1e-2): last}
+
+
+def run_openset_bench(distractors: int = 1_000_000, probes: int = 10_000, tasks: int = 5,
+                      dim: int = 128, budget_mb: int = 1024, seed: int = 0,
+                      workdir: str | None = None) -> dict:  # fmt: skip
+    """``--distractors N``: the openset matrix against raw faiss on the same pairs; the
+    enrolled gallery is as large as the probes (identification against N distractors)."""
+    rows = probes  # enrolled identities' gallery rows, beside the probes
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        run_dir = Path(tmp)
+        t0 = time.perf_counter()
+        write_store(run_dir / "eval" / "embeddings", tasks, rows, probes, dim, seed)
+        write_distractors(run_dir / "distractors", tasks, distractors, dim, seed)
+        out = {"tasks": tasks, "distractors": distractors, "probes_written": probes, "dim": dim,
+               "budget_mb": budget_mb, "pairs": tasks * (tasks + 1) // 2,
+               "write_s": time.perf_counter() - t0}  # fmt: skip
+        call = (f"openset_engine_run(Path({str(run_dir)!r}), {tasks}, {budget_mb}, {seed}, "
+                f"{str(run_dir / 'distractors')!r})")  # fmt: skip
+        code = ("import json; from pathlib import Path; "
+                "from distcl.bench.evalcost import openset_engine_run; "
+                f"print(json.dumps({call}))")  # fmt: skip
+        res = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                             text=True)  # fmt: skip
+        out |= json.loads(res.stdout.strip().splitlines()[-1])
+    out |= openset_raw_faiss(tasks, rows, probes, dim, seed, distractors)
+    out["ratio_raw_over_engine"] = out["raw_faiss_s"] / out["engine_s"]
+    out["gallery_mb"] = distractors * dim * 4 / 2**20
+    out["peak_over_gallery"] = out["peak_rss_mb"] / out["gallery_mb"]
+    return out
+
+
+def format_openset_bench(r: dict) -> str:
+    row = r["last_row"]
+    cells = ", ".join(f"{k} {v[0]:.3f}" for k, v in row.items())
+    return "\n".join([
+        f"distcl bench eval --distractors: T={r['tasks']} ({r['pairs']} pairs), "
+        f"{r['mated']} mated + {r['nonmated']} non-mated probes, {r['enrolled_gallery']} "
+        f"enrolled rows + {r['distractors']} distractors per model, d={r['dim']}, budget "
+        f"{r['budget_mb']} MiB",
+        f"  write Parquet:          {r['write_s']:.1f} s",
+        f"  engine (openset matrix): {r['engine_s']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MiB "
+        f"= {r['peak_over_gallery']:.2f} x one model's distractors ({r['gallery_mb']:.0f} MiB; "
+        "goal < 2)",
+        f"  raw faiss flat (top 1): {r['raw_faiss_s']:.1f} s",
+        f"  ratio raw / engine:     {r['ratio_raw_over_engine']:.2f} (goal >= 0.8)",
+        f"  last model's probes against model 1's gallery: {cells}",
+    ])  # fmt: skip
+
+
 def run_eval_bench(rows: int = 1_000_000, probes: int = 10_000, tasks: int = 5, dim: int = 128,
                    budget_mb: int = 1024, ivfpq_rows: int = 0, seed: int = 0,
                    workdir: str | None = None, ray_tasks: int = 0,
@@ -259,8 +402,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workdir", default=None, help="where the Parquet store is written")
     p.add_argument("--ray-tasks", type=int, default=0, metavar="N",
                    help="also the engine as Ray tasks, local Ray of N CPUs (0: off)")  # fmt: skip
+    p.add_argument(
+        "--distractors",
+        type=int,
+        default=0,
+        metavar="N",
+        help="instead: open-set 1:N (TPIR@FPIR) against N distractor rows per model",
+    )
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
+    if a.distractors:
+        r = run_openset_bench(a.distractors, a.probes, a.tasks, a.dim, a.budget_mb,
+                              workdir=a.workdir)  # fmt: skip
+        print(json.dumps(r, indent=1) if a.json else format_openset_bench(r))
+        return
     try:
         nprobes = tuple(int(v) for v in a.nprobe.split(","))
     except ValueError:

@@ -76,14 +76,17 @@ class OpenSetMixin:
                 emb, g_lab = emb[keep], self.cat.labels[codes[keep]]
             for start in range(0, len(emb), per):
                 e, lab = emb[start : start + per], g_lab[start : start + per]
-                same = q_lab[:, None] == lab[None, :]  # (Q, b)
+                same = None if distract else q_lab[:, None] == lab[None, :]  # (Q, b)
                 for i, (q, gmap) in sets.items():
                     sims = q @ (e if gmap is None else gmap(e)).T  # (Q, b)
                     pos, neg = best[i]
+                    if same is None:  # distractors: every row a negative
+                        np.maximum(neg, sims.max(1, initial=-np.inf), out=neg)
+                        continue
                     np.maximum(pos, np.where(same, sims, -np.inf).max(1, initial=-np.inf),
                                out=pos)  # fmt: skip
-                    np.maximum(neg, np.where(same, -np.inf, sims).max(1, initial=-np.inf),
-                               out=neg)  # fmt: skip
+                    sims[same] = -np.inf
+                    np.maximum(neg, sims.max(1, initial=-np.inf), out=neg)
         out = Partial(np.concatenate(read) if read else np.zeros(0, np.int64), [j], None)
         out.metrics["openset"] = best
         out.seconds = time.perf_counter() - t0
