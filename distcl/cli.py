@@ -99,11 +99,22 @@ def cmd_run(args) -> int:
 def cmd_eval(args) -> int:
     from distcl.eval.evaluate import evaluate_run
 
+    rd = RunDir(args.run_dir).require("scenario_json")
+    if args.set:  # other evaluation settings for a finished run: eval.* only, kept in job.yaml
+        from distcl.config import dump_job, parse_job, to_dict
+        from distcl.rundir import atomic_write
+
+        bad = [s for s in args.set if not s.startswith("eval.")]
+        if bad:
+            raise ConfigError(f"--set {bad[0]}: distcl eval changes eval.* settings only (the "
+                              "rest of a finished run is what it was trained with)")  # fmt: skip
+        job = parse_job(to_dict(rd.load_job()) | {"resolved": True}, str(rd.job_yaml), args.set)
+        atomic_write(rd.job_yaml, dump_job(job))
     if args.ray is not None:  # the search then runs as Ray tasks (distcl.eval.distributed)
         from distcl.localray import init_ray
 
         init_ray(args.ray or None)
-    evaluate_run(RunDir(args.run_dir).require("scenario_json").root)  # a path or a URI
+    evaluate_run(rd.root)  # a path or a URI
     return 0
 
 
@@ -237,6 +248,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ADDRESS",
         help="search as Ray tasks: on the cluster at ADDRESS (or $RAY_ADDRESS), else on an "
         "embedded local Ray",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="eval.KEY=VALUE",
+        help="evaluate with other eval settings (e.g. eval.protocols=[closed,openset]); "
+        "recorded in the run's job.yaml",
     )
     p.set_defaults(func=cmd_eval)
 

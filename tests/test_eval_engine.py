@@ -490,3 +490,19 @@ def test_openset_matrix_equals_brute_force_with_distractors(synthetic_job, tmp_p
     result = evaluate_run(run, log=lambda *a: None)
     block = result["protocols"]["openset"]
     assert block["metric"] == "tpir@fpir=1e-1" and "rank1" in block["matrices"]
+
+
+def test_eval_set_reevaluates_a_finished_run_with_other_eval_settings(openrun, capsys):
+    """``distcl eval RUN --set eval.protocols=[openset]``: the stored embeddings scored with
+    the new protocol, the setting kept in job.yaml; a training field is refused."""
+    from distcl.cli import main
+    from distcl.config import load_job
+
+    job, run, *_ = openrun
+    assert main(["eval", str(run), "--set", "eval.protocols=[closed,openset]"]) == 0
+    result = json.loads((run / "metrics.json").read_text())
+    assert set(result["protocols"]) == {"all", "seen", "openset"}
+    assert load_job(run / "job.yaml").eval.protocols == ("closed", "openset")
+    capsys.readouterr()
+    assert main(["eval", str(run), "--set", "train.epochs=3"]) == 2
+    assert "changes eval.* settings only" in capsys.readouterr().err
