@@ -277,8 +277,8 @@ class WorkerTracker:
     def log(self, metrics: dict, step: int, prefix: str) -> None:
         vals = {metric_key(f"{prefix}{k.replace('/', '.')}"): float(v) for k, v in metrics.items()
                 if isinstance(v, int | float) and not isinstance(v, bool)}  # fmt: skip
-        if self.kind == "mlflow":
-            self.guard(self.mlflow.log_metrics, vals, step=step)
+        if self.kind == "mlflow":  # queued: rank 0 never waits on the tracker mid-epoch
+            self.guard(self.mlflow.log_metrics, vals, step=step, synchronous=False)
         elif self.kind == "tensorboard":
             for k, v in vals.items():
                 self.guard(self.writer.add_scalar, k, v, step)
@@ -286,6 +286,7 @@ class WorkerTracker:
 
     def close(self) -> None:
         if self.kind == "mlflow":
+            self.guard(self.mlflow.flush_async_logging)  # the queued metrics, before the end
             os.environ.pop("MLFLOW_RUN_ID", None)
         elif self.kind == "tensorboard":
             self.guard(self.writer.close)
