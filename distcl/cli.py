@@ -96,6 +96,11 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _ray_option(p, help: str) -> None:
+    """``--ray [ADDRESS]``: absent None, bare "" (RAY_ADDRESS or an embedded Ray)."""
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS", help=help)
+
+
 def cmd_eval(args) -> int:
     from distcl.eval.evaluate import evaluate_run
 
@@ -240,15 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
         "metrics of a run dir, rewrite its report",
     )
     p.add_argument("run_dir")
-    p.add_argument(
-        "--ray",
-        nargs="?",
-        const="",
-        default=None,
-        metavar="ADDRESS",
-        help="search as Ray tasks: on the cluster at ADDRESS (or $RAY_ADDRESS), else on an "
-        "embedded local Ray",
-    )
+    _ray_option(p, "search as Ray tasks: on the cluster at ADDRESS (or $RAY_ADDRESS), else on "
+                "an embedded local Ray")  # fmt: skip
     p.add_argument(
         "--set",
         action="append",
@@ -300,14 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", type=int, help="--apply: the model (1-indexed task) that embeds")
     p.add_argument("--fraction", type=float, help="--apply: share of the gallery, in [0, 1]")
-    p.add_argument(
-        "--ray",
-        nargs="?",
-        const="",
-        default=None,
-        metavar="ADDRESS",
-        help="run the passes as Ray tasks (on ADDRESS, $RAY_ADDRESS or an embedded Ray)",
-    )
+    _ray_option(p, "run the passes as Ray tasks (on ADDRESS, $RAY_ADDRESS or an embedded Ray)")
     p.set_defaults(func=cmd_backfill)
 
     p = sub.add_parser("report", help="re-render report.md and plots from metrics.json")

@@ -48,6 +48,19 @@ class OpenSplit:
     distractor_classes: tuple[int, ...]  # classes with gallery items only
 
 
+def _draw_probes(labels: np.ndarray, pool: np.ndarray, classes, skip, probes_per_class: int,
+                 rng: np.random.Generator) -> np.ndarray:  # fmt: skip
+    """(N,) bool: of each class of ``classes`` not in ``skip``, ``min(probes_per_class, n - 1)``
+    of its items in ``pool`` (seeded; drawn class by class in order), so each keeps one."""
+    out = np.zeros(len(labels), bool)
+    for c in classes:
+        if c in skip:
+            continue
+        idx = np.flatnonzero(pool & (labels == c))
+        out[rng.permutation(idx)[: min(probes_per_class, len(idx) - 1)]] = True
+    return out
+
+
 def open_split(
     labels: np.ndarray, pool: np.ndarray, probes_per_class: int, distractor_classes: int, seed: int
 ) -> OpenSplit:
@@ -68,12 +81,7 @@ def open_split(
         )
     rng = np.random.default_rng([seed, _OPEN_STREAM])
     distract = np.sort(rng.choice(classes, distractor_classes, replace=False))
-    probes = np.zeros(len(labels), bool)
-    for c in classes:
-        if c in distract:
-            continue
-        idx = np.flatnonzero(pool & (labels == c))
-        probes[rng.permutation(idx)[: min(probes_per_class, len(idx) - 1)]] = True
+    probes = _draw_probes(labels, pool, classes, distract, probes_per_class, rng)
     if not probes.any():
         raise ValueError("open split: no class has two items, so there is no probe")
     return OpenSplit(probes, pool & ~probes, tuple(int(c) for c in distract))
@@ -111,12 +119,7 @@ def openset_split(
     rng = np.random.default_rng([seed, _OPENSET_STREAM])
     non = np.sort(rng.choice(rest, n_non, replace=False))
     probes = pool & np.isin(labels, non)
-    mated = np.zeros(len(labels), bool)
-    for c in rest:
-        if c in non:
-            continue
-        idx = np.flatnonzero(pool & (labels == c))
-        mated[rng.permutation(idx)[: min(probes_per_class, len(idx) - 1)]] = True
+    mated = _draw_probes(labels, pool, rest, non, probes_per_class, rng)
     if not mated.any():
         raise ValueError("openset: no enrolled class has two items, so there is no mated probe")
     return OpenSet(probes | mated, pool & ~probes & ~mated, mated,
