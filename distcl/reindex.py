@@ -162,7 +162,7 @@ def _embed_shard(run_dir: str, plan_n: int, k: int, shard: tuple, wanted: list[s
     from distcl.data.readers import iter_items
     from distcl.data.shardio import decode_image, item_split
     from distcl.gallery.store import write_embeddings
-    from distcl.train.endtask import embed_batch
+    from distcl.train.embedding import embed_batch
     from distcl.train.modeling import load_frozen_model
     from distcl.train.precision import resolve_precision
 

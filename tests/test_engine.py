@@ -444,8 +444,12 @@ def _check_smoke_run(variant, job, out):
         "joint": "loss/ce",
         "finetune": "loss/ce",
         "er": "loss/ce",
+        "fct": "loss/ce",
     }
     assert expected[variant] in terms, terms
+    if variant == "fct":  # h of model 0's rows into model 1's space, stored with model 1
+        stored = {p.name for p in (run_dir / "models" / "1").iterdir()}
+        assert {"transform.npz", "transform.json"} <= stored
     if variant == "finetune+align":
         assert {f"loss/align_{n}" for n in ("l2", "projection", "layerwise", "kd")} <= terms
     if variant.startswith("cvs"):
@@ -459,7 +463,7 @@ def _check_smoke_run(variant, job, out):
         ids = [i for p in parts for i in pq.read_table(p, columns=["item_id"])[0].to_pylist()]
         assert len(ids) == len(set(ids)) == 4 * 6  # 4 classes x 6 test items
         assert json.loads((run_dir / "models" / str(t) / "done.json").read_text())["workers"] == 2
-    replays = variant.startswith(("cvs", "cl2r", "bct", "er"))  # memory rows in every batch
+    replays = variant.startswith(("cvs", "cl2r", "bct", "er", "fct"))  # memory rows in batches
     assert all((h["replay_rows"] > 0) == replays for h in hist), hist
     if replays:
         assert (run_dir / "memory").is_dir()

@@ -353,8 +353,8 @@ def test_embed_shards_same_with_loader_workers(built, monkeypatch):
     whatever its forward batch."""
     import torch
 
-    from distcl.train import endtask
-    from distcl.train.endtask import embed_shards
+    from distcl.train import embedding
+    from distcl.train.embedding import embed_shards
 
     class Mean(torch.nn.Module):  # a fixed "model": the image's mean per row block
         embedding_dim = 4
@@ -372,8 +372,8 @@ def test_embed_shards_same_with_loader_workers(built, monkeypatch):
     for f in ("labels", "tasks", "emb"):
         np.testing.assert_array_equal(a[f][ia], b[f][ib])
     # The forward batch depends on the device only (small on CPU); rows and order do not.
-    assert endtask.embed_batch(torch.device("cpu")) == 64 and endtask.embed_batch("cuda") == 256
-    monkeypatch.setitem(endtask.EMBED_BATCH, "cpu", 7)  # 256 rows: 36 batches and a short one
+    assert embedding.embed_batch(torch.device("cpu")) == 64 and embedding.embed_batch("cuda") == 256
+    monkeypatch.setitem(embedding.EMBED_BATCH, "cpu", 7)  # 256 rows: 36 batches and a short one
     c = embed_shards(Mean(), shards, torch.device("cpu"))
     for f in ("keys", "labels", "tasks", "emb"):
         np.testing.assert_array_equal(a[f], c[f])
@@ -384,7 +384,7 @@ def test_embedding_on_cpu_uses_a_channels_last_copy_and_leaves_the_model_alone(b
     the same embeddings up to float rounding, the trained model's layout untouched."""
     import torch
 
-    from distcl.train import endtask
+    from distcl.train import embedding
 
     class Conv(torch.nn.Module):
         embedding_dim = 6
@@ -405,17 +405,17 @@ def test_embedding_on_cpu_uses_a_channels_last_copy_and_leaves_the_model_alone(b
     counts = shard_counts(out)
     shards = [(str(p), counts[p.name]) for p in shard_paths(out, [0, 1], "train")]
     model = Conv()
-    first = next(endtask._embed_batches(endtask.item_split(shards, 0, 1), 4))[0]
+    first = next(embedding.embed_batches(embedding.item_split(shards, 0, 1), 4))[0]
     model.embed(torch.as_tensor(first).float())  # materialise the lazy layer
     model.eval()
-    copy = endtask._inference_model(model, torch.device("cpu"))
+    copy = embedding._inference_model(model, torch.device("cpu"))
     assert copy is not model and copy.net[0].weight.is_contiguous(memory_format=torch.channels_last)
     assert model.net[0].weight.is_contiguous()  # the trained model keeps its layout
-    assert endtask._inference_model(model, "cuda") is model
-    got = endtask.embed_shards(model, shards, torch.device("cpu"))
+    assert embedding._inference_model(model, "cuda") is model
+    got = embedding.embed_shards(model, shards, torch.device("cpu"))
     with torch.no_grad():
-        images = np.concatenate([b[0] for b in endtask._embed_batches(
-            endtask.item_split(shards, 0, 1), 64)])  # fmt: skip
+        images = np.concatenate([b[0] for b in embedding.embed_batches(
+            embedding.item_split(shards, 0, 1), 64)])  # fmt: skip
         want = model.embed(torch.as_tensor(images).float().div_(255.0)).numpy()
     np.testing.assert_allclose(got["emb"], want, atol=1e-5)
 
@@ -424,7 +424,7 @@ def test_shard_labels_equal_the_embedding_pass_without_decoding(built, monkeypat
     """Random exemplar selection reads candidates' keys and labels only: the same rows as
     the embedding pass, no image decoded; a shard shorter than its count is named."""
     from distcl.data import readers
-    from distcl.train import endtask
+    from distcl.train import embedding, endtask
 
     class Flat:
         embedding_dim = 2
@@ -435,7 +435,7 @@ def test_shard_labels_equal_the_embedding_pass_without_decoding(built, monkeypat
     _, out, _, _ = built
     counts = shard_counts(out)
     shards = [(str(p), counts[p.name]) for p in shard_paths(out, [0, 1], "train")]
-    full = endtask.embed_shards(Flat(), shards, "cpu")
+    full = embedding.embed_shards(Flat(), shards, "cpu")
     calls = []
     monkeypatch.setattr(readers, "decode_image", lambda b: calls.append(1) or decode_image(b))
     quick = endtask.shard_labels(shards)

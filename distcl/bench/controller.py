@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -53,7 +53,7 @@ def _controllers() -> dict[int, dict]:
     return out
 
 
-def _one(kind: str, hold_s: float) -> dict:
+def _one(kind: str, hold_s: float, storage: str) -> dict:
     from ray.train import RunConfig, ScalingConfig
 
     from distcl.localray import scoped_env
@@ -62,7 +62,7 @@ def _one(kind: str, hold_s: float) -> dict:
     scaling = ScalingConfig(num_workers=2, use_gpu=False)
     run_config = RunConfig(
         name=f"bench-{kind}-{time.time_ns()}",
-        storage_path=os.path.join(os.getcwd(), ".bench-controller"),
+        storage_path=storage,  # a temporary folder, removed when the bench ends
     )
     if kind == "stock":
         from ray.train.torch import TorchConfig, TorchTrainer
@@ -105,10 +105,11 @@ def run_controller_bench(runs: int = 3, hold_s: float = 3.0, log=print) -> dict:
 
     init_ray(num_cpus=2)
     rows = []
-    for i in range(runs):
-        for kind in ("stock", "distcl") if i % 2 == 0 else ("distcl", "stock"):
-            rows.append(_one(kind, hold_s))
-            log(f"run {i + 1} {kind}: {rows[-1]}")
+    with tempfile.TemporaryDirectory(prefix="distcl-bench-controller-") as storage:
+        for i in range(runs):
+            for kind in ("stock", "distcl") if i % 2 == 0 else ("distcl", "stock"):
+                rows.append(_one(kind, hold_s, storage))
+                log(f"run {i + 1} {kind}: {rows[-1]}")
     out = {"runs": rows}
     for kind in ("stock", "distcl"):
         mine = [r for r in rows if r["kind"] == kind]

@@ -40,7 +40,7 @@ from distcl.eval.transforms import Transform
 from distcl.losses import fastfill_loss
 from distcl.models.transform import Transformation
 from distcl.rundir import atomic_write
-from distcl.train.endtask import _embed_batches, embed_batch
+from distcl.train.embedding import embed_batch, embed_batches
 from distcl.train.modeling import load_frozen_model
 
 
@@ -60,7 +60,7 @@ def pairs(w, t: int, old, new) -> dict[str, torch.Tensor]:
     task = w.plan.tasks[t]
     size = embed_batch(w.device)
     olds, news, norms, labels = [], [], [], []
-    for images, _keys, lab, _tasks in _embed_batches(
+    for images, _keys, lab, _tasks in embed_batches(
         item_split(task.memory_shards, w.rank, w.world), size
     ):  # fmt: skip
         for out, rows in zip((olds, news, norms), _rows(old, new, images, w.device, w.precision),
