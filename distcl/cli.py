@@ -85,14 +85,16 @@ def cmd_data_verify(args) -> int:
 
 def cmd_run(args) -> int:
     from distcl.localray import init_ray
-    from distcl.pipeline import run_job
+    from distcl.pipeline import run_job, time_breakdown
 
     job = _job(args)
+    t0 = time.perf_counter()
     if args.address:
         init_ray(args.address)
-    t0 = time.perf_counter()
     out = run_job(job, progress=not args.no_progress, evaluate=not args.no_eval)
-    print(f"run finished in {time.perf_counter() - t0:.0f}s -> {out['run_dir']}")
+    wall = time.perf_counter() - t0
+    print(f"run finished in {wall:.0f}s -> {out['run_dir']}")
+    print(f"  where the time went: {time_breakdown(out, wall)}")
     return 0
 
 

@@ -11,6 +11,7 @@ the same in its own way (``distcl.tune.trial``: it trains with a per-task scorin
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 from distcl import faults, storage
@@ -26,11 +27,14 @@ def run_job(job: JobConfig, progress: bool = True, evaluate: bool = True, log=pr
 
     if job.output.tracking == "mlflow":  # an unreachable tracker fails before Ray starts
         mlflow_client(mlflow_uri(job))
+    t0 = time.perf_counter()
     init_ray()
+    ray_s = time.perf_counter() - t0
     tracker = RunTracker.for_job(job, job.run_dir, log)
     run = Run(job, progress=progress, log=log, tracker=tracker)
     try:
         out = run.run()
+        out["ray_start_s"] = ray_s
         if evaluate:
             from distcl.eval.evaluate import evaluate_run
 
@@ -49,6 +53,23 @@ def run_job(job: JobConfig, progress: bool = True, evaluate: bool = True, log=pr
             tracker.log_artifacts(run_artifacts(run.dir))
         tracker.finish()
     return out
+
+
+def time_breakdown(out: dict, total_s: float) -> str:
+    """Where a run's wall time went, from ``run_job``'s result: the fixed start-up (Ray, then
+    the Train controller, workers and process group), the training steps, the end-of-task work
+    (embedding, exemplars), the evaluation, and the rest (model set-up, shutdown, reports).
+    A run slower than expected shows here which part grew: the training steps scale with the
+    machine's speed, the start-up costs about the same whatever the job."""
+    tasks = out.get("tasks", {}).values()
+    parts = {
+        "start-up": out.get("ray_start_s", 0.0) + out.get("run_overhead", {}).get("startup_s", 0.0),
+        f"training ({len(tasks)} tasks)": sum(t.get("train_s", 0.0) for t in tasks),
+        "end-of-task": sum(t.get("end_task_s", 0.0) for t in tasks),
+        "evaluation": out.get("eval", {}).get("eval_s", 0.0),
+    }
+    parts["other"] = max(total_s - sum(parts.values()), 0.0)
+    return ", ".join(f"{k} {v:.0f}s" for k, v in parts.items())
 
 
 def with_seed(job: JobConfig, seed: int) -> JobConfig:

@@ -282,6 +282,9 @@ METHOD_JOBS = {  # finetune, cvs and hoc run in their own tests
 METHOD_JOBS["finetune+align"] = {"method": {"name": "finetune", "align": [
     {"name": "l2"}, {"name": "projection"}, {"name": "layerwise", "weight": 0.5},
     {"name": "adversarial", "weight": 0.1}, {"name": "kd"}]}}  # fmt: skip
+METHOD_JOBS["fct"] = {  # h small and short: what is tested is where it runs and is stored
+    "method": {"name": "fct", "params": {"inner_dim": 16, "epochs": 3, "batch_size": 32}}
+}
 METHOD_JOBS["cvs-herding-blurry"] = {  # and shards decoded in a DataLoader process per rank
     "method": {"name": "cvs"},
     "memory": {"selection": "herding"},

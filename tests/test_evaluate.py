@@ -168,3 +168,17 @@ def test_compare_over_seeds_gives_mean_and_sample_std():
     assert "| fm-hoc | hoc | 0.200 ± 0.100 | 0.500 ± 0.000 |" in table and "| 12 |" in table
     one = aggregate(rows[:1])
     assert one["job"] == "fm-hoc-s0" and "| 0.100 |" in compare_table([one], "cmc@1")
+
+
+def test_time_breakdown_names_each_part_and_the_rest():
+    from distcl.pipeline import time_breakdown
+
+    out = {
+        "ray_start_s": 4.2, "run_overhead": {"startup_s": 6.0},
+        "tasks": {0: {"train_s": 30.0, "end_task_s": 2.0}, 1: {"train_s": 20.0, "end_task_s": 1.5}},
+        "eval": {"eval_s": 5.0},
+    }  # fmt: skip
+    assert time_breakdown(out, 75.0) == (
+        "start-up 10s, training (2 tasks) 50s, end-of-task 4s, evaluation 5s, other 6s"
+    )  # 75 - 10.2 - 50 - 3.5 - 5 = 6.3
+    assert time_breakdown({}, 3.0).endswith("evaluation 0s, other 3s")  # no tasks trained

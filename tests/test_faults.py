@@ -23,6 +23,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -154,7 +155,14 @@ def test_killed_anywhere_then_rerun_equals_the_fault_free_run(tmp_path):
     reference_run = _cli(_job(tmp_path / "reference"))
     try:
         got = _killed_and_rerun(tmp_path)
-        _finish(reference_run, "the fault-free run")
+        log = _finish(reference_run, "the fault-free run")
+        # The run's last line says where its time went (issue 35), the parts named.
+        assert re.search(
+            r"^  where the time went: start-up \d+s, training \(3 tasks\) \d+s, "
+            r"end-of-task \d+s, evaluation \d+s, other \d+s$",
+            log,
+            re.M,
+        ), log
     finally:
         if reference_run.poll() is None:
             reference_run.kill()

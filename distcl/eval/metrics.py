@@ -544,7 +544,7 @@ def best_scores(
 def tpir_from_best(
     pos: np.ndarray, neg: np.ndarray, mated: np.ndarray, fpirs: Sequence[float]
 ) -> dict[str, float]:
-    """TPIR at each FPIR and rank-1 (docs/metrics.md, design §8.2) from the best scores of
+    """TPIR at each FPIR and rank-1 (docs/metrics.md, docs/metrics.md) from the best scores of
     every probe (:func:`best_scores`): ``mated`` (Q,) bool, probes whose class is enrolled.
 
     A probe's top-1 score is max(pos, neg); a mated probe is identified at rank 1 when its
@@ -584,7 +584,7 @@ def open_set_identification(
     probes: Any, probe_lab: Any, gallery: Any, gallery_lab: Any,
     fpir: Sequence[float] = (1e-3, 1e-2, 1e-1),
 ) -> dict[float, float]:  # fmt: skip
-    """TPIR at each FPIR of an open-set 1:N search (design §8.2): probes of classes present
+    """TPIR at each FPIR of an open-set 1:N search (docs/metrics.md): probes of classes present
     in ``gallery`` are mated, the others non-mated; gallery rows labelled -1 are distractors.
     Returns {fpir: TPIR} (NaN where the FPIR is below 1 / N_nonmated)."""
     pos, neg = best_scores(probes, probe_lab, gallery, gallery_lab)
