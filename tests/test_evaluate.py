@@ -182,3 +182,26 @@ def test_time_breakdown_names_each_part_and_the_rest():
         "start-up 10s, training (2 tasks) 50s, end-of-task 4s, evaluation 5s, other 6s"
     )  # 75 - 10.2 - 50 - 3.5 - 5 = 6.3
     assert time_breakdown({}, 3.0).endswith("evaluation 0s, other 3s")  # no tasks trained
+
+
+def test_a_long_sequence_prints_its_row_summary_as_text(capsys):
+    """The console summary of a 13-task matrix keeps its brackets: "M[i][i]" and "[all]" are
+    text, not the terminal library's style tags (they were printed as "M" and "")."""
+    from distcl.eval import compat
+    from distcl.eval.report import print_summary
+
+    T = 13
+    M = np.tril(np.full((T, T), 0.5)) + np.eye(T) * 0.1
+    summary = compat.summarize(M)
+    result = {"job": "long", "metric": "cmc@1", "ties": "strict",
+              "protocols": {"all": {"metric": "cmc@1", "matrices": {"cmc@1": M.tolist()},
+                                    "summary": summary}},
+              "stale_gallery": [{"cmc@1": 0.5, "map": 0.4}]}  # fmt: skip
+    print_summary(result)
+    out = capsys.readouterr().out
+    assert "| query model | M[i][i] | row mean (j < i) | row min | M[i][i-1] |" in out
+    assert "[all] AC=0.000 AM=" in out and "| φ13 | 0.600 |" in out
+    result["protocols"]["all"]["matrices"]["cmc@1"] = M[:3, :3].tolist()  # a short one: a table
+    result["protocols"]["all"]["summary"] = compat.summarize(M[:3, :3])
+    print_summary(result)
+    assert "[all] AC=0.000 AM=" in capsys.readouterr().out

@@ -289,9 +289,10 @@ def print_summary(result: dict, log=print) -> None:
         T = len(M)
         if T > LARGE_T:  # a long sequence: its row summary, not a T x T table
             console.print(f"{result['job']}: {metric}, protocol '{proto}', {T} tasks")
-            console.print(rows_markdown(M, s["ecc"]))
+            # markup=False: "[i]" and "[all]" are text here, not rich's style tags
+            console.print(rows_markdown(M, s["ecc"]), markup=False)
             console.print(f"[{proto}] AC={_fmt(s['ac'])} AM={_fmt(s['am'])} "
-                          f"BC={_fmt(s['bc'])} FC={_fmt(s['fc'])}")  # fmt: skip
+                          f"BC={_fmt(s['bc'])} FC={_fmt(s['fc'])}", markup=False)  # fmt: skip
             continue
         table = Table(
             title=f"{result['job']}: {metric}, protocol '{proto}' "
@@ -312,9 +313,8 @@ def print_summary(result: dict, log=print) -> None:
                     row.append(cell)
             table.add_row(f"φ{i + 1}", *row)
         console.print(table)
-        console.print(
-            f"[{proto}] AC={_fmt(s['ac'])} AM={_fmt(s['am'])} BC={_fmt(s['bc'])} FC={_fmt(s['fc'])}"
-        )
+        console.print(f"[{proto}] AC={_fmt(s['ac'])} AM={_fmt(s['am'])} "
+                      f"BC={_fmt(s['bc'])} FC={_fmt(s['fc'])}", markup=False)  # fmt: skip
     stale = result["stale_gallery"]
     keys = [k for k in ("cmc@1", "map") if all(k in r for r in stale)]
     mean = {k: np.nanmean([r[k] for r in stale]) for k in keys}
