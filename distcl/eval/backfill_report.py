@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from distcl import storage
-from distcl.eval.figures import save_png
+from distcl.eval.figures import panel_grid, save_png
 from distcl.rundir import RunDir, atomic_write
 
 
@@ -77,12 +77,7 @@ def plot_curves(curves: list[dict], path) -> None:
     panels: dict[tuple, list[dict]] = {}
     for c in curves:
         panels.setdefault((c["protocol"], c["old"], c["new"]), []).append(c)
-    n = len(panels)
-    cols = min(n, 4)
-    rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.0 * rows), squeeze=False)
-    for ax in axes.flat[n:]:
-        ax.axis("off")
+    fig, axes = panel_grid(len(panels), 4, 3.6, 3.0)
     for ax, ((proto, old, new), group) in zip(axes.flat, panels.items(), strict=False):
         for c in group:
             h = c.get("old_rows") == "transformed"

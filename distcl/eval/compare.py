@@ -26,6 +26,7 @@ import numpy as np
 
 from distcl.config import JobConfig
 from distcl.eval.compat import average_compatibility
+from distcl.eval.figures import panel_grid
 from distcl.rundir import RunDir, atomic_write
 
 
@@ -108,12 +109,7 @@ def plot_side_by_side(results: list[tuple[str, dict]], path: Path,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    n = len(results)
-    cols = min(n, 5)
-    rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False)
-    for ax in axes.flat[n:]:
-        ax.axis("off")
+    fig, axes = panel_grid(len(results), 5, 3.2, 3.0)
     for ax, (name, metrics) in zip(axes.flat, results, strict=False):
         protocols = metrics["protocols"]
         proto = protocol if protocol in protocols else "all" if "all" in protocols else (
