@@ -291,28 +291,26 @@ def print_summary(result: dict, log=print) -> None:
             console.print(f"{result['job']}: {metric}, protocol '{proto}', {T} tasks")
             # markup=False: "[i]" and "[all]" are text here, not rich's style tags
             console.print(rows_markdown(M, s["ecc"]), markup=False)
-            console.print(f"[{proto}] AC={_fmt(s['ac'])} AM={_fmt(s['am'])} "
-                          f"BC={_fmt(s['bc'])} FC={_fmt(s['fc'])}", markup=False)  # fmt: skip
-            continue
-        table = Table(
-            title=f"{result['job']}: {metric}, protocol '{proto}' "
-            f"(rows: query model, cols: gallery model)"
-        )
-        table.add_column("")
-        for j in range(T):
-            table.add_column(f"φ{j + 1}", justify="right")
-        for i in range(T):
-            row = []
+        else:
+            table = Table(
+                title=f"{result['job']}: {metric}, protocol '{proto}' "
+                f"(rows: query model, cols: gallery model)"
+            )
+            table.add_column("")
             for j in range(T):
-                if j > i:
-                    row.append("")
-                else:
-                    cell = f"{M[i, j]:.3f}"
-                    if j < i:
-                        cell += " ✓" if s["ecc"][i][j] else " ✗"
-                    row.append(cell)
-            table.add_row(f"φ{i + 1}", *row)
-        console.print(table)
+                table.add_column(f"φ{j + 1}", justify="right")
+            for i in range(T):
+                row = []
+                for j in range(T):
+                    if j > i:
+                        row.append("")
+                    else:
+                        cell = f"{M[i, j]:.3f}"
+                        if j < i:
+                            cell += " ✓" if s["ecc"][i][j] else " ✗"
+                        row.append(cell)
+                table.add_row(f"φ{i + 1}", *row)
+            console.print(table)
         console.print(f"[{proto}] AC={_fmt(s['ac'])} AM={_fmt(s['am'])} "
                       f"BC={_fmt(s['bc'])} FC={_fmt(s['fc'])}", markup=False)  # fmt: skip
     stale = result["stale_gallery"]
