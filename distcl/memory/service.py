@@ -83,6 +83,13 @@ def _pad_rows(a: np.ndarray, n: int) -> np.ndarray:
     return a if len(a) >= n else np.concatenate([a, np.zeros((n - len(a), *a.shape[1:]))])
 
 
+def _fold_sums(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """The per-class (sums, counts) of several keys added up; label spaces may have grown
+    between keys, so each is zero-padded to the largest."""
+    n = max(len(c) for _, c in parts)
+    return sum(_pad_rows(s, n) for s, _ in parts), sum(_pad_rows(c, n) for _, c in parts)
+
+
 def _save_npz(path: str | storage.Loc, arrays: dict[str, np.ndarray]) -> None:
     buf = io.BytesIO()
     np.savez(buf, **arrays)
@@ -199,25 +206,21 @@ class MemoryShard:
         if self.path is None or not (self.files["rows"] or self.files["means"]):
             return False
         stored = sum(len(r["ids"]) for r in self.tasks.values())
-        kept = len(self.content()["ids"])
-        if stored < 2 * max(kept, 1) and len(self.files["means"]) <= MEANS_FILES:
+        kept = self.content()
+        if stored < 2 * max(len(kept["ids"]), 1) and len(self.files["means"]) <= MEANS_FILES:
             return False
-        self.compact(task)
+        self.compact(task, kept)
         return True
 
-    def compact(self, task: int) -> None:
-        """Write what the budget keeps and the folded class sums as ``compact-t<task>``, then
-        delete the files it holds (a crash between the two loses nothing: ``_load``)."""
-        kept = self.content()
-        by_dim: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    def compact(self, task: int, kept: dict[str, np.ndarray] | None = None) -> None:
+        """Write what the budget keeps (``kept``: ``content()``, when the caller has it) and
+        the folded class sums as ``compact-t<task>``, then delete the files it holds (a crash
+        between the two loses nothing: ``_load``)."""
+        kept = self.content() if kept is None else kept
+        groups: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
         for s, c in self.sums.values():
-            d = s.shape[1]
-            if d in by_dim:
-                ps, pc = by_dim[d]
-                n = max(len(ps), len(s))
-                s = _pad_rows(ps, n) + _pad_rows(s, n)
-                c = _pad_rows(pc, n) + _pad_rows(c, n)
-            by_dim[d] = (s, c)
+            groups.setdefault(s.shape[1], []).append((s, c))
+        by_dim = {d: _fold_sums(parts) for d, parts in groups.items()}
         seen = [int(r["classes_seen"]) for _, r in sorted(self.tasks.items())]
         arrays = {**kept, "classes_seen": np.int64(seen[-1] if seen else -1),
                   "means_keys": np.array(json.dumps(sorted(self.folded | {
@@ -228,7 +231,7 @@ class MemoryShard:
         folder = storage.location(self.path)
         name = f"compact-t{task:04d}-shard{self.shard:02d}.npz"
         _save_npz(folder / name, arrays)
-        old = [n for n in (self.files["rows"] + self.files["means"])]
+        old = self.files["rows"] + self.files["means"]
         if self.compacted >= 0:
             old.append(f"compact-t{self.compacted:04d}-shard{self.shard:02d}.npz")
         for f in old:
@@ -307,9 +310,7 @@ class MemoryShard:
         parts = [(s, c) for s, c in self.sums.values() if dim is None or s.shape[1] == dim]
         if not parts:
             return {}
-        n = max(len(c) for _, c in parts)  # label spaces may have grown between keys
-        sums = sum(_pad_rows(s, n) for s, _ in parts)
-        counts = sum(_pad_rows(c, n) for _, c in parts)
+        sums, counts = _fold_sums(parts)
         return {int(c): (sums[c] / counts[c]).astype(np.float32) for c in np.flatnonzero(counts)}
 
     def stats(self) -> dict[str, Any]:
