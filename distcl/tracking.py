@@ -136,6 +136,13 @@ def experiment_id(client, name: str) -> str:
     return exp.experiment_id if exp is not None else client.create_experiment(name)
 
 
+def _log_files(guard, client, run_id: str, paths: Iterable) -> None:
+    """Each of ``paths`` that is a file, as an artifact of run ``run_id`` (through ``guard``)."""
+    for p in paths:
+        if storage.is_file(p):
+            guard(client.log_artifact, run_id, str(p))
+
+
 class RunTracker:
     """The driver's side of a tracked run (see the module docstring)."""
 
@@ -230,11 +237,8 @@ class RunTracker:
             self.guard(self.client.log_batch, self.run_id, metrics=batch[i : i + 1000])
 
     def log_artifacts(self, paths: Iterable) -> None:
-        if self.kind != "mlflow":
-            return
-        for p in paths:
-            if storage.is_file(p):
-                self.guard(self.client.log_artifact, self.run_id, str(p))
+        if self.kind == "mlflow":
+            _log_files(self.guard, self.client, self.run_id, paths)
 
     def finish(self, status: str = "FINISHED") -> None:
         if self.kind == "tensorboard":
@@ -336,9 +340,7 @@ class SideRun:
             self.guard(self.client.log_batch, self.run_id, metrics=items[i : i + 1000])
 
     def log_artifacts(self, paths) -> None:
-        for p in paths:
-            if storage.is_file(p):
-                self.guard(self.client.log_artifact, self.run_id, str(p))
+        _log_files(self.guard, self.client, self.run_id, paths)
 
     def finish(self, status: str = "FINISHED") -> None:
         self.guard(self.client.set_terminated, self.run_id, status)

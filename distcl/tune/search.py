@@ -259,7 +259,8 @@ def tune_job(
 
         tracked = SideRun(job, f"{job.name}-tune", tune_dir / "tracking.json", log,
                           tags={"distcl.kind": "search"})  # fmt: skip
-        tracked.log_params({"tune": to_dict(job)["tune"], "method": to_dict(job)["method"]})
+        raw = to_dict(job)
+        tracked.log_params({"tune": raw["tune"], "method": raw["method"]})
     callbacks = [SweepIdleGroups()] + ([tracked.trial_callback(job)] if tracked else [])
     if best_from is not None:
         from distcl.tune.confirm import baseline_point, confirm_best
