@@ -201,6 +201,7 @@ def test_a_long_sequence_prints_its_row_summary_as_text(capsys):
     out = capsys.readouterr().out
     assert "| query model | M[i][i] | row mean (j < i) | row min | M[i][i-1] |" in out
     assert "[all] AC=0.000 AM=" in out and "| φ13 | 0.600 |" in out
+    assert "ECC tie rule: strict (M[i][j] > M[j][j])" in out
     result["protocols"]["all"]["matrices"]["cmc@1"] = M[:3, :3].tolist()  # a short one: a table
     result["protocols"]["all"]["summary"] = compat.summarize(M[:3, :3])
     print_summary(result)

@@ -281,7 +281,8 @@ def print_summary(result: dict, log=print) -> None:
     from rich.table import Table
 
     console = Console()
-    console.print(f"ECC tie rule: {result.get('ties', 'strict')} ({_rule(result)})")
+    console.print(f"ECC tie rule: {result.get('ties', 'strict')} ({_rule(result)})",
+                  markup=False)  # fmt: skip
     for proto, block in result["protocols"].items():
         metric = block.get("metric", result["metric"])
         M = np.asarray(block["matrices"][metric], dtype=float)
